@@ -1,0 +1,10 @@
+"""Fused ops for adaptive restoration networks.
+
+Every op has a ``reference`` (plain PyTorch, the spec), a ``triton`` and a
+``cuda`` backend, and is registered as ``torch.ops.restorenet.<op>``.
+``use_backend(name)`` or ``RESTORENET_BACKEND`` switch every op at once.
+"""
+from restorenet.ops._backend import BACKENDS, available_backends, use_backend
+from restorenet.ops.hyper_conv2d import hyper_conv2d, hyper_conv2d_reference
+
+__all__ = ["BACKENDS", "available_backends", "use_backend", "hyper_conv2d", "hyper_conv2d_reference"]
