@@ -1,0 +1,564 @@
+"""AdaRevD: Adaptive Patch Exiting Reversible Decoder for image deblurring.
+
+    img -> frozen NAFNet encoder -> e0..e4 (each times a learnable per-channel scale)
+        -> K reversible decoder columns, each with its own head: out_k = conv3x3(c3_k) + img
+    train: returns [out_1, ..., out_K] (the loss averages over every column)
+    eval:  returns out_K;  ``restore()``: tiled inference where a classifier on e3
+           decides per tile after how many columns it exits.
+
+Default config = AdaRevD-B: encoder width 64, blocks [1,1,1,28] + 1 middle block,
+K = ``num_decoders`` = 4 (the S/B/L variants use K = 2/4/8).
+
+One column maps states (c0, c1, c2, c3) = (e3, e2, e1, e0) -- 8w, 4w, 2w, w channels
+at H/8 ... H -- with x = e4 (16w, H/16) fixed for all columns::
+
+    c0' = a0*c0 + L0(x,   c1)
+    c1' = a1*c1 + L1(c0', c2)
+    c2' = a2*c2 + L2(c1', c3)
+    c3' = a3*c3 + L3(c2')
+    L(a, b) = FCNAFBlock( PS2(conv1x1(a)) + LN(conv2x2_s2(b)) )    (L3 has no b)
+
+Each update is invertible given the already-updated coarser state:
+``c = (c' - L(...)) / a``, so training does not need to keep activations: with
+``memory_efficient=True`` backward rebuilds the states column by column (see
+``ReversibleColumns``, the single place that runs the column/level loop).
+"""
+from __future__ import annotations
+
+import contextlib
+import operator
+from typing import Sequence
+
+import torch
+import torch.nn as nn
+from torch.autograd.function import once_differentiable
+
+from restorenet._checks import check_image
+from restorenet.models.blocks import LayerNorm2d, NAFBlock, downsample, pad_to_multiple, upsample
+from restorenet.models.nafnet import NAFNet, NAFNetEncoder
+from restorenet.registry import register_model
+
+NUM_LEVELS = 4  # decoder states c0..c3; the encoder must have exactly 4 down steps
+NUM_CLASSES = 6  # degradation classes of the patch-exit classifier
+PSNR_CUTS = (20.0, 25.0, 30.0, 35.0, 40.0)  # dB of blurry vs sharp crop -> class 0..5
+ALPHA_MIN = 1e-3  # |a| is kept above this so the coupling stays invertible
+
+# Paper's per-class exit depth (class 0 = most blurred -> most columns), GoPro maps.
+DEFAULT_EXIT_IDX = {4: (4, 4, 3, 3, 2, 1), 8: (7, 6, 5, 2, 2, 2)}
+
+
+# --------------------------------------------------------------------------- blocks
+
+
+class FourierUnit(nn.Module):
+    """FFT(t) = irfft2( conv1x1_{2c<-4c}( GELU( conv1x1_{4c<-2c}( [Re, Im](rfft2(t)) ))))
+
+    A global (whole-image) mixer: each 1x1 conv on the spectrum touches every pixel.
+    ``norm="backward"`` (unnormalised rfft2, 1/HW in irfft2), as torch's default.
+    """
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.expand = nn.Conv2d(2 * channels, 4 * channels, 1)
+        self.act = nn.GELU()
+        self.project = nn.Conv2d(4 * channels, 2 * channels, 1)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        h, w = t.shape[-2:]
+        # FFTs in half precision need power-of-two sizes on CUDA: run them in fp32.
+        low = t.dtype in (torch.float16, torch.bfloat16)
+        spec = torch.fft.rfft2(t.float() if low else t)
+        z = self.project(self.act(self.expand(torch.cat([spec.real, spec.imag], dim=1))))
+        re, im = z.to(spec.real.dtype).chunk(2, dim=1)
+        return torch.fft.irfft2(torch.complex(re, im), s=(h, w)).to(t.dtype)
+
+
+class FCNAFBlock(NAFBlock):
+    """NAFBlock with a Fourier branch in each half.
+
+    The branch reads the same normalised input as the half it joins and is added to
+    that half's output *before* the beta/gamma scaling (and dropout)::
+
+        u   = LN1(inp)
+        y   = inp + beta  * drop( project(SCA(SG(dw3x3(expand(u))))) + FFT1(u) )
+        v   = LN2(y)
+        out = y   + gamma * drop( ffn_project(SG(ffn_expand(v)))      + FFT2(v) )
+
+    So, like NAFBlock, a fresh block (beta = gamma = 0) is the identity.
+    """
+
+    def __init__(self, channels: int, dropout: float = 0.0):
+        super().__init__(channels, dropout=dropout)
+        self.fourier1 = FourierUnit(channels)
+        self.fourier2 = FourierUnit(channels)
+
+    def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        u = self.norm1(inp)
+        mixed = self.project(self.sca(self.gate(self.dwconv(self.expand(u)))))
+        y = inp + self.beta * self.drop1(mixed + self.fourier1(u))
+        v = self.norm2(y)
+        mlp = self.ffn_project(self.gate(self.ffn_expand(v)))
+        return y + self.gamma * self.drop2(mlp + self.fourier2(v))
+
+
+class LevelFunction(nn.Module):
+    """L(a, b) = FCNAFBlock( PS2(conv1x1_{no bias}(a)) + LN(conv2x2_s2(b)) ).
+
+    ``a`` is the coarser neighbour (2c channels, half size): upsampled to c.
+    ``b`` is the finer neighbour (c/2 channels, double size): downsampled to c.
+    The finest level has no finer neighbour (``has_finer=False``).
+    """
+
+    def __init__(self, channels: int, has_finer: bool, dropout: float = 0.0):
+        super().__init__()
+        self.up = upsample(2 * channels)
+        self.has_finer = has_finer
+        if has_finer:
+            self.down = downsample(channels // 2)
+            self.down_norm = LayerNorm2d(channels)
+        self.block = FCNAFBlock(channels, dropout=dropout)
+
+    def forward(self, coarse: torch.Tensor, finer: torch.Tensor | None = None) -> torch.Tensor:
+        t = self.up(coarse)
+        if self.has_finer:
+            t = t + self.down_norm(self.down(finer))
+        return self.block(t)
+
+
+def signed_clamp(a: torch.Tensor, eps: float = ALPHA_MIN) -> torch.Tensor:
+    """a with |a| >= eps and its sign kept (sign(0) counts as +)."""
+    sign = torch.where(a < 0, -torch.ones_like(a), torch.ones_like(a))
+    return sign * a.abs().clamp_min(eps)
+
+
+# ------------------------------------------------------------------ one column
+
+
+class DecoderColumn(nn.Module):
+    """One reversible sub-decoder: four coupled level updates (coarse to fine)."""
+
+    def __init__(self, width: int, dropout: float = 0.0):
+        super().__init__()
+        channels = [width * 2 ** (NUM_LEVELS - 1 - i) for i in range(NUM_LEVELS)]  # 8w..w
+        self.levels = nn.ModuleList(
+            LevelFunction(c, has_finer=i < NUM_LEVELS - 1, dropout=dropout)
+            for i, c in enumerate(channels)
+        )
+        self.alphas = nn.ParameterList(
+            nn.Parameter(torch.full((1, c, 1, 1), 0.5)) for c in channels
+        )
+
+    def alpha(self, i: int) -> torch.Tensor:
+        return signed_clamp(self.alphas[i])
+
+    def level_parameters(self, i: int) -> list[nn.Parameter]:
+        """Everything level i's update depends on: its alpha, then L_i's weights."""
+        return [self.alphas[i], *self.levels[i].parameters()]
+
+    def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor],
+                rng_log: list | None = None) -> tuple[torch.Tensor, ...]:
+        """(c0..c3) -> (c0'..c3'); c_i' = a_i*c_i + L_i(coarser new state, finer old state).
+
+        ``rng_log``, when given, receives the RNG state before each L_i so a
+        recompute can replay its dropout masks.
+        """
+        new = []
+        for i, level in enumerate(self.levels):
+            coarse = x if i == 0 else new[i - 1]
+            finer = states[i + 1] if i + 1 < NUM_LEVELS else None
+            if rng_log is not None:
+                rng_log.append(_rng_snapshot(x.device))
+            new.append(self.alpha(i) * states[i] + level(coarse, finer))
+        return tuple(new)
+
+
+# ------------------------------------------- the column/level loop (forward + backward)
+
+
+class ReversibleColumns(nn.Module):
+    """K decoder columns run one after another; returns each column's finest state c3'.
+
+    This is the one place that runs the column/level loop. ``memory_efficient=False``
+    is plain autograd through ``DecoderColumn.forward``. ``memory_efficient=True`` runs
+    the same loop inside ``_ReversibleColumnsFn``: forward keeps only x, the last
+    column's states and each column's c3' (which the heads consume anyway); backward
+    rebuilds every earlier state by inverting the couplings.
+    """
+
+    def __init__(self, width: int, num_columns: int, dropout: float = 0.0):
+        super().__init__()
+        self.columns = nn.ModuleList(DecoderColumn(width, dropout) for _ in range(num_columns))
+
+    def __len__(self) -> int:
+        return len(self.columns)
+
+    def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor],
+                memory_efficient: bool = True) -> list[torch.Tensor]:
+        columns = list(self.columns)
+        params = [p for col in columns for i in range(NUM_LEVELS) for p in col.level_parameters(i)]
+        needs_grad = torch.is_grad_enabled() and any(
+            t.requires_grad for t in (x, *states, *params))
+        if memory_efficient and needs_grad:
+            return list(_ReversibleColumnsFn.apply(columns, x, *states, *params))
+        outputs = []
+        for col in columns:
+            states = col(x, states)
+            outputs.append(states[-1])
+        return outputs
+
+
+class _ReversibleColumnsFn(torch.autograd.Function):
+    """Reversible backward for ``ReversibleColumns`` (plain PyTorch).
+
+    Parameters enter as explicit inputs so their gradients flow through autograd
+    exactly as in the plain path (optimizers, hooks, ``autograd.grad`` all work).
+    """
+
+    @staticmethod
+    def forward(ctx, columns, x, c0, c1, c2, c3, *params):
+        ctx.columns = columns
+        # Autocast cannot change inside one call, so one record serves every column.
+        ctx.autocast = _autocast_snapshot(x.device.type)
+        # RNG state before each L_i, per column and level: backward replays the
+        # levels in reverse order, so one snapshot per column would not do.
+        ctx.rng = []
+        states, outputs = (c0, c1, c2, c3), []
+        for col in columns:
+            log: list = []
+            states = col(x, states, rng_log=log)
+            ctx.rng.append(log)
+            outputs.append(states[-1])
+        ctx.save_for_backward(x, *states)
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        x, *states = ctx.saved_tensors
+        grad_states = [torch.zeros_like(s) for s in states]
+        grad_x = torch.zeros_like(x)
+        param_grads: list = []
+        with _autocast_replay(ctx.autocast):
+            for k in reversed(range(len(ctx.columns))):
+                grad_states[-1] = grad_states[-1] + grad_outputs[k]  # from column k's head
+                states, grad_states, gx, pgrads = _column_backward(
+                    ctx.columns[k], x, states, grad_states, ctx.rng[k])
+                grad_x = grad_x + gx
+                param_grads = pgrads + param_grads
+        needs = ctx.needs_input_grad
+        grad_inputs = [grad_x, *grad_states]
+        grad_inputs = [g if needs[1 + j] else None for j, g in enumerate(grad_inputs)]
+        return (None, *grad_inputs, *param_grads)
+
+
+def _column_backward(col: DecoderColumn, x, new_states, grad_new, rng_log):
+    """Walk one column's levels in reverse: rebuild (c0..c3) from (c0'..c3') and
+    turn the gradients on the new states into gradients on the old states, x,
+    the alphas and L_i's weights (ordered like ``col.level_parameters(0..3)``)."""
+    grad_new = list(grad_new)
+    old: list = [None] * NUM_LEVELS
+    grad_old: list = [None] * NUM_LEVELS
+    level_grads: list = [None] * NUM_LEVELS
+    grad_x = None
+    for i in reversed(range(NUM_LEVELS)):
+        coarse = x if i == 0 else new_states[i - 1]
+        finer = old[i + 1] if i + 1 < NUM_LEVELS else None
+        old[i], g_self, g_coarse, g_finer, level_grads[i] = _invert_level(
+            col, i, coarse, finer, new_states[i], grad_new[i], rng_log[i])
+        grad_old[i] = g_self
+        if finer is not None:  # c_{i+1} fed L_i: finish its gradient
+            grad_old[i + 1] = grad_old[i + 1] + g_finer
+        if i == 0:
+            grad_x = g_coarse
+        else:  # c'_{i-1} fed L_i: add to its gradient before level i-1 is walked
+            grad_new[i - 1] = grad_new[i - 1] + g_coarse
+    return old, grad_old, grad_x, [g for grads in level_grads for g in grads]
+
+
+def _invert_level(col: DecoderColumn, i: int, coarse, finer, new_state, grad_new, rng_state):
+    """c_i = (c_i' - L_i(coarse, finer)) / a_i, then backprop c_i' = a_i*c_i + L_i(...)."""
+    coarse = coarse.detach().requires_grad_()
+    finer = finer.detach().requires_grad_() if finer is not None else None
+    params = col.level_parameters(i)
+    trainable = [p for p in params if p.requires_grad]
+    with torch.enable_grad(), _rng_replay(rng_state):
+        y = col.levels[i](coarse, finer)
+        a = col.alpha(i)
+        with torch.no_grad():
+            old = (new_state - y) / a
+        old.requires_grad_()
+        recomputed = a * old + y  # same expression as DecoderColumn.forward
+    wrt = [old, coarse] + ([finer] if finer is not None else []) + trainable
+    grads = list(torch.autograd.grad(recomputed, wrt, grad_new, allow_unused=True))
+    g_old, g_coarse = grads[0], grads[1]
+    g_finer = grads[2] if finer is not None else None
+    g_trainable = iter(grads[len(wrt) - len(trainable):])
+    g_params = [next(g_trainable) if p.requires_grad else None for p in params]
+    return old.detach(), g_old, g_coarse, g_finer, g_params
+
+
+def _rng_snapshot(device: torch.device):
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state, device
+
+
+@contextlib.contextmanager
+def _rng_replay(snapshot):
+    """Run the block with the recorded CPU (and CUDA) RNG state; restore the live one after."""
+    cpu_state, cuda_state, device = snapshot
+    with torch.random.fork_rng(devices=[device] if cuda_state is not None else []):
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+        yield
+
+
+def _autocast_snapshot(device_type: str):
+    enabled = torch.is_autocast_enabled(device_type)
+    return device_type, enabled, torch.get_autocast_dtype(device_type)
+
+
+def _autocast_replay(snapshot):
+    device_type, enabled, dtype = snapshot
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+# ------------------------------------------------------------------ classifier
+
+
+class PatchExitClassifier(nn.Module):
+    """Degradation class of a patch from its e3 feature (8w channels, H/8):
+    conv2x2_s2 (8w->16w) -> NAFBlock -> avgpool -> LayerNorm -> Linear -> GELU -> Linear(6)."""
+
+    def __init__(self, width: int, num_classes: int = NUM_CLASSES):
+        super().__init__()
+        c = 8 * width
+        self.down = downsample(c)
+        self.block = NAFBlock(2 * c)
+        self.norm = nn.LayerNorm(2 * c)
+        self.fc1 = nn.Linear(2 * c, c)
+        self.act = nn.GELU()
+        self.fc2 = nn.Linear(c, num_classes)
+
+    def forward(self, e3: torch.Tensor) -> torch.Tensor:
+        t = self.block(self.down(e3)).mean(dim=(2, 3))
+        return self.fc2(self.act(self.fc1(self.norm(t))))
+
+
+def psnr_class(psnr: torch.Tensor) -> torch.Tensor:
+    """Classifier label of a crop from PSNR(blurry, sharp): cut at 20/25/30/35/40 dB.
+
+    Class 0 (< 20 dB, most blurred) ... class 5 (>= 40 dB)."""
+    cuts = torch.tensor(PSNR_CUTS, dtype=psnr.dtype, device=psnr.device)
+    return torch.bucketize(psnr, cuts, right=True)
+
+
+# ------------------------------------------------------------------ the model
+
+
+class AdaRevD(nn.Module):
+    """AdaRevD with a NAFNet encoder. See the module docstring for the equations.
+
+    Args:
+        width: encoder width w (features w, 2w, 4w, 8w, 16w).
+        enc_blocks: NAFBlocks per encoder level (exactly 4 levels).
+        middle_blocks: NAFBlocks at the bottom of the encoder.
+        num_decoders: K, the number of reversible columns (S/B/L: 2/4/8).
+        memory_efficient: rebuild states in backward instead of storing activations.
+        dropout: dropout rate inside the decoder's FCNAFBlocks (paper: 0).
+        exit_idx: default class -> number of columns map for ``restore`` (6 ints in
+            1..K); None picks the paper's GoPro map for K = 4 or 8, else all K.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 64,
+                 enc_blocks: Sequence[int] = (1, 1, 1, 28), middle_blocks: int = 1,
+                 num_decoders: int = 4, memory_efficient: bool = True,
+                 dropout: float = 0.0, exit_idx: Sequence[int] | None = None):
+        super().__init__()
+        if len(enc_blocks) != NUM_LEVELS:
+            raise ValueError(f"enc_blocks must have {NUM_LEVELS} entries (one per decoder "
+                             f"level), got {tuple(enc_blocks)}")
+        if not isinstance(num_decoders, int) or num_decoders < 1:
+            raise ValueError(f"num_decoders must be a positive int, got {num_decoders!r}")
+        self.in_channels = in_channels
+        self.num_decoders = num_decoders
+        self.memory_efficient = memory_efficient
+        self.encoder = NAFNetEncoder(in_channels, width, enc_blocks, middle_blocks)
+        self.encoder.requires_grad_(False)  # inherited from a trained NAFNet, kept fixed
+        self.feature_scales = nn.ParameterList(
+            nn.Parameter(torch.ones(1, c, 1, 1)) for c in self.encoder.channels)
+        self.decoder = ReversibleColumns(width, num_decoders, dropout)
+        self.heads = nn.ModuleList(
+            nn.Conv2d(width, in_channels, 3, padding=1) for _ in range(num_decoders))
+        self.classifier = PatchExitClassifier(width)
+        self.exit_idx = self._check_exit_idx(exit_idx)
+
+    @property
+    def size_multiple(self) -> int:
+        return self.encoder.size_multiple
+
+    def train(self, mode: bool = True):
+        super().train(mode)
+        self.encoder.eval()  # frozen: never in training mode
+        return self
+
+    def inherit_encoder(self, nafnet: NAFNet) -> None:
+        """Copy a trained NAFNet's encoder weights (the paper inherits them)."""
+        self.encoder.load_state_dict(nafnet.encoder.state_dict())
+
+    # -- pieces
+
+    def encode(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Scaled features [s_l * e_l] of an image already padded to ``size_multiple``."""
+        with torch.no_grad():
+            feats = self.encoder(x)
+        return [f * s for f, s in zip(feats, self.feature_scales)]
+
+    def classify(self, img: torch.Tensor) -> torch.Tensor:
+        """Patch-exit logits [N, 6] of image crops (for training the classifier)."""
+        check_image("img", img, self.in_channels)
+        feats = self.encode(pad_to_multiple(img, self.size_multiple))
+        return self.classifier(feats[3])
+
+    # -- training / plain inference
+
+    def forward(self, img: torch.Tensor):
+        """Train: list of K restored images (one per column). Eval: the last one."""
+        check_image("img", img, self.in_channels)
+        h, w = img.shape[-2:]
+        x = pad_to_multiple(img, self.size_multiple)
+        e0, e1, e2, e3, e4 = self.encode(x)
+        finest = self.decoder(e4, (e3, e2, e1, e0), memory_efficient=self.memory_efficient)
+        if not self.training:
+            return (self.heads[-1](finest[-1]) + x)[..., :h, :w]
+        return [(head(c3) + x)[..., :h, :w] for head, c3 in zip(self.heads, finest)]
+
+    # -- adaptive tiled inference
+
+    @torch.no_grad()
+    def restore(self, img: torch.Tensor, tile: int = 384, overlap: int = 32,
+                exit_idx: Sequence[int] | None = None, return_exits: bool = False):
+        """Tiled inference where each tile exits after ``exit_idx[class]`` columns.
+
+        The encoder sees the whole image (padded to a multiple of 16). Feature level l
+        is cut into tiles of ``tile / 2**l`` overlapping by ``overlap / 2**l``; border
+        tiles are shifted inward so every tile has full size. Where the padded image is
+        smaller than ``tile`` in a dimension, the tile is clamped to the image there.
+        Each tile's head output (without the image) is blended back with linear ramps
+        across the overlaps, weights normalised by their sum, then the image is added.
+
+        Returns the restored batch, and with ``return_exits`` also a LongTensor
+        [N, tiles_h, tiles_w] with the number of columns each tile ran.
+        """
+        check_image("img", img, self.in_channels)
+        if self.training:
+            raise RuntimeError("restore() is inference only: call model.eval() first")
+        self._check_tiling(tile, overlap)
+        depth_of_class = torch.tensor(
+            self.exit_idx if exit_idx is None else self._check_exit_idx(exit_idx),
+            device=img.device)
+        n, (h, w) = img.shape[0], img.shape[-2:]
+        x = pad_to_multiple(img, self.size_multiple)
+        hp, wp = x.shape[-2:]
+        th, tw = min(tile, hp), min(tile, wp)
+        ys, xs = _tile_starts(hp, th, overlap), _tile_starts(wp, tw, overlap)
+        feats = self.encode(x)
+        tiles = [_cut_tiles(f, 2**lvl, ys, xs, th, tw) for lvl, f in enumerate(feats)]
+        x_t, states = tiles[4], [tiles[3], tiles[2], tiles[1], tiles[0]]
+
+        depth = depth_of_class[self.classifier(tiles[3]).argmax(dim=1)]
+        residual = x.new_zeros(depth.numel(), self.in_channels, th, tw)
+        alive = torch.arange(depth.numel(), device=img.device)
+        for k in range(int(depth.max())):
+            keep = depth[alive] > k  # tiles that still run column k
+            alive, x_t, states = alive[keep], x_t[keep], [s[keep] for s in states]
+            states = self.decoder.columns[k](x_t, states)
+            done = depth[alive] == k + 1
+            residual[alive[done]] = self.heads[k](states[-1][done])
+
+        out = _blend_tiles(residual.view(n, len(ys) * len(xs), -1, th, tw), ys, xs, hp, wp)
+        restored = (out + x)[..., :h, :w]
+        if return_exits:
+            return restored, depth.view(n, len(ys), len(xs))
+        return restored
+
+    # -- argument checks
+
+    def _check_tiling(self, tile, overlap) -> None:
+        m = self.size_multiple
+        for name, v in (("tile", tile), ("overlap", overlap)):
+            if not isinstance(v, int) or isinstance(v, bool) or v < 0 or v % m:
+                raise ValueError(f"{name} must be a non-negative multiple of {m}, got {v!r}")
+        if tile <= overlap:
+            raise ValueError(f"tile must be larger than overlap, got tile={tile}, "
+                             f"overlap={overlap}")
+
+    def _check_exit_idx(self, exit_idx) -> tuple[int, ...]:
+        k = self.num_decoders
+        if exit_idx is None:
+            return DEFAULT_EXIT_IDX.get(k, (k,) * NUM_CLASSES)
+        try:
+            values = tuple(operator.index(v) for v in exit_idx)
+        except TypeError:
+            raise TypeError(f"exit_idx must be a sequence of {NUM_CLASSES} ints, "
+                            f"got {exit_idx!r}") from None
+        if len(values) != NUM_CLASSES or any(not 1 <= v <= k for v in values):
+            raise ValueError(f"exit_idx must hold {NUM_CLASSES} ints in 1..{k} (columns "
+                             f"run per class), got {exit_idx!r}")
+        return values
+
+
+# ------------------------------------------------------------------ tiling helpers
+
+
+def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:
+    """Starts of tiles stepping by tile - overlap; the last one shifted inward to end at length."""
+    if length <= tile:
+        return [0]
+    starts = list(range(0, length - tile, tile - overlap))
+    return starts + [length - tile]
+
+
+def _cut_tiles(feat: torch.Tensor, scale: int, ys, xs, th: int, tw: int) -> torch.Tensor:
+    """[N, C, H/s, W/s] -> [N * n_tiles, C, th/s, tw/s], tiles of one image consecutive."""
+    th, tw = th // scale, tw // scale
+    crops = [feat[:, :, y // scale:y // scale + th, x // scale:x // scale + tw]
+             for y in ys for x in xs]
+    return torch.stack(crops, dim=1).flatten(0, 1)
+
+
+def _ramps(starts: list[int], tile: int, like: torch.Tensor) -> list[torch.Tensor]:
+    """1-D blend weight of each tile: a linear ramp over its actual overlap with each
+    neighbour (so two neighbours' weights cross-fade), 1 elsewhere; always > 0."""
+    pos = torch.arange(tile, dtype=like.dtype, device=like.device) + 0.5
+    ramps = []
+    for j, s in enumerate(starts):
+        r = torch.ones_like(pos)
+        if j > 0:
+            r = r * (pos / (starts[j - 1] + tile - s)).clamp(max=1)
+        if j + 1 < len(starts):
+            r = r * ((tile - pos) / (s + tile - starts[j + 1])).clamp(max=1)
+        ramps.append(r)
+    return ramps
+
+
+def _blend_tiles(tiles: torch.Tensor, ys, xs, hp: int, wp: int) -> torch.Tensor:
+    """Weighted average of [N, n_tiles, C, th, tw] tiles on the [N, C, hp, wp] canvas."""
+    n, _, c, th, tw = tiles.shape
+    acc = tiles.new_zeros(n, c, hp, wp)
+    weight_sum = tiles.new_zeros(1, 1, hp, wp)
+    ry, rx = _ramps(ys, th, tiles), _ramps(xs, tw, tiles)
+    t = 0
+    for y, wy in zip(ys, ry):
+        for x, wx in zip(xs, rx):
+            wgt = wy[:, None] * wx[None, :]
+            acc[:, :, y:y + th, x:x + tw] += tiles[:, t] * wgt
+            weight_sum[:, :, y:y + th, x:x + tw] += wgt
+            t += 1
+    return acc / weight_sum
+
+
+@register_model("adarevd")
+def adarevd(**cfg) -> AdaRevD:
+    """AdaRevD-B: NAFNet encoder width 64 ([1,1,1,28] + 1 middle), K = 4 columns."""
+    return AdaRevD(**cfg)

@@ -1,0 +1,308 @@
+import pytest
+import torch
+
+from restorenet.models.adarevd import AdaRevD, psnr_class, signed_clamp
+from restorenet.models.nafnet import NAFNet, NAFNetEncoder
+from restorenet.registry import create_model
+
+TINY = dict(width=4, enc_blocks=(1, 1, 1, 1), middle_blocks=1)
+
+
+def count(module):
+    return sum(p.numel() for p in module.parameters())
+
+
+def tiny_model(num_decoders=2, dtype=torch.float32, seed=0, **cfg):
+    """A tiny AdaRevD whose zero-initialised scales (beta, gamma) and alphas are
+    randomised so every branch contributes to outputs and gradients."""
+    torch.manual_seed(seed)
+    model = create_model("adarevd", num_decoders=num_decoders, **{**TINY, **cfg}).to(dtype)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith(("beta", "gamma")):
+                p.normal_(0.0, 0.5)
+            elif ".alphas." in name:
+                p.uniform_(0.4, 1.0).mul_(torch.where(torch.rand_like(p) < 0.3, -1.0, 1.0))
+            elif name.startswith("feature_scales"):
+                p.uniform_(0.8, 1.2)
+    return model
+
+
+def trainable(model):
+    return [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+
+
+# ----------------------------------------------------------------- construction
+
+
+def test_paper_size_builds_on_meta():
+    with torch.device("meta"):
+        model = create_model("adarevd")
+        nafnet_encoder = NAFNetEncoder(width=64, enc_blocks=(1, 1, 1, 28), middle_blocks=1)
+    assert model.num_decoders == 4 and len(model.decoder.columns) == 4 and len(model.heads) == 4
+    enc = count(model.encoder)
+    assert enc == count(nafnet_encoder)
+    assert 55e6 < enc < 70e6  # NAFNet-width64's encoder: 28 blocks at 512 channels
+    columns = [count(c) for c in model.decoder.columns]
+    assert len(set(columns)) == 1 and 5e6 < columns[0] < 40e6
+    assert count(model) > enc + 4 * columns[0]
+    assert all(not p.requires_grad for p in model.encoder.parameters())
+    assert model.exit_idx == (4, 4, 3, 3, 2, 1)
+    assert create_model("adarevd", num_decoders=8, **TINY).exit_idx == (7, 6, 5, 2, 2, 2)
+    assert create_model("adarevd", num_decoders=3, **TINY).exit_idx == (3,) * 6
+
+
+def test_inherit_encoder_copies_nafnet_weights():
+    torch.manual_seed(0)
+    nafnet = NAFNet(**TINY, dec_blocks=(1, 1, 1, 1))
+    model = create_model("adarevd", **TINY)
+    model.inherit_encoder(nafnet)
+    img = torch.rand(1, 3, 16, 16)
+    for a, b in zip(model.encoder(img), nafnet.encoder(img)):
+        torch.testing.assert_close(a, b)
+
+
+# ------------------------------------------------------------- forward/backward
+
+
+def test_train_forward_backward_odd_size():
+    model = tiny_model(num_decoders=3).train()
+    img = torch.rand(2, 3, 37, 45)
+    outs = model(img)
+    assert isinstance(outs, list) and len(outs) == 3
+    for o in outs:
+        assert o.shape == img.shape and torch.isfinite(o).all()
+    sum((o - img).abs().mean() for o in outs).backward()
+    assert all(p.grad is None for p in model.encoder.parameters())
+    for name, p in trainable(model):
+        if not name.startswith("classifier"):
+            assert p.grad is not None and torch.isfinite(p.grad).all(), name
+    assert model.feature_scales[4].grad.abs().sum() > 0
+    assert model.decoder.columns[0].alphas[0].grad.abs().sum() > 0
+
+    model.eval()
+    with torch.no_grad():
+        last = model(img)
+    torch.testing.assert_close(last, outs[-1].detach())
+
+
+@pytest.mark.parametrize("num_decoders, dropout", [(1, 0.0), (2, 0.0), (3, 0.0), (2, 0.3)])
+def test_memory_efficient_matches_plain_autograd(num_decoders, dropout):
+    model = tiny_model(num_decoders, dtype=torch.float64, dropout=dropout).train()
+    torch.manual_seed(1)
+    img = torch.rand(2, 3, 32, 48, dtype=torch.float64)
+    weights = [torch.randn_like(img) for _ in range(num_decoders)]
+
+    def run(memory_efficient):
+        model.memory_efficient = memory_efficient
+        model.zero_grad(set_to_none=True)
+        torch.manual_seed(123)  # same dropout masks in both runs
+        outs = model(img)
+        sum((o * w).sum() for o, w in zip(outs, weights)).backward()
+        return [o.detach() for o in outs], {n: p.grad for n, p in trainable(model)}
+
+    outs_ref, grads_ref = run(False)
+    outs, grads = run(True)
+    for o, r in zip(outs, outs_ref):
+        torch.testing.assert_close(o, r, rtol=1e-9, atol=1e-10)
+    for name, ref in grads_ref.items():
+        if ref is None:  # the classifier is not used by forward
+            assert grads[name] is None, name
+        else:
+            torch.testing.assert_close(grads[name], ref, rtol=1e-7, atol=1e-9, msg=name)
+    if dropout > 0:  # the masks really differ from a different seed
+        model.memory_efficient = False
+        torch.manual_seed(7)
+        assert not torch.allclose(model(img)[-1], outs_ref[-1])
+
+
+def test_memory_efficient_saves_fewer_activations():
+    model = tiny_model(num_decoders=3).train()
+    img = torch.rand(1, 3, 32, 32)
+
+    def saved_numel(memory_efficient):
+        model.memory_efficient = memory_efficient
+        total = [0]
+
+        def pack(t):
+            total[0] += t.numel()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+            model(img)
+        return total[0]
+
+    assert saved_numel(True) < 0.5 * saved_numel(False)
+
+
+# ------------------------------------------------------------------- restore
+
+
+def test_restore_single_tile_equals_eval_forward():
+    model = tiny_model(num_decoders=3).eval()
+    img = torch.rand(2, 3, 37, 45)
+    with torch.no_grad():
+        ref = model(img)
+    out = model.restore(img, tile=64, overlap=16, exit_idx=[3] * 6)  # tile clamped to 48x48
+    torch.testing.assert_close(out, ref)
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_restore_single_tile_early_exit_equals_column_output(depth):
+    model = tiny_model(num_decoders=3)
+    img = torch.rand(1, 3, 32, 32)
+    with torch.no_grad():
+        outs = model.train()(img)
+    out, exits = model.eval().restore(img, tile=32, overlap=16, exit_idx=[depth] * 6,
+                                      return_exits=True)
+    torch.testing.assert_close(out, outs[depth - 1])
+    assert exits.tolist() == [[[depth]]]
+
+
+class ScrambledClassifier(torch.nn.Module):
+    """Stand-in for the (untrained) classifier, whose random weights put every tile in
+    one class: a per-tile pseudo-random class from the tile's e3, so exits are mixed."""
+
+    def forward(self, e3):
+        classes = (e3.abs().mean(dim=(1, 2, 3)) * 1e3).floor().long() % 6
+        return torch.nn.functional.one_hot(classes, 6).to(e3.dtype)
+
+
+def mixed_exit_model():
+    model = tiny_model(num_decoders=3).eval()
+    model.classifier = ScrambledClassifier()
+    return model
+
+
+def test_restore_batch_equals_one_by_one_with_mixed_exits():
+    model = mixed_exit_model()
+    exit_idx = [1, 2, 3, 1, 2, 3]
+    img = torch.rand(3, 3, 50, 70)
+    out, exits = model.restore(img, tile=32, overlap=16, exit_idx=exit_idx, return_exits=True)
+    assert out.shape == img.shape and torch.isfinite(out).all()
+    assert exits.dtype == torch.long and exits.shape == (3, 3, 4)  # 64x80 padded
+    assert exits.min() >= 1 and exits.max() <= 3 and exits.unique().numel() > 1
+    for i in range(img.shape[0]):
+        o, e = model.restore(img[i:i + 1], tile=32, overlap=16, exit_idx=exit_idx,
+                             return_exits=True)
+        torch.testing.assert_close(o, out[i:i + 1], rtol=1e-5, atol=1e-5)
+        assert torch.equal(e, exits[i:i + 1])
+
+
+def test_restore_mixed_exits_match_uniform_depth_where_tiles_do_not_overlap():
+    # 64x64 with tile 32 / overlap 16: 3x3 tiles; each corner tile alone covers a
+    # 16x16 corner, which must equal a restore where every tile runs that depth.
+    model = mixed_exit_model()
+    img = torch.rand(2, 3, 64, 64)
+    out, exits = model.restore(img, tile=32, overlap=16, exit_idx=[1, 2, 3, 1, 2, 3],
+                               return_exits=True)
+    uniform = {d: model.restore(img, tile=32, overlap=16, exit_idx=[d] * 6) for d in (1, 2, 3)}
+    corners = {(0, 0): (slice(0, 16), slice(0, 16)), (0, 2): (slice(0, 16), slice(48, 64)),
+               (2, 0): (slice(48, 64), slice(0, 16)), (2, 2): (slice(48, 64), slice(48, 64))}
+    for n in range(2):
+        for (i, j), (sy, sx) in corners.items():
+            d = int(exits[n, i, j])
+            torch.testing.assert_close(out[n, :, sy, sx], uniform[d][n, :, sy, sx])
+    assert len({int(exits[n, i, j]) for n in range(2) for i, j in corners}) > 1
+
+
+def constant_heads(model):
+    """Head k outputs the constant k + 1 everywhere (so restore gives img + blend)."""
+    with torch.no_grad():
+        for k, head in enumerate(model.heads):
+            head.weight.zero_()
+            head.bias.fill_(k + 1.0)
+    return model
+
+
+@pytest.mark.parametrize("size, tile, overlap", [((70, 90), 48, 16), ((64, 100), 48, 32)])
+def test_restore_blend_weights_are_normalised(size, tile, overlap):
+    # Every tile outputs 1: blending must give exactly img + 1, also where the
+    # border tiles were shifted inward and where three tiles overlap (overlap > tile/2).
+    model = constant_heads(tiny_model(num_decoders=2).eval())
+    img = torch.rand(1, 3, *size)
+    out = model.restore(img, tile=tile, overlap=overlap, exit_idx=[1] * 6)
+    torch.testing.assert_close(out, img + 1)
+
+
+class TileIndexClassifier(torch.nn.Module):
+    """Class = index of the tile within its image (the tiles of one image are consecutive)."""
+
+    def __init__(self, tiles_per_image):
+        super().__init__()
+        self.tiles_per_image = tiles_per_image
+
+    def forward(self, e3):
+        classes = torch.arange(e3.shape[0]) % self.tiles_per_image
+        return torch.nn.functional.one_hot(classes, 6).to(e3.dtype)
+
+
+def test_restore_cross_fades_linearly_across_the_overlap():
+    # 48x80 with tile 48, overlap 16: tiles at x = 0 and x = 32. The left tile exits
+    # at column 1 (outputs 1), the right one at column 2 (outputs 2): across the
+    # overlap x = 32..47 the result ramps linearly (at pixel centres) from 1 to 2.
+    model = constant_heads(tiny_model(num_decoders=2).eval())
+    model.classifier = TileIndexClassifier(tiles_per_image=2)
+    img = torch.zeros(1, 3, 48, 80)
+    out, exits = model.restore(img, tile=48, overlap=16, exit_idx=[1, 2, 2, 2, 2, 2],
+                               return_exits=True)
+    assert exits.tolist() == [[[1, 2]]]
+    x = torch.arange(80, dtype=torch.float32) + 0.5
+    expected = 1 + ((x - 32) / 16).clamp(0, 1)
+    torch.testing.assert_close(out, expected.expand_as(out))
+
+
+def test_restore_default_exit_idx_and_all_first_column():
+    model = mixed_exit_model()
+    img = torch.rand(1, 3, 48, 48)
+    out, exits = model.restore(img, tile=32, overlap=16, return_exits=True)
+    assert (exits == 3).all()  # K=3 has no paper map: no early exit
+    torch.testing.assert_close(out, model.restore(img, tile=32, overlap=16, exit_idx=[3] * 6))
+    out1, exits1 = model.restore(img, tile=32, overlap=16, exit_idx=[1] * 6, return_exits=True)
+    assert (exits1 == 1).all() and torch.isfinite(out1).all()
+    assert not torch.allclose(out1, out)
+
+
+# ------------------------------------------------------------ classifier, errors
+
+
+def test_signed_clamp_keeps_sign_and_magnitude_floor():
+    a = torch.tensor([-0.5, -1e-5, 0.0, 1e-5, 0.7])
+    torch.testing.assert_close(signed_clamp(a), torch.tensor([-0.5, -1e-3, 1e-3, 1e-3, 0.7]))
+
+
+def test_classify_and_psnr_class():
+    model = tiny_model()
+    logits = model.classify(torch.rand(2, 3, 40, 40))
+    assert logits.shape == (2, 6)
+    psnr = torch.tensor([12.0, 20.0, 24.9, 30.0, 39.99, 40.0, 55.0])
+    assert psnr_class(psnr).tolist() == [0, 1, 1, 3, 4, 5, 5]
+
+
+def test_invalid_inputs_name_the_argument():
+    model = tiny_model().eval()
+    img = torch.rand(1, 3, 32, 32)
+    with pytest.raises(ValueError, match="^img"):
+        model(torch.rand(1, 4, 32, 32))
+    with pytest.raises(ValueError, match="^img"):
+        model.restore(torch.rand(1, 1, 32, 32))
+    with pytest.raises(ValueError, match="^tile"):
+        model.restore(img, tile=32, overlap=32)
+    with pytest.raises(ValueError, match="^tile"):
+        model.restore(img, tile=40, overlap=16)
+    with pytest.raises(ValueError, match="^overlap"):
+        model.restore(img, tile=32, overlap=8)
+    with pytest.raises(ValueError, match="^exit_idx"):
+        model.restore(img, tile=32, overlap=16, exit_idx=[1, 2, 3, 1, 2, 2])  # K = 2
+    with pytest.raises(ValueError, match="^exit_idx"):
+        model.restore(img, tile=32, overlap=16, exit_idx=[0, 1, 1, 1, 1, 1])
+    with pytest.raises(ValueError, match="^exit_idx"):
+        model.restore(img, tile=32, overlap=16, exit_idx=[1, 1])
+    with pytest.raises(TypeError, match="^exit_idx"):
+        model.restore(img, tile=32, overlap=16, exit_idx=[1.5] * 6)
+    with pytest.raises(ValueError, match="^exit_idx"):
+        AdaRevD(**TINY, num_decoders=2, exit_idx=[3] * 6)
+    with pytest.raises(ValueError, match="^enc_blocks"):
+        AdaRevD(width=4, enc_blocks=(1, 1, 1))
+    with pytest.raises(RuntimeError, match="eval"):
+        model.train().restore(img)
