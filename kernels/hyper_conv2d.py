@@ -4,9 +4,9 @@
 Three kernels, all implicit GEMMs over the same index space
 (sample n, pixel, output channel co, input channel ci, tap (r, s)):
 
-* ``_forward_kernel``      y[n, co, p]  = sum_{ci,r,s} x[n, ci, p*stride + (r,s) - pad] K_n[co, ci, r, s]
-* ``_grad_input_kernel``   dx[n, ci, q] = sum_{co,r,s} dy[n, co, (q + pad - (r,s)) / stride] K_n[co, ci, r, s]
-* ``_grad_weight_kernel``  G_n[co, ci, r, s] = sum_p dy[n, co, p] x[n, ci, p*stride + (r,s) - pad],
+* ``hyper_conv2d_fwd_kernel``    y[n, co, p]  = sum_{ci,r,s} x[n, ci, p*stride + (r,s) - pad] K_n[co, ci, r, s]
+* ``hyper_conv2d_dgrad_kernel``   dx[n, ci, q] = sum_{co,r,s} dy[n, co, (q + pad - (r,s)) / stride] K_n[co, ci, r, s]
+* ``hyper_conv2d_wgrad_kernel``  G_n[co, ci, r, s] = sum_p dy[n, co, p] x[n, ci, p*stride + (r,s) - pad],
   reduced on the fly into dW = sum_n c_n G_n, dB = sum_n G_n and dc_n = <G_n, W> (+ bias terms),
   so that neither K_n nor G_n ever reaches global memory.
 
@@ -43,7 +43,7 @@ def _generated_kernel_tile(w_ptr, wb_ptr, c, offs_co, offs_ci, r, s, co_mask, ci
 
 
 @triton.jit
-def _forward_kernel(
+def hyper_conv2d_fwd_kernel(
     x_ptr, level_ptr, w_ptr, wb_ptr, bias_ptr, bias_base_ptr, y_ptr,
     C_in, H, W, C_out, H_out, W_out, stride, padding,
     s_xn, s_xc, s_xh, s_xw, s_yn, s_yc, s_yh, s_yw, s_wo, s_wi, s_wh, s_ww,
@@ -84,7 +84,7 @@ def _forward_kernel(
 
 
 @triton.jit
-def _grad_input_kernel(
+def hyper_conv2d_dgrad_kernel(
     dy_ptr, level_ptr, w_ptr, wb_ptr, dx_ptr,
     C_in, H, W, C_out, H_out, W_out, stride, padding,
     s_dyn, s_dyc, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
@@ -125,7 +125,7 @@ def _grad_input_kernel(
 
 
 @triton.jit
-def _grad_weight_kernel(
+def hyper_conv2d_wgrad_kernel(
     dy_ptr, x_ptr, level_ptr, w_ptr, bias_ptr,
     dw_part_ptr, dwb_part_ptr, dlevel_part_ptr, dbias_part_ptr, dbias_base_part_ptr,
     N, C_in, H, W, C_out, H_out, W_out, stride, padding,
@@ -249,7 +249,7 @@ def forward(x, level, weight, weight_base, bias, bias_base, stride, padding):
         return y
     tiles = _tiles(c_in, c_out)
     grid = (triton.cdiv(h_out * w_out, tiles["BLOCK_P"]), triton.cdiv(c_out, tiles["BLOCK_CO"]), n)
-    _forward_kernel[grid](
+    hyper_conv2d_fwd_kernel[grid](
         x, level.contiguous(), weight, weight_base,
         bias if bias is not None else weight, bias_base if bias_base is not None else weight, y,
         c_in, h, w, c_out, h_out, w_out, stride, padding,
@@ -282,7 +282,7 @@ def _grad_input(grad_out, x, level, weight, weight_base, stride, padding):
         return dx
     tiles = _tiles(c_in, c_out)
     grid = (triton.cdiv(h * w, tiles["BLOCK_P"]), triton.cdiv(c_in, tiles["BLOCK_CI"]), n)
-    _grad_input_kernel[grid](
+    hyper_conv2d_dgrad_kernel[grid](
         grad_out, level, weight, weight_base, dx,
         c_in, h, w, c_out, grad_out.shape[2], grad_out.shape[3], stride, padding,
         *grad_out.stride(), *dx.stride(), *weight.stride(),
@@ -316,7 +316,7 @@ def _grad_params(grad_out, x, level, weight, bias, stride, padding):
     dbias_part = torch.zeros((split, c_out), **zeros)
     dbias_base_part = torch.zeros((split, c_out), **zeros)
     if n > 0:
-        _grad_weight_kernel[(grid_co, grid_k, split)](
+        hyper_conv2d_wgrad_kernel[(grid_co, grid_k, split)](
             grad_out, x, level, weight, bias if bias is not None else weight,
             dw_part, dwb_part, dlevel_part, dbias_part, dbias_base_part,
             n, c_in, h, w, c_out, h_out, w_out, stride, padding,

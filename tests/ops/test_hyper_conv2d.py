@@ -277,3 +277,11 @@ def test_64bit_indexing(backend):
     tail = x[..., -4:, -4:]
     expect = F.conv2d(tail.float(), 1.5 * weight.float())
     torch.testing.assert_close(y[..., -4:, -4:].float(), expect, atol=2e-2, rtol=2e-2)
+
+
+def test_profiler_sees_the_named_ranges():
+    x, level, weight, weight_base, b, bb = cast(make_inputs(n=2), torch.float32)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as prof:
+        hyper_conv2d(x, level, weight, weight_base, b, bb, padding=1, backend="reference").sum().backward()
+    names = {e.name for e in prof.events()}
+    assert {"restorenet::hyper_conv2d::fwd", "restorenet::hyper_conv2d::bwd"} <= names
