@@ -20,5 +20,12 @@ def pytest_collection_modifyitems(config, items):
 
 
 @pytest.fixture(autouse=True)
-def _seed():
+def _seed_and_one_thread():
+    """Tests use tiny tensors: intra-op threads gain nothing there, and on a
+    loaded 2-core machine every OpenMP barrier can wait milliseconds for a
+    descheduled thread."""
     torch.manual_seed(0)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

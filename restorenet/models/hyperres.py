@@ -1,0 +1,258 @@
+"""HyperRes (Aharon & Ben-Artzi, 2022): one restoration network whose residual
+kernels are generated from the degradation level.
+
+A hyper network of *meta blocks* makes every kernel of the main network's
+residual blocks from one scalar, the condition ``c``::
+
+    k = c * w + b          (paper Eq. 2; w, b are a meta block's Linear(1, P))
+
+Main network (paper Sec. 3.2, shared head and tail, generated body)::
+
+    f0  = conv3x3_stride2(img)                      3 -> 64, H/2
+    f   = ResBlockMeta^16(f0)                       f + HConv(ReLU(HConv(f)))
+    f   = conv3x3(f) + f0                           skip over the residual blocks
+    out = conv3x3(ReLU(conv3x3(ReLU(PS2(conv3x3_{256<-64}(f))))))   64 -> 3, H
+
+Only the residual-block convolutions (``HConv``) are generated; they run
+through :func:`restorenet.ops.hyper_conv2d`, which applies each sample's own
+kernel, so one batch may mix levels (training runs the k levels of the paper's
+Fig. 1 as one batch instead of k main networks).
+
+Condition. ``model(x, level)`` takes the *raw* degradation level -- noise sigma
+in 0-255 units, JPEG quality, or SR scale -- and converts it with
+:func:`level_to_condition`, ``c = level / 255``: the paper (and its code)
+normalises every task's level the same way. For super-resolution the input is
+the low-res image already upscaled back to the target size (bicubic); this
+model does not resize.
+
+The blind setting (Sec. 4.4) estimates the noise level with a small CNN,
+:class:`BlindLevelEstimator` (registered as ``hyperres_level_estimator``).
+
+Parameters: 2,588,483 with 16 blocks, 372,803 with one (the paper's 0.37 M).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from restorenet._checks import check_image
+from restorenet.models.blocks import pad_to_multiple
+from restorenet.ops import hyper_conv2d
+from restorenet.registry import register_model
+
+LEVEL_SCALE = 255.0
+
+
+def level_to_condition(level):
+    """The hyper network's input: ``c = level / 255`` for every task.
+
+    ``level`` is a float or a tensor (noise sigma, JPEG quality or SR scale).
+    """
+    return level / LEVEL_SCALE
+
+
+# ----------------------------------------------------------------- meta block
+class HyperConv2d(nn.Module):
+    """A conv whose kernel and bias are made by a meta block from ``c``.
+
+    The meta block is ``nn.Linear(1, P)``, P = Cout*Cin*k*k + Cout; its weight
+    column W holds the slope and its bias B the base of the generated
+    parameters: ``kernel, bias = c*W + B`` (the first Cout*Cin*k*k entries are
+    the kernel, the last Cout the conv bias). The views below alias the
+    Linear's storage, so the op reads the meta block's parameters in place and
+    gradients land on ``meta.weight`` / ``meta.bias`` directly.
+    """
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
+                 stride: int = 1, padding: int = 1):
+        super().__init__()
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
+        self.kernel_numel = out_channels * in_channels * kernel_size * kernel_size
+        self.meta = nn.Linear(1, self.kernel_numel + out_channels)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        # B = 0: at c = 0 the generated conv is zero and each ResBlockMeta starts
+        # as the identity. W: Kaiming over the *conv's* fan-in (Cin*k*k), not the
+        # Linear's fan-in of 1, scaled by 0.1 so the blocks start near identity
+        # over the whole level range. The conv-bias slope follows PyTorch's conv
+        # bias rule U(+-1/sqrt(fan_in)), also times 0.1.
+        with torch.no_grad():
+            nn.init.zeros_(self.meta.bias)
+            nn.init.kaiming_normal_(self.kernel_slope, nonlinearity="relu")
+            self.kernel_slope.mul_(0.1)
+            bound = 0.1 / math.sqrt(self.in_channels * self.kernel_size ** 2)
+            nn.init.uniform_(self.bias_slope, -bound, bound)
+
+    @property
+    def _kernel_shape(self) -> tuple[int, int, int, int]:
+        k = self.kernel_size
+        return self.out_channels, self.in_channels, k, k
+
+    @property
+    def kernel_slope(self) -> Tensor:
+        """W's kernel part, [Cout, Cin, k, k] (a view of ``meta.weight``)."""
+        return self.meta.weight[:self.kernel_numel].view(self._kernel_shape)
+
+    @property
+    def kernel_base(self) -> Tensor:
+        """B's kernel part, [Cout, Cin, k, k] (a view of ``meta.bias``)."""
+        return self.meta.bias[:self.kernel_numel].view(self._kernel_shape)
+
+    @property
+    def bias_slope(self) -> Tensor:
+        return self.meta.weight[self.kernel_numel:].view(self.out_channels)
+
+    @property
+    def bias_base(self) -> Tensor:
+        return self.meta.bias[self.kernel_numel:]
+
+    def generate(self, condition: float) -> tuple[Tensor, Tensor]:
+        """The static (kernel, bias) for one condition: what the paper's
+        runtime generates once before running a plain network."""
+        return (condition * self.kernel_slope + self.kernel_base,
+                condition * self.bias_slope + self.bias_base)
+
+    def forward(self, x: Tensor, condition) -> Tensor:
+        """``condition``: a float or a tensor [N] (one c per sample)."""
+        return hyper_conv2d(x, condition, self.kernel_slope, self.kernel_base,
+                            self.bias_slope, self.bias_base,
+                            stride=self.stride, padding=self.padding)
+
+
+class ResBlockMeta(nn.Module):
+    """``x + HConv(ReLU(HConv(x)))`` with both kernels generated from ``c``."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv1 = HyperConv2d(channels, channels, 3, padding=1)
+        self.conv2 = HyperConv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: Tensor, condition) -> Tensor:
+        return x + self.conv2(F.relu(self.conv1(x, condition)), condition)
+
+
+# ---------------------------------------------------------------- main network
+def conv3x3(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
+    return nn.Conv2d(in_channels, out_channels, 3, stride=stride, padding=1)
+
+
+class PixelShuffleTail(nn.Module):
+    """conv3x3 (c -> 4c) -> PS2 -> ReLU -> conv3x3 -> ReLU -> conv3x3 (c -> out)."""
+
+    def __init__(self, channels: int, out_channels: int):
+        super().__init__()
+        self.expand = conv3x3(channels, 4 * channels)
+        self.shuffle = nn.PixelShuffle(2)
+        self.refine = conv3x3(channels, channels)
+        self.to_image = conv3x3(channels, out_channels)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.shuffle(self.expand(x)))
+        return self.to_image(F.relu(self.refine(x)))
+
+
+class HyperRes(nn.Module):
+    """The main network with its hyper network (see the module docstring).
+
+    ``forward(x, level)``: ``x`` [N, in_channels, H, W] (any H, W: padded to
+    even sizes for the stride-2 head and cropped back), ``level`` the raw
+    degradation level, a float or a tensor [N]. Returns the restored image,
+    same shape as ``x``.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 64, num_blocks: int = 16):
+        super().__init__()
+        self.in_channels = in_channels
+        self.head = conv3x3(in_channels, width, stride=2)
+        self.blocks = nn.ModuleList([ResBlockMeta(width) for _ in range(num_blocks)])
+        self.body_end = conv3x3(width, width)
+        self.tail = PixelShuffleTail(width, in_channels)
+
+    def forward(self, x: Tensor, level) -> Tensor:
+        check_image("x", x, self.in_channels)
+        condition = level_to_condition(_level_as(level, x))
+        h, w = x.shape[-2:]
+        f0 = self.head(pad_to_multiple(x, 2))
+        f = f0
+        for block in self.blocks:
+            f = block(f, condition)
+        f = self.body_end(f) + f0
+        return self.tail(f)[..., :h, :w]
+
+
+def _level_as(level, x: Tensor):
+    """``level`` as a Python float or a tensor [N] in x's float precision."""
+    if isinstance(level, (int, float)) and not isinstance(level, bool):
+        return float(level)
+    if not isinstance(level, Tensor) or level.dtype == torch.bool or level.is_complex():
+        raise TypeError(f"level must be a number or a real tensor [N], got "
+                        f"{level.dtype if isinstance(level, Tensor) else type(level).__name__}")
+    if level.dim() > 1 or (level.dim() == 1 and level.shape[0] != x.shape[0]):
+        raise ValueError(f"level must be a number or a tensor of shape [N] = [{x.shape[0]}] "
+                         f"(one level per sample of x), got shape {tuple(level.shape)}")
+    if level.device != x.device:
+        raise ValueError(f"level must be on the device of x ({x.device}), got {level.device}")
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return level.to(dtype).expand(x.shape[0])
+
+
+# ------------------------------------------------------------- blind estimator
+class BlindLevelEstimator(nn.Module):
+    """The blind setting's level estimator: 5 convs + 3 FC layers (paper Sec. 4.4).
+
+    Predicts the raw level (noise sigma, trained on 0-100) of each image from
+    one ``crop_size`` x ``crop_size`` crop, so its output feeds
+    ``HyperRes(x, level=estimator(x))`` directly::
+
+        conv3x3_s2(3->64) -> 4 x [conv3x3(64->64) -> ReLU -> maxpool2]
+        -> flatten 64*(crop/32)^2 -> FC 32 -> ReLU -> FC 16 -> ReLU -> FC 1
+
+    Inputs larger than the crop are *center*-cropped (deterministic, unlike a
+    random crop), so a 128x128 training patch passes unchanged; smaller inputs
+    are rejected because the FC layers need the fixed 4x4 map.
+    """
+
+    def __init__(self, in_channels: int = 3, width: int = 64, crop_size: int = 128):
+        super().__init__()
+        if crop_size % 32 != 0:
+            raise ValueError(f"crop_size must be a multiple of 32, got {crop_size}")
+        self.in_channels, self.crop_size = in_channels, crop_size
+        convs = [nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU()]
+        for _ in range(4):
+            convs += [conv3x3(width, width), nn.ReLU(), nn.MaxPool2d(2)]
+        self.features = nn.Sequential(*convs)
+        side = crop_size // 32
+        self.regressor = nn.Sequential(
+            nn.Flatten(), nn.Linear(width * side * side, 32), nn.ReLU(),
+            nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+
+    def center_crop(self, x: Tensor) -> Tensor:
+        h, w = x.shape[-2:]
+        top, left = (h - self.crop_size) // 2, (w - self.crop_size) // 2
+        return x[..., top:top + self.crop_size, left:left + self.crop_size]
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``x`` [N, C, H, W] with H, W >= crop_size; returns the levels [N]."""
+        check_image("x", x, self.in_channels)
+        if min(x.shape[-2:]) < self.crop_size:
+            raise ValueError(f"x must be at least {self.crop_size}x{self.crop_size}, "
+                             f"got spatial size {tuple(x.shape[-2:])}")
+        return self.regressor(self.features(self.center_crop(x))).squeeze(1)
+
+
+@register_model("hyperres")
+def hyperres(**cfg) -> HyperRes:
+    """HyperRes with 16 meta residual blocks, width 64 (2,588,483 parameters)."""
+    return HyperRes(**cfg)
+
+
+@register_model("hyperres_level_estimator")
+def hyperres_level_estimator(**cfg) -> BlindLevelEstimator:
+    """HyperRes's blind noise-level estimator (5 conv + 3 FC, 128x128 crop)."""
+    return BlindLevelEstimator(**cfg)

@@ -1,0 +1,175 @@
+"""HyperRes: parameter counts, level handling, gradients to the meta blocks."""
+import pytest
+import torch
+
+import restorenet.ops
+from restorenet.models.hyperres import (BlindLevelEstimator, HyperConv2d, HyperRes,
+                                        level_to_condition)
+from restorenet.registry import create_model
+
+
+def small_model(seed=0, **cfg):
+    torch.manual_seed(seed)
+    cfg = {"width": 16, "num_blocks": 2, **cfg}
+    return create_model("hyperres", **cfg)
+
+
+def randomise_meta_bias(model):
+    # B starts at zero; give it values so the base of each kernel matters too.
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, HyperConv2d):
+                m.meta.bias.normal_(0, 0.02)
+
+
+def n_params(m):
+    return sum(p.numel() for p in m.parameters())
+
+
+@pytest.mark.parametrize("num_blocks,expected", [(16, 2_588_483), (1, 372_803)])
+def test_parameter_count_matches_paper(num_blocks, expected):
+    with torch.device("meta"):
+        model = create_model("hyperres", num_blocks=num_blocks)
+    assert n_params(model) == expected
+
+
+def test_meta_block_layout_and_init():
+    conv = HyperConv2d(4, 5, 3)
+    assert conv.meta.weight.shape == (5 * 4 * 9 + 5, 1)
+    assert torch.all(conv.meta.bias == 0)
+    # Views share the Linear's storage (no copies).
+    assert conv.kernel_slope.data_ptr() == conv.meta.weight.data_ptr()
+    assert conv.bias_base.data_ptr() == conv.meta.bias.data_ptr() + 5 * 4 * 9 * 4
+    # Kaiming (fan_in = Cin*k*k = 36, gain sqrt 2) times 0.1: std ~ 0.1*sqrt(2/36) ~ 0.0236.
+    std = conv.kernel_slope.std().item()
+    assert 0.015 < std < 0.035
+    kernel, bias = conv.generate(0.5)
+    torch.testing.assert_close(kernel, 0.5 * conv.meta.weight[:180].view(5, 4, 3, 3))
+    torch.testing.assert_close(bias, 0.5 * conv.meta.weight[180:, 0])
+
+
+def test_generated_conv_equals_static_conv():
+    torch.manual_seed(0)
+    conv = HyperConv2d(3, 4, 3)
+    with torch.no_grad():
+        conv.meta.bias.normal_()
+    x = torch.randn(1, 3, 6, 6)
+    kernel, bias = conv.generate(0.3)
+    torch.testing.assert_close(conv(x, 0.3), torch.nn.functional.conv2d(x, kernel, bias, padding=1))
+
+
+def test_level_to_condition():
+    assert level_to_condition(255) == 1.0
+    torch.testing.assert_close(level_to_condition(torch.tensor([25.5, 51.0])), torch.tensor([0.1, 0.2]))
+
+
+@pytest.mark.parametrize("shape", [(2, 3, 12, 10), (1, 3, 9, 7), (1, 3, 1, 5)])
+def test_forward_backward_shapes_and_finite(shape):
+    model = small_model()
+    x = torch.randn(*shape, requires_grad=True)
+    y = model(x, 25.0)
+    assert y.shape == x.shape and torch.isfinite(y).all()
+    y.square().mean().backward()
+    assert torch.isfinite(x.grad).all() and x.grad.abs().sum() > 0
+
+
+def test_grayscale_input():
+    model = small_model(in_channels=1)
+    assert model(torch.randn(1, 1, 8, 8), 15).shape == (1, 1, 8, 8)
+
+
+def test_scalar_level_equals_tensor_of_identical_levels():
+    model = small_model()
+    randomise_meta_bias(model)
+    x = torch.randn(3, 3, 8, 8)
+    a = model(x, 35.0)
+    b = model(x, torch.full((3,), 35.0))
+    c = model(x, torch.tensor(35.0))
+    torch.testing.assert_close(a, b, rtol=0, atol=0)
+    torch.testing.assert_close(a, c, rtol=0, atol=0)
+
+
+def test_per_sample_levels_equal_each_sample_alone():
+    model = small_model().double()
+    randomise_meta_bias(model)
+    x = torch.randn(3, 3, 8, 10, dtype=torch.float64)
+    levels = torch.tensor([15.0, 55.0, 75.0], dtype=torch.float64)
+    batched = model(x, levels)
+    for n in range(3):
+        alone = model(x[n:n + 1], float(levels[n]))
+        torch.testing.assert_close(batched[n:n + 1], alone, rtol=1e-12, atol=1e-12)
+    # ... and the level really changes the output.
+    assert (model(x[:1], 15.0) - model(x[:1], 75.0)).abs().max() > 1e-6
+
+
+def test_integer_levels_are_accepted():
+    model = small_model()
+    x = torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(model(x, torch.tensor([10, 80])), model(x, torch.tensor([10.0, 80.0])))
+
+
+def test_gradients_reach_meta_weights_and_biases():
+    model = small_model()
+    x = torch.randn(2, 3, 8, 8)
+    model(x, torch.tensor([15.0, 75.0])).abs().mean().backward()
+    metas = [m.meta for m in model.modules() if isinstance(m, HyperConv2d)]
+    assert len(metas) == 4
+    for meta in metas:
+        assert meta.weight.grad is not None and meta.weight.grad.abs().sum() > 0
+        assert meta.bias.grad is not None and meta.bias.grad.abs().sum() > 0
+    assert model.head.weight.grad.abs().sum() > 0
+
+
+def test_reference_backend_context():
+    model = small_model()
+    x = torch.randn(1, 3, 6, 6)
+    with restorenet.ops.use_backend("reference"):
+        y = model(x, 50.0)
+    torch.testing.assert_close(y, model(x, 50.0))
+
+
+def test_level_estimator():
+    torch.manual_seed(0)
+    est = create_model("hyperres_level_estimator", width=8)
+    assert isinstance(est, BlindLevelEstimator)
+    x = torch.randn(2, 3, 130, 150)
+    levels = est(x)
+    assert levels.shape == (2,)
+    # The center crop is what it sees: changing the border changes nothing.
+    x2 = x.clone()
+    x2[..., :1, :] = 100.0
+    torch.testing.assert_close(est(x2), levels)
+    # Its output feeds HyperRes directly.
+    assert small_model()(x[:, :, :16, :16], levels.detach()).shape == (2, 3, 16, 16)
+    with pytest.raises(ValueError, match="^x"):
+        est(torch.randn(1, 3, 127, 200))
+
+
+def test_estimator_paper_layout():
+    with torch.device("meta"):
+        est = BlindLevelEstimator()
+    convs = [m for m in est.modules() if isinstance(m, torch.nn.Conv2d)]
+    fcs = [m for m in est.modules() if isinstance(m, torch.nn.Linear)]
+    assert len(convs) == 5 and len(fcs) == 3
+
+
+@pytest.mark.parametrize("x,level,exc,name", [
+    (torch.randn(1, 4, 8, 8), 15.0, ValueError, "x"),
+    (torch.randn(3, 8, 8), 15.0, ValueError, "x"),
+    ("img", 15.0, TypeError, "x"),
+    (torch.randn(2, 3, 8, 8), torch.tensor([15.0, 25.0, 35.0]), ValueError, "level"),
+    (torch.randn(2, 3, 8, 8), torch.ones(2, 1), ValueError, "level"),
+    (torch.randn(2, 3, 8, 8), "high", TypeError, "level"),
+    (torch.randn(2, 3, 8, 8), True, TypeError, "level"),
+])
+def test_errors_name_the_argument(x, level, exc, name):
+    model = small_model()
+    with pytest.raises(exc, match=f"^{name}"):
+        model(x, level)
+
+
+def test_default_config_is_the_paper():
+    with torch.device("meta"):
+        model = create_model("hyperres")
+    assert isinstance(model, HyperRes) and len(model.blocks) == 16
+    assert model.head.stride == (2, 2) and model.head.out_channels == 64
