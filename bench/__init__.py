@@ -1,0 +1,1 @@
+"""restorenet benchmarks: ``pytest bench/ --benchmark-only`` (see bench/README.md)."""

@@ -1,0 +1,222 @@
+"""Ways to compute a HyperRes layer, the per-sample generated-kernel convolution
+
+    y[n] = conv2d(x[n], c_n * W + B, c_n * b + b_base)
+
+that the benchmarks compare. The compositions of stock PyTorch ops live here,
+in one place, and :func:`verify` checks each against the float64 spec
+(``hyper_conv2d_reference``) before anything is timed, so that a wrong baseline
+fails loudly instead of producing a flattering ratio.
+
+Every strategy has the signature of ``hyper_conv2d``'s tensor arguments:
+``f(x, level, weight, weight_base, bias, bias_base, stride, padding) -> y``.
+"""
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+from typing import Callable, Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from restorenet.ops import available_backends, hyper_conv2d, hyper_conv2d_reference
+
+
+# ------------------------------------------------------------- compositions
+def batch_as_groups(x: Tensor, level: Tensor, weight: Tensor, weight_base: Tensor,
+                    bias: Optional[Tensor], bias_base: Optional[Tensor],
+                    stride: int = 1, padding: int = 0) -> Tensor:
+    """Materialise the N kernels, then one grouped convolution with the batch
+    folded into the channels: x [N,Cin,H,W] -> [1, N*Cin, H, W], kernels
+    [N*Cout, Cin, kh, kw], groups = N. Writes N kernels (and, in backward, N
+    kernel gradients) to memory."""
+    n, cin, h, w = x.shape
+    cout = weight.shape[0]
+    c = level.to(weight.dtype)
+    kernels = c.view(n, 1, 1, 1, 1) * weight + weight_base  # [N, Cout, Cin, kh, kw]
+    b = _per_sample_bias(c, bias, bias_base, n, cout)
+    y = F.conv2d(x.reshape(1, n * cin, h, w), kernels.reshape(n * cout, cin, *weight.shape[2:]),
+                 None if b is None else b.reshape(n * cout), stride, padding, groups=n)
+    return y.view(n, cout, *y.shape[2:])
+
+
+def linearity(x: Tensor, level: Tensor, weight: Tensor, weight_base: Tensor,
+              bias: Optional[Tensor], bias_base: Optional[Tensor],
+              stride: int = 1, padding: int = 0) -> Tensor:
+    """Convolution is linear in the kernel: conv(x, cW + B) = c conv(x, W) + conv(x, B).
+    One shared-kernel convolution with [W; B] stacked on the output channels
+    (twice the FLOPs of the layer), then y_n = c_n y_W + y_B + (c_n b + b_base)."""
+    n = x.shape[0]
+    cout = weight.shape[0]
+    c = level.to(weight.dtype)
+    both = F.conv2d(x, torch.cat([weight, weight_base]), None, stride, padding)
+    y_w, y_b = both[:, :cout], both[:, cout:]
+    y = c.view(n, 1, 1, 1) * y_w + y_b
+    b = _per_sample_bias(c, bias, bias_base, n, cout)
+    return y if b is None else y + b.view(n, cout, 1, 1)
+
+
+def _per_sample_bias(c: Tensor, bias, bias_base, n: int, cout: int) -> Optional[Tensor]:
+    if bias is None and bias_base is None:
+        return None
+    b = torch.zeros(n, cout, dtype=c.dtype, device=c.device)
+    if bias is not None:
+        b = b + c.view(n, 1) * bias
+    if bias_base is not None:
+        b = b + bias_base
+    return b
+
+
+def shared_kernel_floor(x: Tensor, level: Tensor, weight: Tensor, weight_base: Tensor,
+                        bias: Optional[Tensor], bias_base: Optional[Tensor],
+                        stride: int = 1, padding: int = 0) -> Tensor:
+    """Not a hyper layer: one plain convolution with one shared kernel of the
+    same shape. What the layer would cost if the kernel did not vary: the floor."""
+    return F.conv2d(x, weight, bias, stride, padding)
+
+
+def _backend(name: str) -> Callable[..., Tensor]:
+    def run(x, level, weight, weight_base, bias, bias_base, stride=1, padding=0):
+        return hyper_conv2d(x, level, weight, weight_base, bias, bias_base, stride, padding,
+                            backend=name)
+
+    run.__name__ = f"hyper_conv2d_{name}"
+    return run
+
+
+# ---------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class Strategy:
+    name: str
+    fn: Callable[..., Tensor]
+    description: str
+    compiled: bool = False    # torch.compile of ``fn`` (GPU only: compiling on CPU is slow)
+    backend: Optional[str] = None  # a restorenet backend that must be available
+    exact: bool = True        # computes the hyper layer (the floor does not)
+
+
+STRATEGIES: dict[str, Strategy] = {s.name: s for s in (
+    Strategy("reference", _backend("reference"),
+             "restorenet backend 'reference': per-sample loop (the spec)", backend="reference"),
+    Strategy("grouped", batch_as_groups, "materialised kernels, one grouped conv (groups=N)"),
+    Strategy("linearity", linearity, "one conv with [W;B] stacked, combine c*y_W + y_B"),
+    Strategy("compiled_grouped", batch_as_groups, "torch.compile(grouped)", compiled=True),
+    Strategy("compiled_linearity", linearity, "torch.compile(linearity)", compiled=True),
+    Strategy("floor", shared_kernel_floor, "plain F.conv2d, one shared kernel", exact=False),
+    Strategy("triton", _backend("triton"), "restorenet backend 'triton'", backend="triton"),
+    Strategy("cuda", _backend("cuda"), "restorenet backend 'cuda' (restorenet._C)", backend="cuda"),
+)}
+
+
+def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
+    """Why strategy ``name`` cannot be benchmarked on ``device`` (None: it can)."""
+    s = STRATEGIES[name]
+    if s.compiled and device.type != "cuda":
+        return "torch.compile benchmarks run on GPU only (inductor compiles slowly on CPU)"
+    if s.backend == "triton" and device.type != "cuda":
+        return "triton on CPU runs only in the interpreter (TRITON_INTERPRET=1): not benchmarked"
+    if s.backend is not None and s.backend not in available_backends(device):
+        return f"restorenet backend {s.backend!r} is not available on {device.type} here"
+    return None
+
+
+def _configure_dynamo() -> None:
+    """Every (shape, dtype, grad mode) gets its own compiled graph; make sure
+    dynamo never silently falls back to eager after too many recompiles."""
+    import torch._dynamo
+
+    cfg = torch._dynamo.config
+    for key in ("recompile_limit", "cache_size_limit", "accumulated_recompile_limit",
+                "accumulated_cache_size_limit"):
+        if hasattr(cfg, key):
+            setattr(cfg, key, max(getattr(cfg, key), 256))
+    if hasattr(cfg, "fail_on_recompile_limit_hit"):
+        cfg.fail_on_recompile_limit_hit = True
+
+
+@functools.lru_cache(maxsize=None)
+def get(name: str) -> Callable[..., Tensor]:
+    """The callable for strategy ``name`` (compiled once per process)."""
+    s = STRATEGIES[name]
+    if not s.compiled:
+        return s.fn
+    _configure_dynamo()
+    # dynamic=False: specialise on every shape, as a user with fixed crops gets;
+    # fullgraph=True: a graph break would be an error, not a slower baseline.
+    return torch.compile(s.fn, dynamic=False, fullgraph=True)
+
+
+# ---------------------------------------------------------------- inputs
+HYPERRES_LEVELS = (15.0, 35.0, 55.0, 75.0)  # denoising sigmas; c = sigma / 255
+
+
+def layer_inputs(n: int, cin: int, cout: int, size: int, dtype: torch.dtype,
+                 device: torch.device, kernel: int = 3, bias: bool = True,
+                 requires_grad: bool = False, seed: int = 0) -> dict[str, Tensor]:
+    """Random HyperRes-like layer inputs: mixed levels c = sigma/255 cycling
+    over the training sigmas; W ~ 0.1 * Kaiming, B ~ Kaiming, random biases."""
+    g = torch.Generator(device="cpu").manual_seed(seed)
+    fan_in = cin * kernel * kernel
+    std = (2.0 / fan_in) ** 0.5
+
+    def rand(*shape, scale=1.0):
+        t = (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
+        return t.requires_grad_(requires_grad)
+
+    level = torch.tensor([HYPERRES_LEVELS[i % 4] / 255.0 for i in range(n)], device=device)
+    return dict(
+        x=rand(n, cin, size, size),
+        level=level,
+        weight=rand(cout, cin, kernel, kernel, scale=0.1 * std),
+        weight_base=rand(cout, cin, kernel, kernel, scale=std),
+        bias=rand(cout, scale=0.1) if bias else None,
+        bias_base=rand(cout, scale=0.1) if bias else None,
+    )
+
+
+ARG_ORDER = ("x", "level", "weight", "weight_base", "bias", "bias_base")
+GRAD_ARGS = ("x", "weight", "weight_base", "bias", "bias_base")  # level is data, not trained
+
+
+# ---------------------------------------------------------------- verification
+def _rel_err(a: Tensor, ref: Tensor) -> float:
+    a, ref = a.detach().double(), ref.detach().double()
+    if not torch.isfinite(a).all():
+        return float("inf")
+    return float((a - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def tolerance(device: torch.device) -> float:
+    """||out - ref|| / ||ref|| allowed for a float32 run. On GPU, float32
+    convolutions may run in TF32 (cuDNN's default, Triton's default dot), whose
+    error is near 3e-4; a wrong composition is off by O(1)."""
+    return 5e-3 if device.type == "cuda" else 1e-5
+
+
+@functools.lru_cache(maxsize=None)
+def verify(name: str, device_str: str) -> dict[str, float]:
+    """Check strategy ``name`` against the float64 spec, forward and every
+    gradient, on small shapes (stride 1 pad 1 and stride 2 pad 0). Returns the
+    relative errors; raises AssertionError naming what is wrong."""
+    device = torch.device(device_str)
+    fn = get(name)
+    errors: dict[str, float] = {}
+    for stride, padding, size in ((1, 1, 9), (2, 0, 10)):
+        t = layer_inputs(4, 8, 6, size, torch.float32, device, requires_grad=True, seed=stride)
+        t["level"] = t["level"].clone().requires_grad_(True)
+        args = [t[k] for k in ARG_ORDER]
+        ref_args = [a.detach().double().requires_grad_(True) for a in args]
+        ref = hyper_conv2d_reference(*ref_args, stride, padding)
+        out = fn(*args, stride, padding)
+        dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7),
+                         dtype=torch.float64).to(device)
+        ref_grads = torch.autograd.grad(ref, ref_args, dy)
+        grads = torch.autograd.grad(out, args, dy.to(out.dtype), allow_unused=True)
+        errors[f"s{stride}/y"] = _rel_err(out, ref)
+        for key, g, rg in zip(ARG_ORDER, grads, ref_grads):
+            errors[f"s{stride}/d{key}"] = float("inf") if g is None else _rel_err(g, rg)
+    bad = {k: v for k, v in errors.items() if not v <= tolerance(device)}
+    assert not bad, (f"strategy {name!r} does not compute hyper_conv2d on {device_str}: relative "
+                     f"errors above {tolerance(device):g}: {bad}")
+    return errors
