@@ -4,7 +4,9 @@
         -> K reversible decoder columns, each with its own head: out_k = conv3x3(c3_k) + img
     train: returns [out_1, ..., out_K] (the loss averages over every column)
     eval:  returns out_K;  ``restore()``: tiled inference where a classifier on e3
-           decides per tile after how many columns it exits.
+           decides per tile after how many columns it exits -- by default the whole
+           batch (images of any sizes) in one ragged pass: tiles sorted by exit depth,
+           so column k runs on a prefix of them (``restorenet.ops.tiles``).
 
 Default config = AdaRevD-B: encoder width 64, blocks [1,1,1,28] + 1 middle block,
 K = ``num_decoders`` = 4 (the S/B/L variants use K = 2/4/8).
@@ -36,6 +38,7 @@ from torch.autograd.function import once_differentiable
 from restorenet._checks import check_image
 from restorenet.models.blocks import LayerNorm2d, NAFBlock, downsample, pad_to_multiple, upsample
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
+from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan, tile_schedule
 from restorenet.registry import register_model
 
 NUM_LEVELS = 4  # decoder states c0..c3; the encoder must have exactly 4 down steps
@@ -436,27 +439,119 @@ class AdaRevD(nn.Module):
     # -- adaptive tiled inference
 
     @torch.no_grad()
-    def restore(self, img: torch.Tensor, tile: int = 384, overlap: int = 32,
-                exit_idx: Sequence[int] | None = None, return_exits: bool = False):
+    def restore(self, img, tile: int = 384, overlap: int = 32,
+                exit_idx: Sequence[int] | None = None, return_exits: bool = False,
+                batched: bool = True):
         """Tiled inference where each tile exits after ``exit_idx[class]`` columns.
 
         The encoder sees the whole image (padded to a multiple of 16). Feature level l
         is cut into tiles of ``tile / 2**l`` overlapping by ``overlap / 2**l``; border
         tiles are shifted inward so every tile has full size. Where the padded image is
-        smaller than ``tile`` in a dimension, the tile is clamped to the image there.
-        Each tile's head output (without the image) is blended back with linear ramps
-        across the overlaps, weights normalised by their sum, then the image is added.
+        smaller than ``tile`` in a dimension, the tile is clamped to the image there
+        (one tile across). Each tile's head output (without the image) is blended back
+        with linear ramps across the overlaps, weights normalised by their sum, then the
+        image is added.
 
-        Returns the restored batch, and with ``return_exits`` also a LongTensor
-        [N, tiles_h, tiles_w] with the number of columns each tile ran.
+        Args:
+            img: [N, 3, H, W], or a list of [3, H, W] / [n, 3, H, W] tensors of any sizes.
+            batched: True (default): the whole batch in one ragged pass with the
+                ``restorenet.ops`` tile ops -- the tiles of all images sorted by exit
+                depth, so column k runs on a prefix of them; one device-to-host copy.
+                False: the plain path (the authors' way: each column gathers the tiles
+                left and syncs with the host), kept as the reference.
+        Returns:
+            The restored images -- for list input a list, each shaped like its input --
+            and with ``return_exits`` the number of columns each tile ran: LongTensor
+            [N, tiles_h, tiles_w] (for list input a list of [n, tiles_h, tiles_w], or
+            [tiles_h, tiles_w] for a [3, H, W] entry).
         """
-        check_image("img", img, self.in_channels)
+        entries, as_list = self._restore_inputs(img)
         if self.training:
             raise RuntimeError("restore() is inference only: call model.eval() first")
         self._check_tiling(tile, overlap)
-        depth_of_class = torch.tensor(
-            self.exit_idx if exit_idx is None else self._check_exit_idx(exit_idx),
-            device=img.device)
+        values = self.exit_idx if exit_idx is None else self._check_exit_idx(exit_idx)
+        # non_blocking: a host-to-device copy that does not wait for queued work.
+        depth_of_class = torch.tensor(values).to(entries[0].device, non_blocking=True)
+        run = self._restore_batched if batched else self._restore_plain
+        outs, exits = run(entries, tile, overlap, depth_of_class)
+        if not as_list:
+            return (outs[0], exits[0]) if return_exits else outs[0]
+        squeeze = [t.dim() == 3 for t in img]
+        outs = [o[0] if sq else o for o, sq in zip(outs, squeeze)]
+        if return_exits:
+            return outs, [e[0] if sq else e for e, sq in zip(exits, squeeze)]
+        return outs
+
+    def _restore_inputs(self, img) -> tuple[list[torch.Tensor], bool]:
+        """The input tensors as a list of 4-D tensors, and whether a list came in."""
+        if isinstance(img, torch.Tensor):
+            check_image("img", img, self.in_channels)
+            return [img], False
+        if not isinstance(img, (list, tuple)) or not img:
+            raise TypeError("img must be a tensor [N, C, H, W] or a non-empty list of "
+                            f"[C, H, W] / [n, C, H, W] tensors, got {type(img).__name__}")
+        entries = []
+        for i, t in enumerate(img):
+            t = t.unsqueeze(0) if isinstance(t, torch.Tensor) and t.dim() == 3 else t
+            check_image(f"img[{i}]", t, self.in_channels)
+            if entries and t.device != entries[0].device:
+                raise ValueError(f"img[{i}] must be on device {entries[0].device} (that of "
+                                 f"img[0]), got {t.device}")
+            entries.append(t)
+        return entries, True
+
+    def _restore_batched(self, entries, tile, overlap, depth_of_class):
+        """One ragged pass over all images: see ``restorenet.ops.tiles``."""
+        xs = [pad_to_multiple(e, self.size_multiple) for e in entries]
+        # Tiles run as one batch only if they share a shape: group the tensors by the
+        # tile they get (clamped on small images). Usually there is one group.
+        groups: dict[tuple, list[int]] = {}
+        for i, x in enumerate(xs):
+            groups.setdefault(_tile_shape(x, tile, overlap), []).append(i)
+        groups = list(groups.items())
+        plans = [tile_plan([xs[i] for i in members], th_tw, ov, multiple=self.size_multiple)
+                 for (th_tw, ov), members in groups]
+        feats = [self.encode(x) for x in xs]
+
+        depths = []
+        for plan, (_, members) in zip(plans, groups):
+            e3_tiles = tile_gather([feats[i][3] for i in members], plan, scale=2 ** 3)
+            depths.append(depth_of_class[self.classifier(e3_tiles).argmax(dim=1)])
+        schedules = tile_schedule(depths, self.num_decoders)  # the one device-to-host copy
+
+        outs, exits = [None] * len(xs), [None] * len(xs)
+        for plan, schedule, depth, (_, members) in zip(plans, schedules, depths, groups):
+            residual = self._run_columns([feats[i] for i in members], plan, schedule)
+            blended = tile_blend(residual, plan, schedule.order)
+            for i, out, exit_depth in zip(members, blended, plan.unflatten(depth)):
+                h, w = entries[i].shape[-2:]
+                outs[i], exits[i] = (out + xs[i])[..., :h, :w], exit_depth
+        return outs, exits
+
+    def _run_columns(self, feats, plan, schedule) -> torch.Tensor:
+        """Head outputs [T, 3, th, tw] in depth-sorted order; column k runs exactly on the
+        ``schedule.active[k]`` tiles still in, the first ones: slices, no gathers."""
+        levels = [tile_gather([f[lvl] for f in feats], plan, schedule.order, scale=2 ** lvl)
+                  for lvl in range(NUM_LEVELS + 1)]
+        x_t, states = levels[4], (levels[3], levels[2], levels[1], levels[0])
+        residual = x_t.new_empty(plan.num_tiles, self.in_channels, *plan.tile)
+        for k, (column, head) in enumerate(zip(self.decoder.columns, self.heads)):
+            active = schedule.active[k]
+            if active == 0:
+                break
+            states = column(x_t[:active], [s[:active] for s in states])
+            leaving = schedule.exiting(k)  # the last of the active ones
+            if leaving.start < leaving.stop:
+                residual[leaving] = head(states[-1][leaving])
+        return residual
+
+    def _restore_plain(self, entries, tile, overlap, depth_of_class):
+        results = [self._restore_plain_one(x, tile, overlap, depth_of_class) for x in entries]
+        return [r[0] for r in results], [r[1] for r in results]
+
+    def _restore_plain_one(self, img, tile, overlap, depth_of_class):
+        """The authors' way, one batch of same-size images: gather the tiles still in
+        at every column (a host sync each time)."""
         n, (h, w) = img.shape[0], img.shape[-2:]
         x = pad_to_multiple(img, self.size_multiple)
         hp, wp = x.shape[-2:]
@@ -477,10 +572,7 @@ class AdaRevD(nn.Module):
             residual[alive[done]] = self.heads[k](states[-1][done])
 
         out = _blend_tiles(residual.view(n, len(ys) * len(xs), -1, th, tw), ys, xs, hp, wp)
-        restored = (out + x)[..., :h, :w]
-        if return_exits:
-            return restored, depth.view(n, len(ys), len(xs))
-        return restored
+        return (out + x)[..., :h, :w], depth.view(n, len(ys), len(xs))
 
     # -- argument checks
 
@@ -509,6 +601,14 @@ class AdaRevD(nn.Module):
 
 
 # ------------------------------------------------------------------ tiling helpers
+
+
+def _tile_shape(x: torch.Tensor, tile: int, overlap: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """(tile, overlap) per dimension for a padded image: the tile clamped to the image.
+    A clamped dimension holds one tile, so its overlap means nothing: 0 (it could be
+    larger than the clamped tile). Images with the same tile share one plan."""
+    th, tw = min(tile, x.shape[-2]), min(tile, x.shape[-1])
+    return (th, tw), (overlap if th == tile else 0, overlap if tw == tile else 0)
 
 
 def _tile_starts(length: int, tile: int, overlap: int) -> list[int]:

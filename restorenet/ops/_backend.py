@@ -58,17 +58,22 @@ def cuda_extension():
     return _C
 
 
-def available_backends(device: torch.device) -> list[str]:
+def available_backends(device: torch.device, cuda_symbol: str | None = None) -> list[str]:
+    """Backends that can run on ``device``. With ``cuda_symbol``, ``cuda``
+    counts only if the compiled extension has that function (ops whose CUDA
+    kernels are not written yet fall back to the next backend)."""
     found = ["reference"]
     if triton_available() and (device.type == "cuda" or triton_interpreting()):
         found.append("triton")
-    if device.type == "cuda" and cuda_extension() is not None:
+    ext = cuda_extension() if device.type == "cuda" else None
+    if ext is not None and (cuda_symbol is None or hasattr(ext, cuda_symbol)):
         found.append("cuda")
     return found
 
 
-def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
-    """The backend ``op`` runs with on ``device``; raises if it cannot run there."""
+def resolve_backend(backend: str | None, device: torch.device, op: str,
+                    cuda_symbol: str | None = None) -> str:
+    """The backend ``op`` runs with on ``device``; raises if the one asked for cannot run there."""
     if backend is not None:
         _validate_name(backend, "backend")
         name = backend
@@ -77,24 +82,23 @@ def resolve_backend(backend: str | None, device: torch.device, op: str) -> str:
     elif os.environ.get("RESTORENET_BACKEND"):
         name = os.environ["RESTORENET_BACKEND"]
         _validate_name(name, "RESTORENET_BACKEND")
+    elif device.type != "cuda":
+        return "reference"  # the interpreter is for testing, never a default
     else:
-        return _fastest(device)
-    if name not in available_backends(device):
-        raise RuntimeError(_why_unavailable(name, device, op))
+        return _fastest(available_backends(device, cuda_symbol))
+    if name not in available_backends(device, cuda_symbol):
+        raise RuntimeError(_why_unavailable(name, device, op, cuda_symbol))
     return name
 
 
-def _fastest(device: torch.device) -> str:
-    if device.type != "cuda":
-        return "reference"
-    found = available_backends(device)
+def _fastest(found: list[str]) -> str:
     for name in ("cuda", "triton"):
         if name in found:
             return name
     return "reference"
 
 
-def _why_unavailable(name: str, device: torch.device, op: str) -> str:
+def _why_unavailable(name: str, device: torch.device, op: str, cuda_symbol: str | None) -> str:
     if name == "triton" and not triton_available():
         return f"{op}: backend='triton' needs the triton package, which is not installed"
     if name == "triton":
@@ -102,5 +106,8 @@ def _why_unavailable(name: str, device: torch.device, op: str) -> str:
                 "or TRITON_INTERPRET=1 (set before triton is imported)")
     if device.type != "cuda":
         return f"{op}: backend='cuda' needs CUDA tensors, got tensors on {device}"
+    if cuda_extension() is not None:
+        return (f"{op}: backend='cuda' is not available: restorenet._C has no {cuda_symbol} "
+                "(this op's CUDA kernels are not built); use backend='triton' or 'reference'")
     return (f"{op}: backend='cuda' needs the compiled extension restorenet._C; "
             "reinstall with CUDA torch and nvcc present (see README)")

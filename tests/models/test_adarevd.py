@@ -1,8 +1,10 @@
 import pytest
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from restorenet.models.adarevd import AdaRevD, psnr_class, signed_clamp
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
+from restorenet.ops import available_backends, use_backend
 from restorenet.registry import create_model
 
 TINY = dict(width=4, enc_blocks=(1, 1, 1, 1), middle_blocks=1)
@@ -165,7 +167,8 @@ class ScrambledClassifier(torch.nn.Module):
 
     def forward(self, e3):
         classes = (e3.abs().mean(dim=(1, 2, 3)) * 1e3).floor().long() % 6
-        return torch.nn.functional.one_hot(classes, 6).to(e3.dtype)
+        # One-hot by scatter: F.one_hot reads its input on the host (it checks the range).
+        return e3.new_zeros(e3.shape[0], 6).scatter_(1, classes[:, None], 1.0)
 
 
 def mixed_exit_model():
@@ -263,6 +266,118 @@ def test_restore_default_exit_idx_and_all_first_column():
     assert not torch.allclose(out1, out)
 
 
+# ------------------------------------------------- restore: batched vs plain path
+
+
+class HostReads(TorchDispatchMode):
+    """Counts host reads of tensor data -- each one a device-to-host sync on CUDA:
+    .item()/bool()/int() (aten._local_scalar_dense), boolean-mask indexing and nonzero
+    (data-dependent sizes) and, patched, .tolist()/.numpy()/.cpu()."""
+
+    def __init__(self, monkeypatch):
+        super().__init__()
+        self.reads = []
+        for method in ("tolist", "numpy", "cpu"):
+            original = getattr(torch.Tensor, method)
+
+            def counted(t, *a, _original=original, _name=method, **k):
+                self.reads.append(_name)
+                return _original(t, *a, **k)
+
+            monkeypatch.setattr(torch.Tensor, method, counted)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        name = func.overloadpacket.__name__
+        if name in ("_local_scalar_dense", "nonzero", "masked_select"):
+            self.reads.append(name)
+        elif name in ("index", "index_put", "index_put_") and any(
+                isinstance(i, torch.Tensor) and i.dtype in (torch.bool, torch.uint8) for i in args[1]):
+            self.reads.append(f"{name}[mask]")
+        return func(*args, **(kwargs or {}))
+
+
+# 50x70 pads to 64x80: 3x4 tiles of 32. Mixed exits come from ScrambledClassifier.
+@pytest.mark.parametrize("exit_idx", [[1, 2, 3, 1, 2, 3], [1] * 6, [3] * 6],
+                         ids=["mixed", "all-first-column", "no-early-exit"])
+def test_restore_batched_equals_plain_path(exit_idx):
+    model = mixed_exit_model()
+    img = torch.rand(2, 3, 50, 70)
+    out, exits = model.restore(img, tile=32, overlap=16, exit_idx=exit_idx, return_exits=True)
+    ref, ref_exits = model.restore(img, tile=32, overlap=16, exit_idx=exit_idx, return_exits=True,
+                                   batched=False)
+    assert torch.equal(exits, ref_exits) and exits.shape == (2, 3, 4)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    if exit_idx[0] != exit_idx[1]:
+        assert exits.unique().numel() == 3
+
+
+# Padded sizes at tile 48 / overlap 16: 64x80 (2x2 tiles), 48x48 (one tile), 32x32 (tile
+# clamped to 32x32), 32x112 (tile clamped to 32x48, 1x3 tiles): three tile shapes, so
+# three groups of tiles (each column runs once per group).
+RAGGED = [(3, 50, 70), (1, 3, 37, 45), (2, 3, 20, 30), (3, 30, 100), (1, 3, 64, 80)]
+
+
+def test_restore_list_of_mixed_sizes_equals_one_by_one():
+    model = mixed_exit_model()
+    imgs = [torch.rand(*shape) for shape in RAGGED]
+    exit_idx = [1, 2, 3, 1, 2, 3]
+    outs, exits = model.restore(imgs, tile=48, overlap=16, exit_idx=exit_idx, return_exits=True)
+    assert isinstance(outs, list) and [o.shape for o in outs] == [i.shape for i in imgs]
+    assert [e.shape for e in exits] == [(2, 2), (1, 1, 1), (2, 1, 1), (1, 3), (1, 2, 2)]
+    for img, out, ex in zip(imgs, outs, exits):
+        one = img if img.dim() == 4 else img[None]
+        ref, ref_exits = model.restore(one, tile=48, overlap=16, exit_idx=exit_idx,
+                                       return_exits=True, batched=False)
+        torch.testing.assert_close(out.view_as(ref), ref, rtol=1e-5, atol=1e-5)
+        assert torch.equal(ex.view_as(ref_exits), ref_exits)
+    plain = model.restore(imgs, tile=48, overlap=16, exit_idx=exit_idx, batched=False)
+    for out, ref in zip(outs, plain):
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert torch.cat([e.flatten() for e in exits]).unique().numel() > 1
+
+
+def test_restore_work_follows_the_exit_depths():
+    model = mixed_exit_model()
+    seen = {"column": [[] for _ in range(3)], "head": [[] for _ in range(3)]}
+    for k in range(3):
+        model.decoder.columns[k].register_forward_pre_hook(
+            lambda m, args, k=k: seen["column"][k].append(args[0].shape[0]))
+        model.heads[k].register_forward_pre_hook(
+            lambda m, args, k=k: seen["head"][k].append(args[0].shape[0]))
+    imgs = [torch.rand(*shape) for shape in RAGGED]
+    _, exits = model.restore(imgs, tile=48, overlap=16, exit_idx=[1, 2, 3, 1, 2, 3],
+                             return_exits=True)
+    depth = torch.cat([e.flatten() for e in exits])
+    assert depth.numel() == 4 + 1 + 2 + 3 + 4
+    for k in range(3):  # one call per tile group that still has tiles; none on exited tiles
+        assert sum(seen["column"][k]) == int((depth > k).sum())
+        assert sum(seen["head"][k]) == int((depth == k + 1).sum())
+        assert all(n > 0 for n in seen["column"][k] + seen["head"][k])
+
+
+def test_restore_reads_the_host_once(monkeypatch):
+    model = mixed_exit_model()
+    imgs = [torch.rand(*shape) for shape in RAGGED]  # three tile groups
+    with HostReads(monkeypatch) as counter:
+        model.restore(imgs, tile=48, overlap=16, exit_idx=[1, 2, 3, 1, 2, 3])
+    assert counter.reads == ["tolist"]  # tile_schedule's one copy, for the whole batch
+    with HostReads(monkeypatch) as counter:  # the plain path syncs at every column
+        model.restore(imgs[:1], tile=48, overlap=16, exit_idx=[1, 2, 3, 1, 2, 3], batched=False)
+    assert len(counter.reads) > 3
+
+
+@pytest.mark.skipif("triton" not in available_backends(torch.device("cpu")),
+                    reason="needs triton (interpreted on CPU)")
+def test_restore_with_the_triton_kernels():
+    model = mixed_exit_model()
+    imgs = [torch.rand(3, 50, 70), torch.rand(1, 3, 20, 30)]
+    ref = model.restore(imgs, tile=32, overlap=16, exit_idx=[1, 2, 3, 1, 2, 3], batched=False)
+    with use_backend("triton"):
+        outs = model.restore(imgs, tile=32, overlap=16, exit_idx=[1, 2, 3, 1, 2, 3])
+    for out, r in zip(outs, ref):
+        torch.testing.assert_close(out, r, rtol=1e-5, atol=1e-5)
+
+
 # ------------------------------------------------------------ classifier, errors
 
 
@@ -304,5 +419,9 @@ def test_invalid_inputs_name_the_argument():
         AdaRevD(**TINY, num_decoders=2, exit_idx=[3] * 6)
     with pytest.raises(ValueError, match="^enc_blocks"):
         AdaRevD(width=4, enc_blocks=(1, 1, 1))
+    with pytest.raises(ValueError, match="^img\\[1\\]"):
+        model.restore([img, torch.rand(1, 4, 32, 32)])
+    with pytest.raises(TypeError, match="^img"):
+        model.restore([])
     with pytest.raises(RuntimeError, match="eval"):
         model.train().restore(img)
