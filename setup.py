@@ -14,15 +14,18 @@ from setuptools import find_packages, setup
 
 
 def cuda_extension_wanted() -> bool:
+    """Build restorenet._C only where torch is a CUDA build and nvcc exists."""
     if os.environ.get("RESTORENET_SKIP_CUDA_BUILD", "0") == "1":
         return False
     try:
         import torch
     except ImportError:
         return False
-    nvcc = shutil.which("nvcc") or (
-        os.environ.get("CUDA_HOME") and os.path.exists(os.path.join(os.environ["CUDA_HOME"], "bin", "nvcc")))
-    return torch.version.cuda is not None and bool(nvcc)
+    if torch.version.cuda is None:
+        return False
+    cuda_home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    nvcc_in_home = bool(cuda_home) and os.path.exists(os.path.join(cuda_home, "bin", "nvcc"))
+    return bool(shutil.which("nvcc")) or nvcc_in_home
 
 
 def extension_kwargs() -> dict:
@@ -30,13 +33,14 @@ def extension_kwargs() -> dict:
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
+    # csrc/*.cu: torch-free kernels (nvcc); csrc/*.cpp: the binding (host compiler).
+    # No -std flag: torch's build adds the C++ standard its headers need (C++20).
     sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
     ext = CUDAExtension(
         name="restorenet._C",
         sources=sources,
         include_dirs=[os.path.abspath("csrc")],
-        extra_compile_args={"cxx": ["-O3", "-std=c++17"],
-                            "nvcc": ["-O3", "-std=c++17", "--expt-relaxed-constexpr", "-lineinfo"]},
+        extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3", "-lineinfo"]},
     )
     return {"ext_modules": [ext], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 

@@ -1,0 +1,217 @@
+// restorenet._C: the torch binding of the torch-free CUDA kernels in csrc/*.cu.
+//
+// Compiled by the host compiler (no CUDA code here): it checks arguments,
+// allocates outputs and workspaces with torch's caching allocator, and calls
+// the kernels' C API on the current stream. Argument errors raise
+// ValueError/TypeError, CUDA errors RuntimeError.
+#include <torch/extension.h>
+
+// c10's stream/guard headers rather than ATen/cuda/CUDAContext.h: the same
+// current-stream API without pulling in the cuBLAS/cuSPARSE/cuSOLVER headers.
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <optional>
+#include <vector>
+
+#include "hyper_conv2d.h"
+
+namespace {
+
+using at::Tensor;
+using OptionalTensor = std::optional<Tensor>;
+
+restorenet::DType dtype_of(const Tensor& t) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return restorenet::DType::kFloat32;
+    case at::kHalf: return restorenet::DType::kFloat16;
+    case at::kBFloat16: return restorenet::DType::kBFloat16;
+    case at::kDouble: return restorenet::DType::kFloat64;
+    default: break;
+  }
+  TORCH_CHECK_TYPE(false, "x must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
+  return restorenet::DType::kFloat32;  // unreachable
+}
+
+restorenet::Strides4 strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
+
+// Outputs follow the input's layout, as F.conv2d does (and as
+// restorenet.ops.hyper_conv2d.output_memory_format says).
+at::MemoryFormat layout_of(const Tensor& x) {
+  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
+                                                                               : at::MemoryFormat::Contiguous;
+}
+
+void check_is_cuda(const Tensor& x) {
+  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
+}
+
+void check_cuda(cudaError_t err, const char* what) {
+  TORCH_CHECK(err == cudaSuccess, "restorenet._C.", what, " failed: ", cudaGetErrorString(err));
+}
+
+// A 4-d CUDA activation the kernels can index: contiguous or channels_last are
+// used in place (the kernels take strides), anything else is copied.
+Tensor activation(const Tensor& t, const Tensor& x, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == x.device(), name, " must be on ", x.device(), ", got ",
+                    t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(), ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-d [N, C, H, W], got ", t.dim(), "-d");
+  if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
+  return t.contiguous();
+}
+
+// A weight or bias: on x's device, x's dtype, `dim`-d, made contiguous.
+Tensor parameter(const Tensor& t, const Tensor& x, const char* name, int64_t dim) {
+  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == x.device(), name, " must be on ", x.device(), ", got ",
+                    t.device());
+  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(), ", got ",
+                   t.scalar_type());
+  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-d, got ", t.dim(), "-d");
+  return t.contiguous();
+}
+
+// Checked, contiguous arguments of one call.
+struct Args {
+  Tensor x, level, weight, weight_base;
+  OptionalTensor bias, bias_base;
+  restorenet::HyperConv2dShape shape;
+};
+
+Args check_args(const Tensor& x_in, const Tensor& level, const Tensor& weight, const Tensor& weight_base,
+                const OptionalTensor& bias, const OptionalTensor& bias_base, int64_t stride, int64_t padding) {
+  Args a;
+  a.x = activation(x_in, x_in, "x");
+  dtype_of(a.x);
+  a.weight = parameter(weight, a.x, "weight", 4);
+  a.weight_base = parameter(weight_base, a.x, "weight_base", 4);
+  TORCH_CHECK_VALUE(a.weight_base.sizes() == a.weight.sizes(), "weight_base must have the shape of weight ",
+                    a.weight.sizes(), ", got ", a.weight_base.sizes());
+  TORCH_CHECK_VALUE(a.weight.size(1) == a.x.size(1), "weight must have Cin = ", a.x.size(1),
+                    " input channels, got shape ", a.weight.sizes());
+  const int64_t c_out = a.weight.size(0);
+  if (bias.has_value()) a.bias = parameter(*bias, a.x, "bias", 1);
+  if (bias_base.has_value()) a.bias_base = parameter(*bias_base, a.x, "bias_base", 1);
+  TORCH_CHECK_VALUE(!a.bias.has_value() || a.bias->size(0) == c_out, "bias must have shape [", c_out, "]");
+  TORCH_CHECK_VALUE(!a.bias_base.has_value() || a.bias_base->size(0) == c_out, "bias_base must have shape [",
+                    c_out, "]");
+
+  const auto level_dtype = a.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  TORCH_CHECK_VALUE(level.is_cuda() && level.device() == a.x.device(), "level must be on ", a.x.device(),
+                    ", got ", level.device());
+  TORCH_CHECK_TYPE(level.scalar_type() == level_dtype, "level must have dtype ", level_dtype, ", got ",
+                   level.scalar_type());
+  TORCH_CHECK_VALUE(level.dim() == 1 && level.size(0) == a.x.size(0), "level must have shape [", a.x.size(0),
+                    "], got ", level.sizes());
+  a.level = level.contiguous();  // a broadcast scalar level arrives as an expanded view
+
+  TORCH_CHECK_VALUE(stride >= 1, "stride must be >= 1, got ", stride);
+  TORCH_CHECK_VALUE(padding >= 0, "padding must be >= 0, got ", padding);
+  auto& s = a.shape;
+  s.n = a.x.size(0);
+  s.c_in = a.x.size(1);
+  s.h = a.x.size(2);
+  s.w = a.x.size(3);
+  s.c_out = c_out;
+  s.kh = a.weight.size(2);
+  s.kw = a.weight.size(3);
+  TORCH_CHECK_VALUE(s.h + 2 * padding >= s.kh && s.w + 2 * padding >= s.kw, "x is too small for the kernel");
+  s.h_out = (s.h + 2 * padding - s.kh) / stride + 1;
+  s.w_out = (s.w + 2 * padding - s.kw) / stride + 1;
+  s.stride = stride;
+  s.padding = padding;
+  return a;
+}
+
+const void* data_or_null(const OptionalTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
+
+Tensor hyper_conv2d_forward(const Tensor& x, const Tensor& level, const Tensor& weight, const Tensor& weight_base,
+                            const OptionalTensor& bias, const OptionalTensor& bias_base, int64_t stride,
+                            int64_t padding) {
+  check_is_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Args a = check_args(x, level, weight, weight_base, bias, bias_base, stride, padding);
+  const auto& s = a.shape;
+  Tensor y = at::empty({s.n, s.c_out, s.h_out, s.w_out}, a.x.options().memory_format(layout_of(x)));
+  if (y.numel() == 0) return y;
+  check_cuda(restorenet::hyper_conv2d_forward(dtype_of(a.x), s, a.x.data_ptr(), strides_of(a.x), a.level.data_ptr(),
+                                              a.weight.data_ptr(), a.weight_base.data_ptr(), data_or_null(a.bias),
+                                              data_or_null(a.bias_base), y.data_ptr(), strides_of(y),
+                                              c10::cuda::getCurrentCUDAStream().stream()),
+             "hyper_conv2d_forward");
+  return y;
+}
+
+// Gradients for (x, level, weight, weight_base, bias, bias_base); None where
+// needs[i] is false or the input is None.
+std::vector<OptionalTensor> hyper_conv2d_backward(const Tensor& grad_out_in, const Tensor& x, const Tensor& level,
+                                                  const Tensor& weight, const Tensor& weight_base,
+                                                  const OptionalTensor& bias, const OptionalTensor& bias_base,
+                                                  int64_t stride, int64_t padding, std::vector<bool> needs) {
+  TORCH_CHECK_VALUE(needs.size() == 6, "needs must have 6 entries, got ", needs.size());
+  check_is_cuda(x);
+  const c10::cuda::CUDAGuard guard(x.device());
+  const Args a = check_args(x, level, weight, weight_base, bias, bias_base, stride, padding);
+  const auto& s = a.shape;
+  const Tensor grad_out = activation(grad_out_in, a.x, "grad_out");
+  const std::vector<int64_t> out_sizes{s.n, s.c_out, s.h_out, s.w_out};
+  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_sizes),
+                    "grad_out must have the output's shape [", s.n, ", ", s.c_out, ", ", s.h_out, ", ", s.w_out,
+                    "], got ", grad_out.sizes());
+  const auto dtype = dtype_of(a.x);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+
+  std::vector<OptionalTensor> grads(6);
+  if (needs[0]) {
+    Tensor dx = at::empty(a.x.sizes(), a.x.options().memory_format(layout_of(x)));
+    if (dx.numel() > 0) {
+      check_cuda(restorenet::hyper_conv2d_backward_input(dtype, s, grad_out.data_ptr(), strides_of(grad_out),
+                                                         a.level.data_ptr(), a.weight.data_ptr(),
+                                                         a.weight_base.data_ptr(), dx.data_ptr(), strides_of(dx),
+                                                         stream),
+                 "hyper_conv2d_backward_input");
+    }
+    grads[0] = dx;
+  }
+
+  restorenet::HyperConv2dParamGrads out{};
+  if (needs[1]) grads[1] = at::empty({s.n}, a.level.options());
+  if (needs[2]) grads[2] = at::empty(a.weight.sizes(), a.weight.options());
+  if (needs[3]) grads[3] = at::empty(a.weight.sizes(), a.weight.options());
+  if (needs[4] && a.bias.has_value()) grads[4] = at::empty({s.c_out}, a.x.options());
+  if (needs[5] && a.bias_base.has_value()) grads[5] = at::empty({s.c_out}, a.x.options());
+  out.level = grads[1].has_value() ? grads[1]->data_ptr() : nullptr;
+  out.weight = grads[2].has_value() ? grads[2]->data_ptr() : nullptr;
+  out.weight_base = grads[3].has_value() ? grads[3]->data_ptr() : nullptr;
+  out.bias = grads[4].has_value() ? grads[4]->data_ptr() : nullptr;
+  out.bias_base = grads[5].has_value() ? grads[5]->data_ptr() : nullptr;
+  if (out.level || out.weight || out.weight_base || out.bias || out.bias_base) {
+    size_t bytes = 0;
+    check_cuda(restorenet::hyper_conv2d_backward_params_workspace_size(dtype, s, out, data_or_null(a.bias), &bytes),
+               "hyper_conv2d_backward_params_workspace_size");
+    Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, a.x.options().dtype(at::kByte));
+    check_cuda(restorenet::hyper_conv2d_backward_params(dtype, s, grad_out.data_ptr(), strides_of(grad_out),
+                                                        a.x.data_ptr(), strides_of(a.x), a.level.data_ptr(),
+                                                        a.weight.data_ptr(), data_or_null(a.bias), out,
+                                                        workspace.data_ptr(), bytes, stream),
+               "hyper_conv2d_backward_params");
+  }
+  return grads;
+}
+
+}  // namespace
+
+PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
+  m.doc() = "restorenet CUDA kernels (csrc/)";
+  m.def("hyper_conv2d_forward", &hyper_conv2d_forward,
+        "y[n] = conv2d(x[n], level[n] * weight + weight_base, level[n] * bias + bias_base, stride, padding)",
+        pybind11::arg("x"), pybind11::arg("level"), pybind11::arg("weight"), pybind11::arg("weight_base"),
+        pybind11::arg("bias"), pybind11::arg("bias_base"), pybind11::arg("stride"), pybind11::arg("padding"));
+  m.def("hyper_conv2d_backward", &hyper_conv2d_backward,
+        "Gradients [x, level, weight, weight_base, bias, bias_base] of hyper_conv2d_forward; None where not "
+        "needed or where the input is None",
+        pybind11::arg("grad_out"), pybind11::arg("x"), pybind11::arg("level"), pybind11::arg("weight"),
+        pybind11::arg("weight_base"), pybind11::arg("bias"), pybind11::arg("bias_base"), pybind11::arg("stride"),
+        pybind11::arg("padding"), pybind11::arg("needs"));
+}
