@@ -62,8 +62,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from restorenet._checks import check_image
-from restorenet.models.blocks import LayerNorm2d, SimpleGate, downsample, pad_to_multiple, upsample
-from restorenet.models.nafnet import naf_stage
+from restorenet.models.blocks import LayerNorm2d, SimpleGate, pad_to_multiple, upsample
+from restorenet.models.nafnet import NAFNetDecoder, NAFNetEncoder, naf_stage
 from restorenet.registry import register_model
 
 TOPK_RATIOS = (Fraction(1, 2), Fraction(2, 3), Fraction(3, 4), Fraction(4, 5))
@@ -158,35 +158,16 @@ class ContextUNet(nn.Module):
     def __init__(self, in_channels: int, width: int, enc_blocks: Sequence[int],
                  dec_blocks: Sequence[int], heads: int):
         super().__init__()
-        self.intro = nn.Conv2d(in_channels, width, 3, padding=1)
-        self.enc_stages = nn.ModuleList()
-        self.downs = nn.ModuleList()
-        c = width
-        for n in enc_blocks:
-            self.enc_stages.append(naf_stage(c, n))
-            self.downs.append(downsample(c))
-            c *= 2
-        self.middle = TopKChannelAttention(c, heads)
-        self.ups = nn.ModuleList()
-        self.dec_stages = nn.ModuleList()
-        for n in dec_blocks:
-            self.ups.append(upsample(c))
-            c //= 2
-            self.dec_stages.append(naf_stage(c, n))
+        # NAFNet's halves, with the middle NAFBlocks replaced by the attention.
+        self.encoder = NAFNetEncoder(in_channels, width, enc_blocks, middle_blocks=0)
+        self.middle = TopKChannelAttention(width * 2 ** len(enc_blocks), heads)
+        self.decoder = NAFNetDecoder(width, dec_blocks)
 
     def forward(self, img: torch.Tensor) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-        enc = []
-        x = self.intro(img)
-        for stage, down in zip(self.enc_stages, self.downs):
-            x = stage(x)
-            enc.append(x)
-            x = down(x)
-        x = self.middle(x)
-        dec = []
-        for up, stage, skip in zip(self.ups, self.dec_stages, reversed(enc)):
-            x = stage(up(x) + skip)
-            dec.append(x)
-        return enc, dec[::-1]
+        feats = self.encoder(img)
+        enc = feats[:-1]
+        dec = self.decoder.levels(enc + [self.middle(feats[-1])])
+        return enc, dec
 
 
 class DetailStage(nn.Module):

@@ -71,10 +71,15 @@ class NAFNetDecoder(nn.Module):
             self.stages.append(naf_stage(c, n))
 
     def forward(self, feats: list[torch.Tensor]) -> torch.Tensor:
-        x = feats[-1]
+        return self.levels(feats)[0]
+
+    def levels(self, feats: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Every decoder level's output, finest first (level i at H / 2**i)."""
+        x, out = feats[-1], []
         for up, stage, skip in zip(self.ups, self.stages, reversed(feats[:-1])):
             x = stage(up(x) + skip)
-        return x
+            out.append(x)
+        return out[::-1]
 
 
 class NAFNet(nn.Module):
