@@ -116,7 +116,7 @@ def unavailable_reason(name: str, device: torch.device) -> Optional[str]:
         return "torch.compile benchmarks run on GPU only (inductor compiles slowly on CPU)"
     if s.backend == "triton" and device.type != "cuda":
         return "triton on CPU runs only in the interpreter (TRITON_INTERPRET=1): not benchmarked"
-    if s.backend is not None and s.backend not in available_backends(device):
+    if s.backend is not None and s.backend not in available_backends(device, "hyper_conv2d_forward"):
         return f"restorenet backend {s.backend!r} is not available on {device.type} here"
     return None
 

@@ -159,7 +159,7 @@ def test_hyperres_train_step(benchmark, dtype, backend):
 
     if backend == "triton" and not ON_GPU:
         pytest.skip("triton on CPU runs only in the interpreter (TRITON_INTERPRET=1): not benchmarked")
-    if backend not in available_backends(DEVICE):
+    if backend not in available_backends(DEVICE, "hyper_conv2d_forward"):
         pytest.skip(f"restorenet backend {backend!r} is not available on {DEVICE.type} here")
     model = build_hyperres(**STEP_MODEL).to(DEVICE).train()
     g = torch.Generator().manual_seed(0)

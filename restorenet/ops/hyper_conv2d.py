@@ -30,6 +30,8 @@ from torch import Tensor
 
 from restorenet._checks import check_tensor
 from restorenet.ops._backend import cuda_extension, resolve_backend
+from restorenet.ops._common import (autocast_inputs, check_conv_geometry, output_memory_format,
+                                    output_shape, shape_grads)
 from restorenet.ops._nvtx import nvtx_range
 
 OP = "hyper_conv2d"
@@ -52,7 +54,7 @@ def hyper_conv2d_reference(x: Tensor, level: Tensor, weight: Tensor, weight_base
         b = _generated_bias(lv[n], bias, bias_base)
         out.append(F.conv2d(x[n:n + 1], kernel, b, stride, padding))
     if not out:  # an empty batch still has a well-defined output shape
-        return x.new_empty(_output_shape(x, weight, stride, padding))
+        return x.new_empty(output_shape(x, weight, stride, padding))
     return torch.cat(out)
 
 
@@ -65,19 +67,6 @@ def _generated_bias(lv: Tensor, bias: Optional[Tensor], bias_base: Optional[Tens
     if bias_base is not None:
         b = b + bias_base
     return b
-
-
-def _output_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[int, int, int, int]:
-    n, _, h, w = x.shape
-    kh, kw = weight.shape[-2:]
-    return n, weight.shape[0], (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
-
-
-def output_memory_format(x: Tensor) -> torch.memory_format:
-    """Outputs follow the input's layout, as ``F.conv2d`` does."""
-    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
-        return torch.channels_last
-    return torch.contiguous_format
 
 
 # ----------------------------------------------------------------- public function
@@ -98,22 +87,12 @@ def hyper_conv2d(x: Tensor, level, weight: Tensor, weight_base: Tensor,
         [N, Cout, Ho, Wo] in the layout of ``x``. Differentiable in every tensor input.
     """
     check_tensor("x", x, ndim=4, dtypes=DTYPES)  # first: the level check needs N
-    x, weight, weight_base, bias, bias_base = _autocast(x, weight, weight_base, bias, bias_base)
+    x, weight, weight_base, bias, bias_base = autocast_inputs(x, weight, weight_base, bias, bias_base)
     level = _level_tensor(level, x)
     _check_args(x, level, weight, weight_base, bias, bias_base, stride, padding)
-    name = resolve_backend(backend, x.device, OP)
+    name = resolve_backend(backend, x.device, OP, cuda_symbol="hyper_conv2d_forward")
     return torch.ops.restorenet.hyper_conv2d(x, level, weight, weight_base, bias, bias_base,
                                              stride, padding, name)
-
-
-def _autocast(x, *params):
-    # Custom ops are invisible to autocast; cast here so the op sees one dtype,
-    # the way F.conv2d would run under autocast.
-    device = x.device.type
-    if not torch.is_autocast_enabled(device):
-        return (x, *params)
-    dtype = torch.get_autocast_dtype(device)
-    return tuple(t if t is None else t.to(dtype) for t in (x, *params))
 
 
 def _level_tensor(level, x: Tensor) -> Tensor:
@@ -150,14 +129,7 @@ def _check_args(x, level, weight, weight_base, bias, bias_base, stride, padding)
             if b.shape[0] != weight.shape[0]:
                 raise ValueError(f"{name} must have shape [Cout] = [{weight.shape[0]}], "
                                  f"got {tuple(b.shape)}")
-    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
-        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
-    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
-        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
-    kh, kw = weight.shape[-2:]
-    if x.shape[2] + 2 * padding < kh or x.shape[3] + 2 * padding < kw:
-        raise ValueError(f"x is too small: spatial size {tuple(x.shape[2:])} with padding "
-                         f"{padding} is smaller than the kernel {kh}x{kw}")
+    check_conv_geometry(x, weight, stride, padding)
 
 
 # ------------------------------------------------------------------- custom ops
@@ -172,7 +144,7 @@ def _hyper_conv2d_op(x: Tensor, level: Tensor, weight: Tensor, weight_base: Tens
 
 @_hyper_conv2d_op.register_fake
 def _(x, level, weight, weight_base, bias, bias_base, stride, padding, backend):
-    shape = _output_shape(x, weight, stride, padding)
+    shape = output_shape(x, weight, stride, padding)
     return x.new_empty(shape).contiguous(memory_format=output_memory_format(x))
 
 
@@ -186,27 +158,14 @@ def _hyper_conv2d_backward_op(grad_out: Tensor, x: Tensor, level: Tensor, weight
     with nvtx_range(OP, "bwd", x.device):
         grads = _BACKWARD[backend](grad_out, x, level, weight, weight_base, bias, bias_base,
                                    stride, padding, list(needs_grad))
-    return _shape_grads(grads, (x, level, weight, weight_base, bias, bias_base), needs_grad)
+    return shape_grads(grads, (x, level, weight, weight_base, bias, bias_base), needs_grad)
 
 
 @_hyper_conv2d_backward_op.register_fake
 def _(grad_out, x, level, weight, weight_base, bias, bias_base, stride, padding, backend, needs_grad):
     grads = [t.new_empty(t.shape) if (t is not None and need) else None
              for t, need in zip((x, level, weight, weight_base, bias, bias_base), needs_grad)]
-    return _shape_grads(grads, (x, level, weight, weight_base, bias, bias_base), needs_grad)
-
-
-def _shape_grads(grads, inputs, needs_grad) -> list[Tensor]:
-    out = []
-    for g, t, need in zip(grads, inputs, needs_grad):
-        if t is None or not need or g is None:
-            ref = inputs[0]
-            out.append(ref.new_empty(0))
-        elif t is inputs[0]:
-            out.append(g.to(t.dtype).contiguous(memory_format=output_memory_format(t)))
-        else:
-            out.append(g.to(t.dtype).contiguous())
-    return out
+    return shape_grads(grads, (x, level, weight, weight_base, bias, bias_base), needs_grad)
 
 
 def _setup_context(ctx, inputs, output):

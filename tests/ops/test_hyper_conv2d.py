@@ -16,7 +16,7 @@ from restorenet.ops._backend import resolve_backend
 from restorenet.testing import assert_within_baseline_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-FAST_BACKENDS = [b for b in available_backends(DEVICE) if b != "reference"]
+FAST_BACKENDS = [b for b in available_backends(DEVICE, "hyper_conv2d_forward") if b != "reference"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 INPUT_NAMES = ("x", "level", "weight", "weight_base", "bias", "bias_base")
 

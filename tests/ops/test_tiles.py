@@ -21,8 +21,7 @@ from restorenet.testing import assert_within_baseline_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 # "cuda" only once restorenet._C carries these kernels.
-FAST_BACKENDS = [b for b in available_backends(DEVICE) if b == "triton"
-                 or (b == "cuda" and hasattr(_backend.cuda_extension(), "tile_gather_forward"))]
+FAST_BACKENDS = [b for b in available_backends(DEVICE, "tile_gather_forward") if b != "reference"]
 BACKENDS = ["reference"] + FAST_BACKENDS
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 

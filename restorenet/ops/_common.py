@@ -1,0 +1,59 @@
+"""Plumbing shared by the convolution ops (``hyper_conv2d``, ``slim_conv2d``):
+output shape and layout, autocast, the stride/padding checks, and the shaping
+of a backward op's gradient list."""
+from __future__ import annotations
+
+from typing import Optional, Sequence
+
+import torch
+from torch import Tensor
+
+
+def output_shape(x: Tensor, weight: Tensor, stride: int, padding: int) -> tuple[int, int, int, int]:
+    n, _, h, w = x.shape
+    kh, kw = weight.shape[-2:]
+    return n, weight.shape[0], (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
+
+
+def output_memory_format(x: Tensor) -> torch.memory_format:
+    """Outputs follow the input's layout, as ``F.conv2d`` does."""
+    if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+def autocast_inputs(x: Tensor, *params: Optional[Tensor]) -> tuple:
+    """Custom ops are invisible to autocast; cast here so the op sees one dtype,
+    the way F.conv2d would run under autocast."""
+    device = x.device.type
+    if not torch.is_autocast_enabled(device):
+        return (x, *params)
+    dtype = torch.get_autocast_dtype(device)
+    return tuple(t if t is None else t.to(dtype) for t in (x, *params))
+
+
+def check_conv_geometry(x: Tensor, weight: Tensor, stride, padding) -> None:
+    if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
+        raise ValueError(f"stride must be an int >= 1, got {stride!r}")
+    if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
+        raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    kh, kw = weight.shape[-2:]
+    if x.shape[2] + 2 * padding < kh or x.shape[3] + 2 * padding < kw:
+        raise ValueError(f"x is too small: spatial size {tuple(x.shape[2:])} with padding "
+                         f"{padding} is smaller than the kernel {kh}x{kw}")
+
+
+def shape_grads(grads: Sequence[Optional[Tensor]], inputs: Sequence[Optional[Tensor]],
+                needs_grad: Sequence[bool]) -> list[Tensor]:
+    """A backward op's return value: each gradient in its input's dtype (the
+    first input's in its layout); an empty tensor where no gradient is wanted
+    (custom ops cannot return None in a list)."""
+    out = []
+    for g, t, need in zip(grads, inputs, needs_grad):
+        if t is None or not need or g is None:
+            out.append(inputs[0].new_empty(0))
+        elif t is inputs[0]:
+            out.append(g.to(t.dtype).contiguous(memory_format=output_memory_format(t)))
+        else:
+            out.append(g.to(t.dtype).contiguous())
+    return out
