@@ -203,3 +203,40 @@ def split_count(tiles_in_grid: int, pixel_blocks: int, device: torch.device) -> 
         return max(1, min(2, pixel_blocks))  # exercise the split path in the interpreter
     sms = torch.cuda.get_device_properties(device).multi_processor_count
     return max(1, min(pixel_blocks, triton.cdiv(2 * sms, tiles_in_grid)))
+
+
+# Each op's forward and input-gradient kernels take (activation, *op-specific
+# pointers, output, <shared shape/stride arguments>, ...): one launcher each.
+def launch_forward(kernel, x, weight, op_args, stride, padding, tile, **constexprs):
+    """Allocate y (in the layout of x) and run an op's forward kernel over it."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    h_out, w_out = out_hw(h, w, kh, kw, stride, padding)
+    y = empty_like_layout((n, c_out, h_out, w_out), x)
+    if y.numel() == 0:
+        return y
+    grid = (triton.cdiv(h_out * w_out, tile["BLOCK_P"]), triton.cdiv(c_out, tile["BLOCK_CO"]), n)
+    kernel[grid](
+        x, *op_args, y,
+        c_in, h, w, c_out, h_out, w_out, stride, padding,
+        *x.stride(), *y.stride(), *weight.stride(),
+        KH=kh, KW=kw, **numerics(x.dtype), **tile, **launch_opts(), **constexprs,
+    )
+    return y
+
+
+def launch_grad_input(kernel, grad_out, x, weight, op_args, stride, padding, tile):
+    """Allocate dx (in the layout of x) and run an op's input-gradient kernel over it."""
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    dx = empty_like_layout(x.shape, x)
+    if dx.numel() == 0:
+        return dx
+    grid = (triton.cdiv(h * w, tile["BLOCK_P"]), triton.cdiv(c_in, tile["BLOCK_CI"]), n)
+    kernel[grid](
+        grad_out, *op_args, dx,
+        c_in, h, w, c_out, grad_out.shape[2], grad_out.shape[3], stride, padding,
+        *grad_out.stride(), *dx.stride(), *weight.stride(),
+        KH=kh, KW=kw, **numerics(x.dtype), **tile, **launch_opts(),
+    )
+    return dx

@@ -22,8 +22,8 @@ import triton
 import triton.language as tl
 
 from restorenet_kernels.conv_core import (
-    accumulator_dtype, conv_dgrad_tile, conv_fwd_tile, conv_wgrad_tile, dense, empty_like_layout,
-    launch_opts, numerics, out_hw, split_count, store_output_tile, store_weight_partials, tiles,
+    accumulator_dtype, conv_dgrad_tile, conv_fwd_tile, conv_wgrad_tile, dense, launch_forward,
+    launch_grad_input, launch_opts, numerics, split_count, store_output_tile, store_weight_partials, tiles,
 )
 
 
@@ -142,23 +142,11 @@ def hyper_conv2d_wgrad_kernel(
 def forward(x, level, weight, weight_base, bias, bias_base, stride, padding):
     x = dense(x)
     weight, weight_base = weight.contiguous(), weight_base.contiguous()
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    h_out, w_out = out_hw(h, w, kh, kw, stride, padding)
-    y = empty_like_layout((n, c_out, h_out, w_out), x)
-    if y.numel() == 0:
-        return y
-    tile = tiles(c_in, c_out)
-    grid = (triton.cdiv(h_out * w_out, tile["BLOCK_P"]), triton.cdiv(c_out, tile["BLOCK_CO"]), n)
-    hyper_conv2d_fwd_kernel[grid](
-        x, level.contiguous(), weight, weight_base,
-        bias if bias is not None else weight, bias_base if bias_base is not None else weight, y,
-        c_in, h, w, c_out, h_out, w_out, stride, padding,
-        *x.stride(), *y.stride(), *weight.stride(),
-        KH=kh, KW=kw, HAS_BIAS=bias is not None, HAS_BIAS_BASE=bias_base is not None,
-        **numerics(x.dtype), **tile, **launch_opts(),
-    )
-    return y
+    op_args = (level.contiguous(), weight, weight_base,
+               bias if bias is not None else weight, bias_base if bias_base is not None else weight)
+    return launch_forward(hyper_conv2d_fwd_kernel, x, weight, op_args, stride, padding,
+                          tiles(x.shape[1], weight.shape[0]),
+                          HAS_BIAS=bias is not None, HAS_BIAS_BASE=bias_base is not None)
 
 
 def backward(grad_out, x, level, weight, weight_base, bias, bias_base, stride, padding, needs):
@@ -176,20 +164,8 @@ def backward(grad_out, x, level, weight, weight_base, bias, bias_base, stride, p
 
 
 def _grad_input(grad_out, x, level, weight, weight_base, stride, padding):
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    dx = empty_like_layout(x.shape, x)
-    if dx.numel() == 0:
-        return dx
-    tile = tiles(c_in, c_out)
-    grid = (triton.cdiv(h * w, tile["BLOCK_P"]), triton.cdiv(c_in, tile["BLOCK_CI"]), n)
-    hyper_conv2d_dgrad_kernel[grid](
-        grad_out, level, weight, weight_base, dx,
-        c_in, h, w, c_out, grad_out.shape[2], grad_out.shape[3], stride, padding,
-        *grad_out.stride(), *dx.stride(), *weight.stride(),
-        KH=kh, KW=kw, **numerics(x.dtype), **tile, **launch_opts(),
-    )
-    return dx
+    return launch_grad_input(hyper_conv2d_dgrad_kernel, grad_out, x, weight, (level, weight, weight_base),
+                             stride, padding, tiles(x.shape[1], weight.shape[0]))
 
 
 def _grad_params(grad_out, x, level, weight, bias, stride, padding):

@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from restorenet_kernels.conv_core import (
-    accumulator_dtype, conv_dgrad_tile, conv_fwd_tile, conv_wgrad_tile, dense, empty_like_layout,
-    launch_opts, numerics, out_hw, split_count, store_output_tile, store_weight_partials, tiles,
+    accumulator_dtype, conv_dgrad_tile, conv_fwd_tile, conv_wgrad_tile, dense, launch_forward,
+    launch_grad_input, launch_opts, numerics, split_count, store_output_tile, store_weight_partials, tiles,
 )
 
 # Output-channel tiles of at most 32 channels, so that widths that differ by
@@ -141,23 +141,9 @@ def forward(x, weight, bias, in_width, out_width, stride, padding):
     """y [N, C_out, Ho, Wo] in the layout of x; widths are int32 tensors [N]."""
     x = dense(x)
     weight = weight.contiguous()
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    h_out, w_out = out_hw(h, w, kh, kw, stride, padding)
-    y = empty_like_layout((n, c_out, h_out, w_out), x)
-    if y.numel() == 0:
-        return y
-    tile = _tiles(c_in, c_out)
-    grid = (triton.cdiv(h_out * w_out, tile["BLOCK_P"]), triton.cdiv(c_out, tile["BLOCK_CO"]), n)
-    slim_conv2d_fwd_kernel[grid](
-        x, weight, bias if bias is not None else weight,
-        in_width.contiguous(), out_width.contiguous(), y,
-        c_in, h, w, c_out, h_out, w_out, stride, padding,
-        *x.stride(), *y.stride(), *weight.stride(),
-        KH=kh, KW=kw, HAS_BIAS=bias is not None,
-        **numerics(x.dtype), **tile, **launch_opts(),
-    )
-    return y
+    op_args = (weight, bias if bias is not None else weight, in_width.contiguous(), out_width.contiguous())
+    return launch_forward(slim_conv2d_fwd_kernel, x, weight, op_args, stride, padding,
+                          _tiles(x.shape[1], weight.shape[0]), HAS_BIAS=bias is not None)
 
 
 def backward(grad_out, x, weight, bias, in_width, out_width, stride, padding, needs):
@@ -175,20 +161,8 @@ def backward(grad_out, x, weight, bias, in_width, out_width, stride, padding, ne
 
 
 def _grad_input(grad_out, x, weight, in_width, out_width, stride, padding):
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    dx = empty_like_layout(x.shape, x)
-    if dx.numel() == 0:
-        return dx
-    tile = _tiles(c_in, c_out)
-    grid = (triton.cdiv(h * w, tile["BLOCK_P"]), triton.cdiv(c_in, tile["BLOCK_CI"]), n)
-    slim_conv2d_dgrad_kernel[grid](
-        grad_out, weight, in_width, out_width, dx,
-        c_in, h, w, c_out, grad_out.shape[2], grad_out.shape[3], stride, padding,
-        *grad_out.stride(), *dx.stride(), *weight.stride(),
-        KH=kh, KW=kw, **numerics(x.dtype), **tile, **launch_opts(),
-    )
-    return dx
+    return launch_grad_input(slim_conv2d_dgrad_kernel, grad_out, x, weight, (weight, in_width, out_width),
+                             stride, padding, _tiles(x.shape[1], weight.shape[0]))
 
 
 def _grad_params(grad_out, x, weight, in_width, out_width, stride, padding):
