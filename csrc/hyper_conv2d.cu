@@ -121,6 +121,86 @@ struct TensorCoreTile {
 #endif
 };
 
+// ------------------------------------------------ per-thread micro-tile helpers
+// A thread's kMicro x kMicro accumulator holds rows ty + kSide i, columns
+// tx + kSide j of the block's tile (the SIMT mapping both paths end in).
+template <typename acc_t>
+__device__ __forceinline__ void zero_micro(acc_t (&m)[kMicro][kMicro]) {
+#pragma unroll
+  for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+    for (int j = 0; j < kMicro; ++j) m[i][j] = acc_t(0);
+}
+
+// One kTileK reduction step of the block GEMM, C[row][col] += sum_k A[k][row] B[k][col],
+// from the shared operand tiles: on tensor cores into `tc`, otherwise as
+// outer products into the thread's micro-tile `acc`.
+template <bool kTensorCores, typename scalar_t, typename elem_t, int kLdA, int kLdB, typename acc_t>
+__device__ __forceinline__ void gemm_step(TensorCoreTile<scalar_t>& tc, const elem_t (&a_tile)[kTileK][kLdA],
+                                          const elem_t (&b_tile)[kTileK][kLdB], acc_t (&acc)[kMicro][kMicro],
+                                          int tx, int ty) {
+  if constexpr (kTensorCores) {
+    tc.step(&a_tile[0][0], kLdA, &b_tile[0][0], kLdB);
+  } else {
+#pragma unroll
+    for (int k = 0; k < kTileK; ++k) {
+      acc_t av[kMicro], bv[kMicro];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i) av[i] = a_tile[k][ty + kSide * i];
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) bv[j] = b_tile[k][tx + kSide * j];
+#pragma unroll
+      for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+        for (int j = 0; j < kMicro; ++j) acc[i][j] += av[i] * bv[j];
+    }
+  }
+}
+
+// After the last gemm_step: on tensor cores, moves the fragments to the SIMT
+// thread mapping in `acc` through the shared fp32 tile c_tile (kTileM rows,
+// leading dimension kLdC); a no-op on the SIMT path. Block-collective.
+template <bool kTensorCores, typename scalar_t, typename acc_t>
+__device__ __forceinline__ void gemm_result(const TensorCoreTile<scalar_t>& tc, float* c_tile,
+                                            acc_t (&acc)[kMicro][kMicro], int tx, int ty) {
+  if constexpr (kTensorCores) {
+    tc.store(c_tile, kLdC);
+    __syncthreads();
+#pragma unroll
+    for (int i = 0; i < kMicro; ++i)
+#pragma unroll
+      for (int j = 0; j < kMicro; ++j) acc[i][j] = c_tile[(ty + kSide * i) * kLdC + tx + kSide * j];
+    __syncthreads();  // the caller's next sample / item rewrites c_tile
+  }
+}
+
+// Load slot of element e (= tid + s * kThreads) of a kTileK x 64 operand tile:
+// its reduction step k and its index along the 64-wide side. k_fastest puts
+// consecutive e on consecutive k, otherwise on consecutive indices; callers
+// pick whichever is the unit-stride direction in global memory (coalescing).
+__device__ __forceinline__ void load_slot(int e, bool k_fastest, int& k, int& index) {
+  static_assert(kTileM == kTileN, "one slot mapping serves both operand tiles");
+  if (k_fastest) {
+    k = e % kTileK;
+    index = e / kTileK;
+  } else {
+    index = e % kTileN;
+    k = e / kTileN;
+  }
+}
+
+// Fixed-shape tree sum of one value per thread (kThreads of them) into
+// partial[0]. Block-collective; partial[0] is final after the last barrier.
+template <typename acc_t>
+__device__ __forceinline__ void block_tree_sum(acc_t* partial, int tid, acc_t v) {
+  partial[tid] = v;
+  __syncthreads();
+  for (int half = kThreads / 2; half > 0; half /= 2) {
+    if (tid < half) partial[tid] += partial[tid + half];
+    __syncthreads();
+  }
+}
+
 // Convolution sizes as the kernels index them.
 struct Geometry {
   int c_in, c_out, kh, kw, h, w, h_out, w_out, stride, padding;
@@ -219,15 +299,8 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(ConvGemmArgs<scalar
 #pragma unroll
   for (int s = 0; s < kLoads; ++s) {
     const int e = tid + s * kThreads;
-    k_load_r[s] = e % kTileK;
-    k_load_row[s] = e / kTileK;
-    if (a.src_channels_last) {
-      src_load_r[s] = e % kTileK;
-      src_load_col[s] = e / kTileK;
-    } else {
-      src_load_col[s] = e % kTileN;
-      src_load_r[s] = e / kTileN;
-    }
+    load_slot(e, true, k_load_r[s], k_load_row[s]);
+    load_slot(e, a.src_channels_last, src_load_r[s], src_load_col[s]);
     // Output-pixel coordinates of the column; y = -1 marks a column past the end.
     const int64_t p = pix0 + src_load_col[s];
     src_load_y[s] = p < pixels ? int(p / dst_w) : -1;
@@ -248,10 +321,7 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(ConvGemmArgs<scalar
   for (int64_t n = blockIdx.z; n < a.batch; n += gridDim.z) {
     const acc_t c_n = a.level[n];
     acc_t acc[kMicro][kMicro];
-#pragma unroll
-    for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) acc[i][j] = acc_t(0);
+    zero_micro(acc);
     if constexpr (kTensorCores) tc.zero();
 
     if (tid < kTileK) decode_step(0, 0);
@@ -299,33 +369,10 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(ConvGemmArgs<scalar
       }
       if (tid < kTileK) decode_step(r0 + kTileK, buf ^ 1);
       __syncthreads();
-      if constexpr (kTensorCores) {
-        tc.step(&k_tile[0][0], Tile::kLdA, &src_tile[0][0], Tile::kLdB);
-      } else {
-#pragma unroll
-        for (int k = 0; k < kTileK; ++k) {
-          acc_t kv[kMicro], sv[kMicro];
-#pragma unroll
-          for (int i = 0; i < kMicro; ++i) kv[i] = k_tile[k][ty + kSide * i];
-#pragma unroll
-          for (int j = 0; j < kMicro; ++j) sv[j] = src_tile[k][tx + kSide * j];
-#pragma unroll
-          for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-            for (int j = 0; j < kMicro; ++j) acc[i][j] += kv[i] * sv[j];
-        }
-      }
+      gemm_step<kTensorCores>(tc, k_tile, src_tile, acc, tx, ty);
       __syncthreads();
     }
-    if constexpr (kTensorCores) {  // fragments -> the SIMT thread mapping, through shared memory
-      tc.store(&c_tile[0][0], kLdC);
-      __syncthreads();
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) acc[i][j] = c_tile[ty + kSide * i][tx + kSide * j];
-      __syncthreads();  // the next sample rewrites c_tile
-    }
+    gemm_result<kTensorCores>(tc, &c_tile[0][0], acc, tx, ty);
 
     // Epilogue: add the generated bias (forward) and store in the output's layout.
 #pragma unroll
@@ -414,20 +461,8 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<scal
 #pragma unroll
   for (int s = 0; s < kLoads; ++s) {
     const int e = tid + s * kThreads;
-    if (a.dy_channels_last) {
-      dy_load_row[s] = e % kTileM;
-      dy_load_k[s] = e / kTileM;
-    } else {
-      dy_load_k[s] = e % kTileK;
-      dy_load_row[s] = e / kTileK;
-    }
-    if (a.order.channel_minor) {
-      x_load_col[s] = e % kTileN;
-      x_load_k[s] = e / kTileN;
-    } else {
-      x_load_k[s] = e % kTileK;
-      x_load_col[s] = e / kTileK;
-    }
+    load_slot(e, !a.dy_channels_last, dy_load_k[s], dy_load_row[s]);
+    load_slot(e, !a.order.channel_minor, x_load_k[s], x_load_col[s]);
     const int col = col0 + x_load_col[s];
     int ci = 0, tap = 0, kind = 0;
     if (col < reduction) {
@@ -463,10 +498,8 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<scal
     }
 
   acc_t sum_scaled[kMicro][kMicro], sum_plain[kMicro][kMicro];
-#pragma unroll
-  for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-    for (int j = 0; j < kMicro; ++j) sum_scaled[i][j] = sum_plain[i][j] = acc_t(0);
+  zero_micro(sum_scaled);
+  zero_micro(sum_plain);
 
   TensorCoreTile<scalar_t> tc;
   for (int64_t item = blockIdx.z; item < a.items; item += gridDim.z) {
@@ -482,10 +515,7 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<scal
     };
 
     acc_t grad[kMicro][kMicro];
-#pragma unroll
-    for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-      for (int j = 0; j < kMicro; ++j) grad[i][j] = acc_t(0);
+    zero_micro(grad);
     if constexpr (kTensorCores) tc.zero();
 
     if (tid < kTileK) decode_step(p_begin, 0);
@@ -518,33 +548,10 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<scal
       }
       if (tid < kTileK) decode_step(p0 + kTileK, buf ^ 1);
       __syncthreads();
-      if constexpr (kTensorCores) {
-        tc.step(&dy_tile[0][0], Tile::kLdA, &x_tile[0][0], Tile::kLdB);
-      } else {
-#pragma unroll
-        for (int k = 0; k < kTileK; ++k) {
-          acc_t dv[kMicro], xv[kMicro];
-#pragma unroll
-          for (int i = 0; i < kMicro; ++i) dv[i] = dy_tile[k][ty + kSide * i];
-#pragma unroll
-          for (int j = 0; j < kMicro; ++j) xv[j] = x_tile[k][tx + kSide * j];
-#pragma unroll
-          for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-            for (int j = 0; j < kMicro; ++j) grad[i][j] += dv[i] * xv[j];
-        }
-      }
+      gemm_step<kTensorCores>(tc, dy_tile, x_tile, grad, tx, ty);
       __syncthreads();
     }
-    if constexpr (kTensorCores) {  // fragments -> the SIMT thread mapping, through shared memory
-      tc.store(&c_tile[0][0], kLdC);
-      __syncthreads();
-#pragma unroll
-      for (int i = 0; i < kMicro; ++i)
-#pragma unroll
-        for (int j = 0; j < kMicro; ++j) grad[i][j] = c_tile[ty + kSide * i][tx + kSide * j];
-      __syncthreads();  // the next item rewrites c_tile
-    }
+    gemm_result<kTensorCores>(tc, &c_tile[0][0], grad, tx, ty);
 
     const acc_t c_n = a.level[n];
     acc_t dot = acc_t(0);
@@ -557,13 +564,7 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<scal
         dot += grad[i][j] * w_ext[i][j];
       }
     if (a.ws_level != nullptr) {  // uniform over the block
-      // Fixed-shape tree sum of the block's 256 partial dot products.
-      partial[tid] = dot;
-      __syncthreads();
-      for (int half = kThreads / 2; half > 0; half /= 2) {
-        if (tid < half) partial[tid] += partial[tid + half];
-        __syncthreads();
-      }
+      block_tree_sum(partial, tid, dot);  // the block's 256 partial dot products
       if (tid == 0) a.ws_level[item * tiles + tile] = partial[0];
       // partial[0] is rewritten only by thread 0, and not before the next
       // item's first __syncthreads, so no barrier is needed here.
@@ -628,12 +629,7 @@ __global__ void __launch_bounds__(kThreads) reduce_level_grad_kernel(const acc_t
   for (int64_t n = blockIdx.x; n < batch; n += gridDim.x) {
     acc_t s = acc_t(0);
     for (int64_t i = tid; i < per_sample; i += kThreads) s += ws_level[n * per_sample + i];
-    partial[tid] = s;
-    __syncthreads();
-    for (int half = kThreads / 2; half > 0; half /= 2) {
-      if (tid < half) partial[tid] += partial[tid + half];
-      __syncthreads();
-    }
+    block_tree_sum(partial, tid, s);
     if (tid == 0) d_level[n] = partial[0];
     __syncthreads();
   }
