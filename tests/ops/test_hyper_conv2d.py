@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 
 from restorenet.ops import available_backends, hyper_conv2d, hyper_conv2d_reference, use_backend
-from restorenet.ops._backend import resolve_backend
 from restorenet.testing import assert_within_baseline_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -179,29 +178,6 @@ def test_autocast_runs_in_low_precision():
 
 
 # ----------------------------------------------------------------- backend choice
-def test_backend_selection_precedence(monkeypatch):
-    cpu = torch.device("cpu")
-    monkeypatch.delenv("RESTORENET_BACKEND", raising=False)
-    assert resolve_backend(None, cpu, "op") == "reference"
-    monkeypatch.setenv("RESTORENET_BACKEND", "reference")
-    assert resolve_backend(None, cpu, "op") == "reference"
-    monkeypatch.setenv("RESTORENET_BACKEND", "nonsense")
-    with pytest.raises(ValueError, match="RESTORENET_BACKEND"):
-        resolve_backend(None, cpu, "op")
-    with use_backend("reference"):  # the context beats the environment
-        assert resolve_backend(None, cpu, "op") == "reference"
-    with pytest.raises(ValueError, match="backend"):
-        resolve_backend("fast", cpu, "op")
-    with pytest.raises(RuntimeError, match="cuda"):
-        resolve_backend("cuda", cpu, "hyper_conv2d")
-
-
-def test_triton_on_cpu_needs_the_interpreter(monkeypatch):
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
-    with pytest.raises(RuntimeError, match="TRITON_INTERPRET"):
-        resolve_backend("triton", torch.device("cpu"), "hyper_conv2d")
-
-
 @pytest.mark.skipif(not FAST_BACKENDS, reason="no fast backend on this machine")
 def test_use_backend_switches_the_op(monkeypatch):
     calls = []
@@ -214,19 +190,6 @@ def test_use_backend_switches_the_op(monkeypatch):
     with use_backend(FAST_BACKENDS[0]):
         hyper_conv2d(x, 0.5, weight, weight_base, padding=1)
     assert calls == [1]
-
-
-def test_nvtx_ranges_are_named(monkeypatch):
-    from restorenet.ops._nvtx import nvtx_range
-
-    seen = []
-    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: seen.append(name))
-    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: seen.append("pop"))
-    with nvtx_range("hyper_conv2d", "fwd", torch.device("cuda")):
-        pass
-    with nvtx_range("hyper_conv2d", "bwd", torch.device("cpu")):  # no-op off CUDA
-        pass
-    assert seen == ["restorenet::hyper_conv2d::fwd", "pop"]
 
 
 # -------------------------------------------------------------------- bad input
