@@ -73,7 +73,9 @@ class FourierUnit(nn.Module):
         # FFTs in half precision need power-of-two sizes on CUDA: run them in fp32.
         low = t.dtype in (torch.float16, torch.bfloat16)
         spec = torch.fft.rfft2(t.float() if low else t)
-        z = self.project(self.act(self.expand(torch.cat([spec.real, spec.imag], dim=1))))
+        # The 1x1 convs run in their weights' dtype (autocast, if on, still applies).
+        parts = torch.cat([spec.real, spec.imag], dim=1).to(self.expand.weight.dtype)
+        z = self.project(self.act(self.expand(parts)))
         re, im = z.to(spec.real.dtype).chunk(2, dim=1)
         return torch.fft.irfft2(torch.complex(re, im), s=(h, w)).to(t.dtype)
 

@@ -530,3 +530,17 @@ def test_memory_efficient_backward_with_the_triton_kernels(monkeypatch):
             assert grads[name] is None, name
         else:
             torch.testing.assert_close(grads[name], r, rtol=1e-4, atol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize("memory_efficient", [False, True])
+def test_runs_as_a_whole_bf16_model(memory_efficient):
+    """Converted with .to(bfloat16) (no autocast): the Fourier branch's FFTs run
+    in fp32, its 1x1 convs in the weights' dtype."""
+    model = tiny_model(dtype=torch.bfloat16, memory_efficient=memory_efficient)
+    img = torch.rand(1, 3, 32, 32, dtype=torch.bfloat16)
+    outs = model(img)
+    assert all(o.dtype == torch.bfloat16 and torch.isfinite(o).all() for o in outs)
+    sum(o.float().mean() for o in outs).backward()
+    grads = [p.grad for n, p in model.named_parameters()
+             if p.requires_grad and not n.startswith("classifier.")]  # the classifier trains apart
+    assert grads and all(g is not None and g.dtype == torch.bfloat16 for g in grads)
