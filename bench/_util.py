@@ -424,3 +424,26 @@ def count_flops(fn: Callable[[], Any]) -> tuple[Optional[int], Optional[str]]:
         return counter.total or None, None
     except Exception as exc:  # the timing is still valid without a FLOP count
         return None, f"FLOP count failed: {type(exc).__name__}: {exc}"
+
+
+# ------------------------------------------------------- untimed measurements
+def measure_seconds(fn: Callable[[], Any], reps: Optional[int] = None) -> float:
+    """Mean seconds of one call of ``fn`` outside pytest-benchmark (for derived
+    rows such as an ideal computed from a measured rate): warm-up calls, then
+    CUDA events on GPU, ``perf_counter`` around synchronised calls on CPU."""
+    if ON_GPU:
+        return _time_cuda(fn, warmup=WARMUP_CALLS, reps=reps or 20)
+    call = synced(fn)
+    for _ in range(WARMUP_CALLS):
+        call()
+    reps = reps or MIN_ROUNDS
+    t0 = time.perf_counter()
+    for _ in range(reps):
+        call()
+    return (time.perf_counter() - t0) / reps
+
+
+def slim_conv2d_flops(in_widths: Sequence[int], out_widths: Sequence[int], kh: int, kw: int,
+                      ho: int, wo: int) -> int:
+    """Active FLOPs of one slim_conv2d forward: 2 * kh*kw*Ho*Wo * sum_n in[n]*out[n]."""
+    return 2 * kh * kw * ho * wo * sum(int(i) * int(o) for i, o in zip(in_widths, out_widths))
