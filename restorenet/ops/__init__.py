@@ -6,6 +6,7 @@ Every op has a ``reference`` (plain PyTorch, the spec), a ``triton`` and a
 """
 from restorenet.ops._backend import BACKENDS, available_backends, use_backend
 from restorenet.ops.hyper_conv2d import hyper_conv2d, hyper_conv2d_reference
+from restorenet.ops.naf_elementwise import layer_norm2d, layer_norm2d_reference, simple_gate, simple_gate_reference
 from restorenet.ops.reversible import (rev_coupling_forward, rev_coupling_forward_reference, rev_coupling_invert,
                                        rev_coupling_invert_reference)
 from restorenet.ops.slim_conv2d import slim_conv2d, slim_conv2d_reference
@@ -16,6 +17,7 @@ __all__ = [
     "BACKENDS", "available_backends", "use_backend",
     "hyper_conv2d", "hyper_conv2d_reference",
     "slim_conv2d", "slim_conv2d_reference",
+    "layer_norm2d", "layer_norm2d_reference", "simple_gate", "simple_gate_reference",
     "rev_coupling_forward", "rev_coupling_forward_reference",
     "rev_coupling_invert", "rev_coupling_invert_reference",
     "TilePlan", "TileSchedule", "tile_plan", "tile_schedule",
