@@ -83,6 +83,22 @@ def autocast(dtype: torch.dtype):
     return torch.autocast(DEVICE.type, dtype=dtype)
 
 
+def training_step(forward: Callable[[], Any], loss: Callable[[Any], torch.Tensor], params,
+                  dtype: torch.dtype) -> Callable[[], None]:
+    """One benchmarkable optimiser step: ``forward()`` under autocast(dtype),
+    ``loss(out).backward()``, an AdamW step."""
+    opt = torch.optim.AdamW(list(params), lr=1e-4)
+
+    def step():
+        with autocast(dtype):
+            out = forward()
+        loss(out).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
 def synchronize(device: torch.device = DEVICE) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)

@@ -139,17 +139,8 @@ def build_hyperres(**cfg):
 
 
 def hyperres_train_step(model, x, levels, target, dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        with _util.autocast(dtype):
-            out = model(x, levels)
-        loss = (out.float() - target).abs().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return _util.training_step(lambda: model(x, levels), lambda out: (out.float() - target).abs().mean(),
+                               model.parameters(), dtype)
 
 
 @pytest.mark.parametrize("backend", ["reference", "triton", "cuda"])

@@ -89,17 +89,8 @@ def _as_float(output):
 
 
 def train_step(name: str, model, x, target, dtype):
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=1e-4)
-
-    def step():
-        with _util.autocast(dtype):
-            out = run_model(name, model, x)
-        training_loss(name, out, target).backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return _util.training_step(lambda: run_model(name, model, x), lambda out: training_loss(name, out, target),
+                               [p for p in model.parameters() if p.requires_grad], dtype)
 
 
 def inference(name: str, model, x, dtype):

@@ -288,17 +288,8 @@ def _noisy_images(batch: int, crop: int):
 
 
 def ddsnet_train_step(model, x, target, widths, dtype):
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-
-    def step():
-        with _util.autocast(dtype):
-            out = model(x, widths)
-        loss = (out.float() - target).abs().mean()
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    return _util.training_step(lambda: model(x, widths), lambda out: (out.float() - target).abs().mean(),
+                               model.parameters(), dtype)
 
 
 def _step_flops(model, widths: list[int]) -> int:

@@ -35,21 +35,14 @@ import torch
 import triton
 import triton.language as tl
 
+from restorenet_kernels._addressing import channel_pixel_tile
+
 MAX_BLOCK_C = 1024
 TILE = 4096  # elements per [BLOCK_C, BLOCK_M] tile on a GPU
 MAX_PROGRAMS = 1024  # bounds the partial-sum buffer: at most MAX_PROGRAMS rows
 
 
 # ----------------------------------------------------------------------- kernels
-@triton.jit
-def _tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p):
-    n = offs_m // HW
-    p = offs_m - n * HW
-    off = offs_c[:, None].to(tl.int64) * s_c + (n * s_n + p * s_p)[None, :]
-    mask = (offs_c < C)[:, None] & (offs_m < M)[None, :]
-    return off, mask
-
-
 @triton.jit
 def _pixels(pid, it, iters, BLOCK_M: tl.constexpr):
     return (pid.to(tl.int64) * iters + it) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -65,7 +58,7 @@ def layer_norm2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
         offs_m = _pixels(pid, it, iters, BLOCK_M)
         if C_BLOCKS == 1:
             offs_c = tl.arange(0, BLOCK_C)
-            off, mask = _tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
+            off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
             mean = tl.sum(x, axis=0) / C
             d = tl.where(mask, x - mean[None, :], 0.0)
@@ -78,20 +71,20 @@ def layer_norm2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
             total = tl.zeros((BLOCK_M,), dtype=COMPUTE)
             for cb in range(C_BLOCKS):
                 offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-                off, mask = _tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
+                off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
                 total += tl.sum(tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE), axis=0)
             mean = total / C
             sq = tl.zeros((BLOCK_M,), dtype=COMPUTE)
             for cb in range(C_BLOCKS):
                 offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-                off, mask = _tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
+                off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
                 x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
                 d = tl.where(mask, x - mean[None, :], 0.0)
                 sq += tl.sum(d * d, axis=0)
             rstd = 1.0 / tl.sqrt(sq / C + eps)
             for cb in range(C_BLOCKS):
                 offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-                off, mask = _tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
+                off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
                 x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
                 w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(COMPUTE)
                 b = tl.load(b_ptr + offs_c, mask=offs_c < C, other=0.0).to(COMPUTE)
@@ -115,7 +108,7 @@ def layer_norm2d_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_pt
         acc_b = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         for it in range(iters):
             offs_m = _pixels(pid, it, iters, BLOCK_M)
-            off, mask = _tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
+            off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
             mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
             rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
             x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
@@ -141,7 +134,7 @@ def layer_norm2d_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_pt
             s2 = tl.zeros((BLOCK_M,), dtype=COMPUTE)
             for cb in range(C_BLOCKS):
                 offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-                off, mask = _tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
+                off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
                 w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(COMPUTE)
                 x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
                 dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(COMPUTE)
@@ -153,7 +146,7 @@ def layer_norm2d_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_pt
             c2 = s2 / C
             for cb in range(C_BLOCKS):
                 offs_c = cb * BLOCK_C + tl.arange(0, BLOCK_C)
-                off, mask = _tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
+                off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
                 w = tl.load(w_ptr + offs_c, mask=offs_c < C, other=0.0).to(COMPUTE)
                 x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
                 dy = tl.load(dy_ptr + off, mask=mask, other=0.0).to(COMPUTE)
@@ -174,10 +167,10 @@ def simple_gate_forward_kernel(x_ptr, y_ptr, CH, HW, M, xs_n, xs_c, xs_p, ys_n, 
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_off, mask = _tile(offs_c, offs_m, CH, HW, M, xs_n, xs_c, xs_p)
-    y_off, _ = _tile(offs_c, offs_m, CH, HW, M, ys_n, ys_c, ys_p)
+    x_off, mask = channel_pixel_tile(offs_c, offs_m, CH, HW, M, xs_n, xs_c, xs_p)
+    y_off, _ = channel_pixel_tile(offs_c, offs_m, CH, HW, M, ys_n, ys_c, ys_p)
     # Channel c of the second half is channel c + C/2 of x.
-    x2_off, _ = _tile(offs_c + CH, offs_m, 2 * CH, HW, M, xs_n, xs_c, xs_p)
+    x2_off, _ = channel_pixel_tile(offs_c + CH, offs_m, 2 * CH, HW, M, xs_n, xs_c, xs_p)
     a = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(COMPUTE)
     b = tl.load(x_ptr + x2_off, mask=mask, other=0.0).to(COMPUTE)
     tl.store(y_ptr + y_off, (a * b).to(y_ptr.dtype.element_ty), mask=mask)
@@ -189,9 +182,9 @@ def simple_gate_backward_kernel(dy_ptr, x_ptr, dx_ptr, CH, HW, M, xs_n, xs_c, xs
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_off, mask = _tile(offs_c, offs_m, CH, HW, M, xs_n, xs_c, xs_p)
-    y_off, _ = _tile(offs_c, offs_m, CH, HW, M, ys_n, ys_c, ys_p)
-    x2_off, _ = _tile(offs_c + CH, offs_m, 2 * CH, HW, M, xs_n, xs_c, xs_p)
+    x_off, mask = channel_pixel_tile(offs_c, offs_m, CH, HW, M, xs_n, xs_c, xs_p)
+    y_off, _ = channel_pixel_tile(offs_c, offs_m, CH, HW, M, ys_n, ys_c, ys_p)
+    x2_off, _ = channel_pixel_tile(offs_c + CH, offs_m, 2 * CH, HW, M, xs_n, xs_c, xs_p)
     dy = tl.load(dy_ptr + y_off, mask=mask, other=0.0).to(COMPUTE)
     a = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(COMPUTE)
     b = tl.load(x_ptr + x2_off, mask=mask, other=0.0).to(COMPUTE)

@@ -26,17 +26,15 @@ import torch
 import triton
 import triton.language as tl
 
+from restorenet_kernels._addressing import channel_pixel_tile
+
 
 # ----------------------------------------------------------------------- kernels
 @triton.jit
 def _offsets(pid_m, it, offs_c, C, HW, M, s_n, s_c, s_p,
              ITERS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     offs_m = (pid_m.to(tl.int64) * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
-    n = offs_m // HW
-    p = offs_m - n * HW
-    off = offs_c[:, None].to(tl.int64) * s_c + (n * s_n + p * s_p)[None, :]
-    mask = (offs_c < C)[:, None] & (offs_m < M)[None, :]
-    return off, mask
+    return channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
 
 
 @triton.jit
