@@ -127,6 +127,36 @@ def rotating(input_sets: Sequence[Any], fn: Callable[[Any], Any]) -> Callable[[]
     return call
 
 
+def phase_call(fn: Callable[..., Any], phase: str, make_sets: Callable[[bool], Sequence[dict]],
+               args: Callable[[dict], Sequence[Any]], grad_inputs: Callable[[dict], Sequence[Any]]):
+    """The callable to time for ``phase`` ("fwd", "bwd" or "fwd+bwd") of ``fn(*args(t))``,
+    rotating over ``make_sets(requires_grad)``. For "bwd" the forward graphs are built
+    once, outside the timed region, and kept."""
+    if phase == "fwd":
+        def forward(t):
+            with torch.no_grad():
+                return fn(*args(t))
+
+        return rotating(make_sets(False), forward)
+    sets = make_sets(True)
+    if phase == "fwd+bwd":
+        for t in sets:
+            t["dy"] = torch.randn_like(fn(*args(t)).detach())
+
+        def train(t):
+            return torch.autograd.grad(fn(*args(t)), grad_inputs(t), t["dy"], allow_unused=True)
+
+        return rotating(sets, train)
+    for t in sets:
+        t["y"] = fn(*args(t))
+        t["dy"] = torch.randn_like(t["y"].detach())
+
+    def backward(t):
+        return torch.autograd.grad(t["y"], grad_inputs(t), t["dy"], retain_graph=True, allow_unused=True)
+
+    return rotating(sets, backward)
+
+
 def input_sets_needed(bytes_per_set: float, device: torch.device = DEVICE, limit: int = 8) -> int:
     """How many distinct input sets to rotate through so that together they are
     at least 4x the L2 cache (1 on CPU, where we do not chase cache effects)."""

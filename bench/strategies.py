@@ -194,6 +194,29 @@ def tolerance(device: torch.device) -> float:
     return 5e-3 if device.type == "cuda" else 1e-5
 
 
+def spec_errors(label: str, fn, reference, args, arg_names, extra) -> dict[str, float]:
+    """Relative errors of ``fn(*args, *extra)`` against ``reference`` run in
+    float64: the output and the gradient of every tensor in ``args``."""
+    ref_args = [a.detach().double().requires_grad_(True) for a in args]
+    ref = reference(*ref_args, *extra)
+    out = fn(*args, *extra)
+    dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7),
+                     dtype=torch.float64).to(out.device)
+    ref_grads = torch.autograd.grad(ref, ref_args, dy)
+    grads = torch.autograd.grad(out, args, dy.to(out.dtype), allow_unused=True)
+    errors = {f"{label}/y": _rel_err(out, ref)}
+    for key, g, rg in zip(arg_names, grads, ref_grads):
+        errors[f"{label}/d{key}"] = float("inf") if g is None else _rel_err(g, rg)
+    return errors
+
+
+def check_errors(what: str, errors: dict[str, float], device: torch.device) -> dict[str, float]:
+    """``errors`` if all are within ``tolerance(device)``; else AssertionError starting with ``what``."""
+    bad = {k: v for k, v in errors.items() if not v <= tolerance(device)}
+    assert not bad, f"{what} on {device}: relative errors above {tolerance(device):g}: {bad}"
+    return errors
+
+
 @functools.lru_cache(maxsize=None)
 def verify(name: str, device_str: str) -> dict[str, float]:
     """Check strategy ``name`` against the float64 spec, forward and every
@@ -206,20 +229,9 @@ def verify(name: str, device_str: str) -> dict[str, float]:
         t = layer_inputs(4, 8, 6, size, torch.float32, device, requires_grad=True, seed=stride)
         t["level"] = t["level"].clone().requires_grad_(True)
         args = [t[k] for k in ARG_ORDER]
-        ref_args = [a.detach().double().requires_grad_(True) for a in args]
-        ref = hyper_conv2d_reference(*ref_args, stride, padding)
-        out = fn(*args, stride, padding)
-        dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7),
-                         dtype=torch.float64).to(device)
-        ref_grads = torch.autograd.grad(ref, ref_args, dy)
-        grads = torch.autograd.grad(out, args, dy.to(out.dtype), allow_unused=True)
-        errors[f"s{stride}/y"] = _rel_err(out, ref)
-        for key, g, rg in zip(ARG_ORDER, grads, ref_grads):
-            errors[f"s{stride}/d{key}"] = float("inf") if g is None else _rel_err(g, rg)
-    bad = {k: v for k, v in errors.items() if not v <= tolerance(device)}
-    assert not bad, (f"strategy {name!r} does not compute hyper_conv2d on {device_str}: relative "
-                     f"errors above {tolerance(device):g}: {bad}")
-    return errors
+        errors.update(spec_errors(f"s{stride}", fn, hyper_conv2d_reference, args, ARG_ORDER,
+                                  (stride, padding)))
+    return check_errors(f"strategy {name!r} does not compute hyper_conv2d", errors, device)
 
 
 # ======================================================================
@@ -439,17 +451,6 @@ def verify_slim(name: str, device_str: str) -> dict[str, float]:
         args = [t[k] for k in SLIM_GRAD_ARGS]
         in_w = torch.tensor(k_in, device=device)
         out_w = torch.tensor(k_out, device=device)
-        ref_args = [a.detach().double().requires_grad_(True) for a in args]
-        ref = slim_conv2d_reference(*ref_args, in_w, out_w, stride, padding)
-        out = fn(*args, in_w, out_w, stride, padding)
-        dy = torch.randn(ref.shape, generator=torch.Generator().manual_seed(7),
-                         dtype=torch.float64).to(device)
-        ref_grads = torch.autograd.grad(ref, ref_args, dy)
-        grads = torch.autograd.grad(out, args, dy.to(out.dtype), allow_unused=True)
-        errors[f"{label}/y"] = _rel_err(out, ref)
-        for key, g, rg in zip(SLIM_GRAD_ARGS, grads, ref_grads):
-            errors[f"{label}/d{key}"] = float("inf") if g is None else _rel_err(g, rg)
-    bad = {k: v for k, v in errors.items() if not v <= tolerance(device)}
-    assert not bad, (f"slim strategy {name!r} does not compute slim_conv2d on {device_str}: relative "
-                     f"errors above {tolerance(device):g}: {bad}")
-    return errors
+        errors.update(spec_errors(label, fn, slim_conv2d_reference, args, SLIM_GRAD_ARGS,
+                                  (in_w, out_w, stride, padding)))
+    return check_errors(f"slim strategy {name!r} does not compute slim_conv2d", errors, device)

@@ -151,32 +151,8 @@ def _grad_inputs(t):
 def make_call(fn, phase: str, size: int, dtype: torch.dtype, widths: list[int]):
     """The callable to time for ``phase``, rotating over enough input sets to
     defeat the L2 cache on GPU."""
-    if phase == "fwd":
-        sets = _input_sets(size, dtype, widths, requires_grad=False)
-
-        def forward(t):
-            with torch.no_grad():
-                return fn(*_args(t))
-
-        return _util.rotating(sets, forward)
-    sets = _input_sets(size, dtype, widths, requires_grad=True)
-    if phase == "fwd+bwd":
-        for t in sets:
-            t["dy"] = torch.randn_like(fn(*_args(t)).detach())
-
-        def train(t):
-            return torch.autograd.grad(fn(*_args(t)), _grad_inputs(t), t["dy"], allow_unused=True)
-
-        return _util.rotating(sets, train)
-    for t in sets:  # bwd: forward graphs built once, outside the timed region
-        t["y"] = fn(*_args(t))
-        t["dy"] = torch.randn_like(t["y"].detach())
-
-    def backward(t):
-        return torch.autograd.grad(t["y"], _grad_inputs(t), t["dy"], retain_graph=True,
-                                   allow_unused=True)
-
-    return _util.rotating(sets, backward)
+    return _util.phase_call(fn, phase, lambda grad: _input_sets(size, dtype, widths, requires_grad=grad),
+                            _args, _grad_inputs)
 
 
 @functools.lru_cache(maxsize=None)

@@ -162,15 +162,23 @@ def layer_norm2d_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_pt
 
 
 @triton.jit
-def simple_gate_forward_kernel(x_ptr, y_ptr, CH, HW, M, xs_n, xs_c, xs_p, ys_n, ys_c, ys_p,
-                               COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+def _gate_tile(CH, HW, M, xs_n, xs_c, xs_p, ys_n, ys_c, ys_p,
+               BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    """This program's tile: offsets of the two halves of x (channel c of the second
+    half is channel c + C/2 of x), of the output, and the in-bounds mask."""
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     x_off, mask = channel_pixel_tile(offs_c, offs_m, CH, HW, M, xs_n, xs_c, xs_p)
-    y_off, _ = channel_pixel_tile(offs_c, offs_m, CH, HW, M, ys_n, ys_c, ys_p)
-    # Channel c of the second half is channel c + C/2 of x.
     x2_off, _ = channel_pixel_tile(offs_c + CH, offs_m, 2 * CH, HW, M, xs_n, xs_c, xs_p)
+    y_off, _ = channel_pixel_tile(offs_c, offs_m, CH, HW, M, ys_n, ys_c, ys_p)
+    return x_off, x2_off, y_off, mask
+
+
+@triton.jit
+def simple_gate_forward_kernel(x_ptr, y_ptr, CH, HW, M, xs_n, xs_c, xs_p, ys_n, ys_c, ys_p,
+                               COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
+    x_off, x2_off, y_off, mask = _gate_tile(CH, HW, M, xs_n, xs_c, xs_p, ys_n, ys_c, ys_p, BLOCK_C, BLOCK_M)
     a = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(COMPUTE)
     b = tl.load(x_ptr + x2_off, mask=mask, other=0.0).to(COMPUTE)
     tl.store(y_ptr + y_off, (a * b).to(y_ptr.dtype.element_ty), mask=mask)
@@ -179,12 +187,7 @@ def simple_gate_forward_kernel(x_ptr, y_ptr, CH, HW, M, xs_n, xs_c, xs_p, ys_n, 
 @triton.jit
 def simple_gate_backward_kernel(dy_ptr, x_ptr, dx_ptr, CH, HW, M, xs_n, xs_c, xs_p, ys_n, ys_c, ys_p,
                                 COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
-    pid_m, pid_c = tl.program_id(0), tl.program_id(1)
-    offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
-    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
-    x_off, mask = channel_pixel_tile(offs_c, offs_m, CH, HW, M, xs_n, xs_c, xs_p)
-    y_off, _ = channel_pixel_tile(offs_c, offs_m, CH, HW, M, ys_n, ys_c, ys_p)
-    x2_off, _ = channel_pixel_tile(offs_c + CH, offs_m, 2 * CH, HW, M, xs_n, xs_c, xs_p)
+    x_off, x2_off, y_off, mask = _gate_tile(CH, HW, M, xs_n, xs_c, xs_p, ys_n, ys_c, ys_p, BLOCK_C, BLOCK_M)
     dy = tl.load(dy_ptr + y_off, mask=mask, other=0.0).to(COMPUTE)
     a = tl.load(x_ptr + x_off, mask=mask, other=0.0).to(COMPUTE)
     b = tl.load(x_ptr + x2_off, mask=mask, other=0.0).to(COMPUTE)
