@@ -33,9 +33,10 @@ def extension_kwargs() -> dict:
         return {}
     from torch.utils.cpp_extension import BuildExtension, CUDAExtension
 
-    # csrc/*.cu: torch-free kernels (nvcc); csrc/*.cpp: the binding (host compiler).
-    # No -std flag: torch's build adds the C++ standard its headers need (C++20).
-    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/*.cpp"))
+    # csrc/*.cu: torch-free kernels (nvcc); csrc/binding/*.cpp: the torch binding,
+    # one file per op (host compiler). No -std flag: torch's build adds the C++
+    # standard its headers need (C++20).
+    sources = sorted(glob.glob("csrc/*.cu")) + sorted(glob.glob("csrc/binding/*.cpp"))
     ext = CUDAExtension(
         name="restorenet._C",
         sources=sources,

@@ -1,6 +1,6 @@
 // Shared helpers for restorenet's CUDA kernels. Torch-free on purpose: the
 // kernels compile (and are tested) without a CUDA build of PyTorch; only
-// csrc/binding.cpp knows about tensors.
+// csrc/binding/ knows about tensors.
 //
 // With RN_CUDA_EMULATION defined the same sources compile as plain C++ and the
 // kernels run on CPU threads (tests/csrc/emu/cuda_emu.h): that is how the

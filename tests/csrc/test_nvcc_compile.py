@@ -1,5 +1,5 @@
 """csrc/ builds without a GPU: every kernel file compiles with nvcc for the
-Ampere and Hopper targets, the binding passes the host compiler's checks
+Ampere and Hopper targets, each binding file passes the host compiler's checks
 against torch's headers, and the kernel files stay torch-free.
 
 The compiles are started together when the module's first test asks for them
@@ -22,6 +22,7 @@ CSRC = ROOT / "csrc"
 
 KERNEL_FILES = sorted(CSRC.glob("*.cu"))
 HEADER_FILES = sorted(CSRC.glob("*.cuh")) + sorted(CSRC.glob("*.h"))
+BINDING_FILES = sorted((CSRC / "binding").glob("*.cpp"))
 ARCHS = ("sm_80", "sm_90a")
 NVCC = shutil.which("nvcc")
 
@@ -39,16 +40,16 @@ def _gencode(arch: str) -> str:
     return f"-gencode=arch=compute_{number},code={arch}"
 
 
-def _binding_command(out_dir: Path, cuda_include: Path | None) -> list[str] | None:
-    """g++ -fsyntax-only of csrc/binding.cpp against the installed torch's headers,
-    or None where a piece is missing (no g++, no CUDA headers, no torch headers)."""
+def _binding_command(out_dir: Path, cuda_include: Path | None, source: Path) -> list[str] | None:
+    """g++ -fsyntax-only of one csrc/binding/*.cpp against the installed torch's
+    headers, or None where a piece is missing (no g++, no CUDA headers, no torch headers)."""
     cxx = shutil.which("g++") or shutil.which("c++")
     try:
         from torch.utils.cpp_extension import include_paths
     except ImportError:
         return None
     torch_includes = [Path(p) for p in include_paths()]
-    if cxx is None or cuda_include is None or not (CSRC / "binding.cpp").exists():
+    if cxx is None or cuda_include is None:
         return None
     if not any((p / "c10" / "cuda" / "CUDAStream.h").exists() for p in torch_includes):
         return None
@@ -59,7 +60,7 @@ def _binding_command(out_dir: Path, cuda_include: Path | None) -> list[str] | No
     return [cxx, "-std=c++20", "-fsyntax-only", "-Wall", "-Werror=return-type",
             "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
             f"-I{CSRC}", *(f"-I{p}" for p in torch_includes), f"-I{out_dir / 'stubs'}",
-            f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", str(CSRC / "binding.cpp")]
+            f"-I{sysconfig.get_paths()['include']}", f"-I{cuda_include}", str(source)]
 
 
 @pytest.fixture(scope="module")
@@ -76,9 +77,11 @@ def builds(tmp_path_factory, cuda_include_dir_or_none):
             cmd = [NVCC, *TORCH_LIKE_NVCC_FLAGS, _gencode(arch), f"-I{CSRC}", "-c", str(source),
                    "-o", str(out / f"{source.stem}.{arch}.o")]
             jobs[key] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    binding = _binding_command(out, cuda_include_dir_or_none)
-    jobs["binding"] = (subprocess.Popen(binding, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-                       if binding else "needs g++, CUDA headers and torch's c10/cuda headers")
+    for source in BINDING_FILES:
+        binding = _binding_command(out, cuda_include_dir_or_none, source)
+        jobs[f"binding/{source.name}"] = (
+            subprocess.Popen(binding, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            if binding else "needs g++, CUDA headers and torch's c10/cuda headers")
     yield jobs
     for job in jobs.values():
         if isinstance(job, subprocess.Popen) and job.poll() is None:
@@ -98,13 +101,15 @@ def test_kernel_compiles(builds, source, arch):
     _wait(builds[f"{source}:{arch}"])
 
 
-def test_binding_passes_host_compiler(builds):
-    """binding.cpp type-checks with g++ against torch's headers (no nvcc needed)."""
-    _wait(builds["binding"])
+@pytest.mark.parametrize("source", [p.name for p in BINDING_FILES])
+def test_binding_passes_host_compiler(builds, source):
+    """Each binding file type-checks with g++ against torch's headers (no nvcc needed)."""
+    _wait(builds[f"binding/{source}"])
 
 
-def test_there_are_kernel_files():
+def test_there_are_kernel_and_binding_files():
     assert KERNEL_FILES, f"no .cu files under {CSRC}"
+    assert (CSRC / "binding" / "module.cpp") in BINDING_FILES, "csrc/binding/module.cpp defines the module"
 
 
 _TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybind11)/', re.MULTILINE)
@@ -112,10 +117,10 @@ _TORCH_INCLUDE = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2|pybin
 
 @pytest.mark.parametrize("path", [p.name for p in KERNEL_FILES + HEADER_FILES])
 def test_kernels_are_torch_free(path):
-    """Kernels and their headers compile without torch; only binding.cpp includes it."""
+    """Kernels and their headers compile without torch; only csrc/binding/ includes it."""
     text = (CSRC / path).read_text()
     found = _TORCH_INCLUDE.findall(text)
-    assert not found, f"csrc/{path} includes torch headers ({found}); keep them in csrc/binding.cpp"
+    assert not found, f"csrc/{path} includes torch headers ({found}); keep them in csrc/binding/"
 
 
 def test_torch_free_check_would_catch_an_include():

@@ -1,76 +1,12 @@
-// restorenet._C: the torch binding of the torch-free CUDA kernels in csrc/*.cu.
-//
-// Compiled by the host compiler (no CUDA code here): it checks arguments,
-// allocates outputs and workspaces with torch's caching allocator, and calls
-// the kernels' C API on the current stream. Argument errors raise
-// ValueError/TypeError, CUDA errors RuntimeError.
-#include <torch/extension.h>
-
-// c10's stream/guard headers rather than ATen/cuda/CUDAContext.h: the same
-// current-stream API without pulling in the cuBLAS/cuSPARSE/cuSOLVER headers.
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>
-
-#include <optional>
+// Torch binding of csrc/hyper_conv2d.cu (C API: csrc/hyper_conv2d.h).
 #include <vector>
 
+#include "binding/util.h"
+#include "binding/ops.h"
 #include "hyper_conv2d.h"
 
+namespace restorenet::binding {
 namespace {
-
-using at::Tensor;
-using OptionalTensor = std::optional<Tensor>;
-
-restorenet::DType dtype_of(const Tensor& t) {
-  switch (t.scalar_type()) {
-    case at::kFloat: return restorenet::DType::kFloat32;
-    case at::kHalf: return restorenet::DType::kFloat16;
-    case at::kBFloat16: return restorenet::DType::kBFloat16;
-    case at::kDouble: return restorenet::DType::kFloat64;
-    default: break;
-  }
-  TORCH_CHECK_TYPE(false, "x must be float16, bfloat16, float32 or float64, got ", t.scalar_type());
-  return restorenet::DType::kFloat32;  // unreachable
-}
-
-restorenet::Strides4 strides_of(const Tensor& t) { return {t.stride(0), t.stride(1), t.stride(2), t.stride(3)}; }
-
-// Outputs follow the input's layout, as F.conv2d does (and as
-// restorenet.ops.hyper_conv2d.output_memory_format says).
-at::MemoryFormat layout_of(const Tensor& x) {
-  return !x.is_contiguous() && x.is_contiguous(at::MemoryFormat::ChannelsLast) ? at::MemoryFormat::ChannelsLast
-                                                                               : at::MemoryFormat::Contiguous;
-}
-
-void check_is_cuda(const Tensor& x) {
-  TORCH_CHECK_VALUE(x.is_cuda(), "x must be a CUDA tensor, got one on ", x.device());
-}
-
-void check_cuda(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, "restorenet._C.", what, " failed: ", cudaGetErrorString(err));
-}
-
-// A 4-d CUDA activation the kernels can index: contiguous or channels_last are
-// used in place (the kernels take strides), anything else is copied.
-Tensor activation(const Tensor& t, const Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == x.device(), name, " must be on ", x.device(), ", got ",
-                    t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(), ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-d [N, C, H, W], got ", t.dim(), "-d");
-  if (t.is_contiguous() || t.is_contiguous(at::MemoryFormat::ChannelsLast)) return t;
-  return t.contiguous();
-}
-
-// A weight or bias: on x's device, x's dtype, `dim`-d, made contiguous.
-Tensor parameter(const Tensor& t, const Tensor& x, const char* name, int64_t dim) {
-  TORCH_CHECK_VALUE(t.is_cuda() && t.device() == x.device(), name, " must be on ", x.device(), ", got ",
-                    t.device());
-  TORCH_CHECK_TYPE(t.scalar_type() == x.scalar_type(), name, " must have dtype ", x.scalar_type(), ", got ",
-                   t.scalar_type());
-  TORCH_CHECK_VALUE(t.dim() == dim, name, " must be ", dim, "-d, got ", t.dim(), "-d");
-  return t.contiguous();
-}
 
 // Checked, contiguous arguments of one call.
 struct Args {
@@ -123,8 +59,6 @@ Args check_args(const Tensor& x_in, const Tensor& level, const Tensor& weight, c
   s.padding = padding;
   return a;
 }
-
-const void* data_or_null(const OptionalTensor& t) { return t.has_value() ? t->data_ptr() : nullptr; }
 
 Tensor hyper_conv2d_forward(const Tensor& x, const Tensor& level, const Tensor& weight, const Tensor& weight_base,
                             const OptionalTensor& bias, const OptionalTensor& bias_base, int64_t stride,
@@ -202,8 +136,7 @@ std::vector<OptionalTensor> hyper_conv2d_backward(const Tensor& grad_out_in, con
 
 }  // namespace
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "restorenet CUDA kernels (csrc/)";
+void bind_hyper_conv2d(pybind11::module_& m) {
   m.def("hyper_conv2d_forward", &hyper_conv2d_forward,
         "y[n] = conv2d(x[n], level[n] * weight + weight_base, level[n] * bias + bias_base, stride, padding)",
         pybind11::arg("x"), pybind11::arg("level"), pybind11::arg("weight"), pybind11::arg("weight_base"),
@@ -215,3 +148,5 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("weight_base"), pybind11::arg("bias"), pybind11::arg("bias_base"), pybind11::arg("stride"),
         pybind11::arg("padding"), pybind11::arg("needs"));
 }
+
+}  // namespace restorenet::binding

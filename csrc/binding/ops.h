@@ -1,0 +1,12 @@
+// One registration function per op; module.cpp calls them all. Each lives in
+// csrc/binding/<op>.cpp next to its checks, beside the op's torch-free
+// kernels in csrc/<op>.cu.
+#pragma once
+
+#include <torch/extension.h>
+
+namespace restorenet::binding {
+
+void bind_hyper_conv2d(pybind11::module_& m);
+
+}  // namespace restorenet::binding
