@@ -65,6 +65,8 @@ setup(
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "triton==3.8.0; platform_system == 'Linux'", "ninja"],
+        # Peer libraries the benchmarks compare with (skipped with a reason when absent).
+        "peers": ["revlib==1.7.2"],
     },
     **extension_kwargs(),
 )

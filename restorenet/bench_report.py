@@ -6,7 +6,9 @@ into a markdown report and plots::
 Writes ``DIR/<stem>.md`` (DIR defaults to the JSON's folder) with a header
 naming the device, driver, torch, triton and commit, one table row per
 benchmark (group, name, mean time, TFLOP/s or GB/s, time vs the named
-baseline, peak memory, fraction of the measured ceiling), and PNGs next to it:
+baseline, peak memory, fraction of the measured ceiling), a table of the
+issues' targets with the worst measured value of each (restorenet.bench_targets),
+and PNGs next to it:
 
 * ``<stem>-time-vs-size.png``   benchmarks with ``series``/``size`` in extra_info;
 * ``<stem>-memory-vs-K.png``    benchmarks with ``K`` (peak memory and time vs K);
@@ -24,6 +26,8 @@ import os
 from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from restorenet import bench_targets
 
 __all__ = ["load", "add_ratios", "table_rows", "render_markdown", "write_plots", "write_report", "main"]
 
@@ -169,6 +173,11 @@ def render_markdown(data: dict, plots: Sequence[str | os.PathLike] = (), title: 
               "`vs baseline`: mean time over the named baseline's in the same group (>1: slower).",
               "`of ceiling`: achieved rate over the roofline bound from the measured copy bandwidth",
               "and matmul rate for the dtype (see each benchmark's extra_info `ceiling`).", ""]
+    lines += ["", "## Targets", "",
+              "Each issue's target, checked on this run's GPU benchmarks (restorenet/bench_targets.py):",
+              "the worst value over the benchmarks it covers, and how many of them meet it.", ""]
+    lines += _md_table(bench_targets.table_rows(data["benchmarks"]))
+    lines += ["", "## Benchmarks", ""]
     lines += _md_table(table_rows(data))
     notes = _notes(data)
     if notes:

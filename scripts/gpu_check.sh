@@ -11,6 +11,9 @@
 # Usage: bash scripts/gpu_check.sh [--allow-cpu] [--no-build] [--no-tests] [--no-bench]
 #   --allow-cpu  run without a CUDA device (otherwise: exit 2 when none is found)
 #   --no-build / --no-tests / --no-bench  skip that phase
+# Peer libraries (revlib) for the comparison benchmarks: the machine has no
+#   network, so carry their wheels in .whl/ (pip download --no-deps -d .whl
+#   revlib==1.7.2); they are installed from there when present.
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the
 #   device's capability, 9.0 -> 9.0a), BENCH_ARGS (extra pytest args for the
 #   benchmarks, e.g. "-k hyper_conv2d"), BENCH_TARGET_S (seconds of timed work
@@ -80,6 +83,13 @@ STEM="$(date +%F)-${SLUG}"
 RESULTS="$REPO/bench/results"
 mkdir -p "$RESULTS"
 echo "artifacts: $RESULTS/$STEM.*"
+
+section "peer libraries"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  "$PY" -m pip install -q --no-index --no-deps .whl/*.whl || echo "peer wheels did not install; their benchmarks skip"
+else
+  echo "no .whl/ folder: peer-library benchmarks (revlib) will skip with a reason"
+fi
 
 section "build"
 if [[ "$DO_BUILD" == 1 && "$HAS_CUDA" == 1 ]]; then
