@@ -6,7 +6,7 @@ into a markdown report and plots::
 Writes ``DIR/<stem>.md`` (DIR defaults to the JSON's folder) with a header
 naming the device, driver, torch, triton and commit, one table row per
 benchmark (group, name, mean time, TFLOP/s or GB/s, time vs the named
-baseline, peak memory, fraction of the measured ceiling), a table of the
+baseline, time vs the benchmark's computed ideal where it has one, peak memory, fraction of the measured ceiling), a table of the
 issues' targets with the worst measured value of each (restorenet.bench_targets),
 and PNGs next to it:
 
@@ -101,6 +101,12 @@ def fmt_ratio(info: dict) -> str:
     return f"{ratio:.3g}x {base}"
 
 
+def fmt_vs_ideal(info: dict) -> str:
+    """Time over a computed ideal (e.g. active FLOPs at the dense rate), where the benchmark has one."""
+    ratio = info.get("time_vs_ideal")
+    return "-" if ratio is None else f"{ratio:.3g}x"
+
+
 def fmt_fraction(info: dict) -> str:
     frac = info.get("fraction_of_ceiling")
     return "n/a" if frac is None else f"{100 * frac:.3g}%"
@@ -119,6 +125,7 @@ def table_rows(data: dict) -> list[dict[str, str]]:
             "mean": fmt_time(b["stats"]["mean"]),
             "rate": fmt_rate(info),
             "vs baseline": fmt_ratio(info),
+            "vs ideal": fmt_vs_ideal(info),
             "peak memory": fmt_bytes(info.get("peak_mem_bytes")),
             "of ceiling": fmt_fraction(info),
         })

@@ -23,7 +23,7 @@ def synthetic_results():
                   baselines=["floor", "reference"], TFLOPs=50.0 / scale, GBps=800.0,
                   peak_mem_bytes=5 * 2**20, **common),
             bench(f"conv[{size}-reference]", group, 8e-3 * scale, strategy="reference",
-                  baselines=["floor"], TFLOPs=12.5 / scale, **common),
+                  baselines=["floor"], TFLOPs=12.5 / scale, time_vs_ideal=8.0, **common),
         ]
     for k in (1, 2, 4):
         for strategy, mem in (("reversible", 100), ("autograd", 100 * k)):
@@ -88,9 +88,11 @@ def test_report_writes_table_header_and_plots(tmp_path):
     grouped96 = next(r for r in rows if "conv[96-grouped]" in r)
     cells = [c.strip() for c in grouped96.strip("|").split("|")]
     assert cells == ["hyper_conv2d fwd bf16 N16 C64 96x96", "conv[96-grouped]", "2 ms",
-                     "50 TFLOP/s / 800 GB/s", "2x floor", "5 MiB", "n/a"]
+                     "50 TFLOP/s / 800 GB/s", "2x floor", "-", "5 MiB", "n/a"]
     floor96 = next(r for r in rows if "conv[96-floor]" in r)
     assert "0.125x reference" in floor96 and "25%" in floor96
+    reference96 = next(r for r in rows if "conv[96-reference]" in r)
+    assert "| 8x |" in reference96  # time vs its computed ideal
     for suffix in ("time-vs-size", "memory-vs-K", "time-vs-width-mix"):
         png = tmp_path / "out" / f"results-{suffix}.png"
         assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -42,6 +42,24 @@ multiplies the head and every block output; its value is the 0/1 mask of the
 chosen width, so the forward is unchanged while the loss's gradient reaches
 the gate. Eval: argmax.
 
+Gate objective (the paper's stage 3: "identify easy and hard samples in an
+online way and train a dynamic gate"; the abstract gives no formula, so this
+is our reading). With the backbone fixed, every sub-network denoises the batch
+(:meth:`DDSNet.all_widths`, one mixed-width forward) and each image's target is
+the *narrowest* choice whose quality is within ``tau`` dB of the best::
+
+    t[n] = min{ i : PSNR_i[n] >= max_j PSNR_j[n] - tau }            (gate_targets)
+    L    = CE(logits[n], t[n]) + lambda * sum_i p_i[n] * c_i        (gate_loss)
+
+with ``p = softmax(logits)`` and ``c_i = FLOPs_i / FLOPs_max`` the relative
+backbone cost, a complexity penalty that pushes ambiguous images to narrower
+sub-networks (``lambda = 0``: plain classification of easy/hard images).
+
+Width checks: a forward validates its widths once (one host read for a forced
+width tensor, none for an int or the gate's picks, which are choices by
+construction) and hands :class:`restorenet.ops.slim_conv2d.SlimWidths` to every
+layer, which then range-check on the host without reading the device.
+
 FLOPs (:meth:`DDSNet.flops`): 2 x multiply-adds of every convolution (bias
 adds, ReLU, pooling, residual adds and the mask are not counted -- the same
 rule as ``torch.utils.flop_counter``). The gate's FLOPs are its stem conv
@@ -58,10 +76,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from restorenet._checks import check_image
-from restorenet.ops.slim_conv2d import slim_conv2d
+from restorenet.ops.slim_conv2d import SlimWidths, check_widths, slim_conv2d, widths_from_choices
 from restorenet.registry import register_model
 
-Width = Union[int, Tensor]
+Width = Union[int, Tensor, SlimWidths]
 
 
 def width_choices(width: int, num_choices: int) -> list[int]:
@@ -133,7 +151,8 @@ def hard_gumbel_straight_through(logits: Tensor, tau: float = 1.0) -> Tensor:
     """
     gumbels = -torch.empty_like(logits).exponential_().log()
     scores = (logits + gumbels) / tau
-    hard = F.one_hot(scores.argmax(-1), logits.shape[-1]).to(logits.dtype)
+    # scatter, not F.one_hot: one_hot checks its indices' range on the host (two syncs).
+    hard = torch.zeros_like(scores).scatter_(-1, scores.argmax(-1, keepdim=True), 1.0)
     soft = scores.softmax(-1)
     return hard + (soft - soft.detach())
 
@@ -173,15 +192,15 @@ class DDSNet(nn.Module):
         check_image("x", x, self.in_channels)
         return self.gate(self.gate_features(x))
 
-    def _choose(self, x: Tensor) -> tuple[Tensor, Optional[Tensor]]:
+    def _choose(self, x: Tensor) -> tuple[SlimWidths, Optional[Tensor]]:
         logits = self.gate_logits(x)
         if self.training:
             onehot = hard_gumbel_straight_through(logits, self.gate_tau)
             index = onehot.detach().argmax(-1)
         else:
             onehot, index = None, logits.argmax(-1)
-        widths = torch.tensor(self.choices, device=x.device)[index]
-        return widths, onehot
+        # Picks are choices by construction: their range is known without a host read.
+        return widths_from_choices(self.choices, index), onehot
 
     def _channel_mask(self, onehot: Tensor) -> Tensor:
         """m[n, c] = sum_i onehot[n, i] * [c < choices[i]], as [N, C, 1, 1]."""
@@ -189,11 +208,12 @@ class DDSNet(nn.Module):
         prefix = (c[None, :] < torch.tensor(self.choices, device=onehot.device)[:, None])
         return (onehot @ prefix.to(onehot.dtype))[:, :, None, None]
 
-    def _forced_widths(self, width, n: int, device: torch.device) -> Tensor:
+    def _forced_widths(self, width, n: int, device: torch.device) -> SlimWidths:
+        """The forced widths, validated here once per forward (at most one host read)."""
         if isinstance(width, int) and not isinstance(width, bool):
             if width not in self.choices:
                 raise ValueError(f"width must be one of {self.choices}, got {width}")
-            return torch.full((n,), width, dtype=torch.int64, device=device)
+            return check_widths(width, n, device, self.width)
         if not isinstance(width, Tensor) or width.is_floating_point() or width.is_complex() \
                 or width.dtype == torch.bool:
             raise TypeError(f"width must be None, an int or an integer tensor [N], got "
@@ -204,30 +224,79 @@ class DDSNet(nn.Module):
         if width.device != device:
             raise ValueError(f"width must be on the device of x ({device}), got {width.device}")
         valid = torch.isin(width, torch.tensor(self.choices, device=device))
-        if not bool(valid.all()):
+        if not bool(valid.all()):  # the forward's one host sync
             raise ValueError(f"width must hold values from {self.choices}, got "
                              f"{sorted(set(width.tolist()))}")
-        return width.to(torch.int64).expand(n)
+        values = width.to(torch.int32).expand(n).contiguous()
+        return SlimWidths(values, min(self.choices), max(self.choices))
 
     # -- network ------------------------------------------------------------
-    def forward(self, x: Tensor, width: Optional[Width] = None, *, return_widths: bool = False):
-        check_image("x", x, self.in_channels)
-        if width is None:
-            widths, onehot = self._choose(x)
-        else:
-            widths, onehot = self._forced_widths(width, x.shape[0], x.device), None
+    def _backbone(self, x: Tensor, widths: SlimWidths, mask: Optional[Tensor]) -> Tensor:
         # Multiplying by the straight-through mask changes no value (it is the
         # 0/1 mask of each sample's width) but routes gradients to the gate.
-        mask = self._channel_mask(onehot) if onehot is not None else None
-
         def masked(f: Tensor) -> Tensor:
             return f if mask is None else f * mask
 
         f = masked(F.relu(self.head(x, self.in_channels, widths)))
         for block in self.blocks:
             f = masked(block(f, widths))
-        out = x + self.tail(f, widths, self.in_channels)
-        return (out, widths) if return_widths else out
+        return x + self.tail(f, widths, self.in_channels)
+
+    def forward(self, x: Tensor, width: Optional[Width] = None, *, return_widths: bool = False):
+        check_image("x", x, self.in_channels)
+        if width is None:
+            widths, onehot = self._choose(x)
+        else:
+            widths, onehot = self._forced_widths(width, x.shape[0], x.device), None
+        mask = self._channel_mask(onehot) if onehot is not None else None
+        out = self._backbone(x, widths, mask)
+        return (out, widths.values.to(torch.int64)) if return_widths else out
+
+    # -- gate training (stage 3) --------------------------------------------
+    def all_widths(self, x: Tensor) -> Tensor:
+        """Every sub-network on every image, [num_choices, N, C, H, W], in one
+        mixed-width forward (the batch repeated once per choice)."""
+        check_image("x", x, self.in_channels)
+        n, k = x.shape[0], len(self.choices)
+        index = torch.arange(k, device=x.device).repeat_interleave(n)
+        widths = widths_from_choices(self.choices, index)
+        return self._backbone(x.repeat(k, 1, 1, 1), widths, None).view(k, *x.shape)
+
+    @torch.no_grad()
+    def gate_targets(self, noisy: Tensor, clean: Tensor, tau_db: float = 0.1) -> Tensor:
+        """[N] int64 choice indices: the narrowest sub-network within ``tau_db``
+        dB PSNR (data range 1) of the best one on each image (see the module
+        docstring). Runs :meth:`all_widths` without gradient."""
+        check_image("clean", clean, self.in_channels)
+        if clean.shape != noisy.shape:
+            raise ValueError(f"clean must have the shape of noisy {tuple(noisy.shape)}, "
+                             f"got {tuple(clean.shape)}")
+        if not (isinstance(tau_db, (int, float)) and tau_db >= 0):
+            raise ValueError(f"tau_db must be a number >= 0, got {tau_db!r}")
+        outs = self.all_widths(noisy).clamp(0, 1).float()
+        mse = (outs - clean.float()).square().flatten(2).mean(2)          # [K, N]
+        quality = -10 * torch.log10(mse.clamp_min(1e-12))                 # PSNR, dB
+        good = quality >= quality.amax(0, keepdim=True) - tau_db
+        # First True along the choices (there is always one: the best itself).
+        return good.to(torch.int8).argmax(0)
+
+    def relative_costs(self) -> Tensor:
+        """c_i = FLOPs_i / FLOPs_max of the backbone (any image size: every
+        conv runs at full resolution, so the ratio does not depend on it)."""
+        flops = self.flops((1, 1), include_gate=False)
+        return torch.tensor([flops[k] / flops[self.choices[-1]] for k in self.choices])
+
+    def gate_loss(self, logits: Tensor, targets: Tensor, cost_weight: float = 0.0) -> Tensor:
+        """``mean_n CE(logits[n], t[n]) + cost_weight * mean_n sum_i p_i[n] c_i``."""
+        if logits.dim() != 2 or logits.shape[1] != len(self.choices):
+            raise ValueError(f"logits must have shape [N, {len(self.choices)}], "
+                             f"got {tuple(logits.shape)}")
+        if targets.shape != logits.shape[:1] or targets.is_floating_point():
+            raise ValueError(f"targets must be integer choice indices of shape "
+                             f"[{logits.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
+        costs = self.relative_costs().to(device=logits.device, dtype=logits.dtype)
+        expected_cost = (logits.softmax(-1) * costs).sum(-1).mean()
+        return F.cross_entropy(logits, targets.long()) + cost_weight * expected_cost
 
     # -- cost ---------------------------------------------------------------
     def gate_flops(self, image_size) -> int:

@@ -35,7 +35,7 @@ This file follows the pattern of ``hyper_conv2d.py``:
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence, Union
+from typing import NamedTuple, Optional, Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -52,7 +52,28 @@ OP = "slim_conv2d"
 DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 INT_DTYPES = (torch.int8, torch.int16, torch.int32, torch.int64, torch.uint8)
 
-Width = Union[int, Tensor]
+
+
+class SlimWidths(NamedTuple):
+    """Per-sample widths checked once: ``values`` int32 [N] and their range
+    ``lo..hi``, already read back to the host.
+
+    A network of many slim layers passes one of these (from
+    :func:`check_widths` or :func:`widths_from_choices`) to every layer:
+    ``slim_conv2d`` then compares ``lo``/``hi`` with that layer's channel
+    count on the host and reads nothing back from the device -- one host sync
+    per forward instead of one per width argument per layer.
+    ``lo = hi = None`` means "not range-checked" (made under ``torch.compile``,
+    where reading values back would break the graph; the kernels clamp widths,
+    so memory stays safe).
+    """
+
+    values: Tensor
+    lo: Optional[int]
+    hi: Optional[int]
+
+
+Width = Union[int, Tensor, SlimWidths]
 
 
 # --------------------------------------------------------------------------- spec
@@ -88,6 +109,8 @@ def slim_conv2d_reference(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 
 def _width_list(width: Width, n: int) -> list[int]:
+    if isinstance(width, SlimWidths):
+        width = width.values
     if isinstance(width, Tensor):
         if width.dim() == 0:
             return [int(width)] * n
@@ -113,26 +136,82 @@ def _check_args(x, weight, bias, in_width, out_width, stride, padding) -> None:
 
 
 def _check_width(name: str, width, max_width: int, x: Tensor) -> None:
-    if isinstance(width, Tensor):
-        if width.dtype not in INT_DTYPES:
-            raise TypeError(f"{name} must be an int or an integer tensor [N], got dtype {width.dtype}")
-        if width.device != x.device:
-            raise ValueError(f"{name} must be on the device of x ({x.device}), got {width.device}")
-        if width.dim() > 1 or (width.dim() == 1 and width.shape[0] != x.shape[0]):
-            raise ValueError(f"{name} must be an int or a tensor of shape [N] = [{x.shape[0]}] "
-                             f"(one width per sample of x), got shape {tuple(width.shape)}")
-        if width.numel() == 0 or torch.compiler.is_compiling():
-            # Reading the values back would break the graph; a compiled caller
-            # is trusted (the kernels clamp widths, so memory stays safe).
+    """``width`` must hold values in 1..max_width, one per sample of ``x``.
+    A plain tensor is read back to the host (one sync); a :class:`SlimWidths`
+    carries its range, so only its metadata and ``lo``/``hi`` are checked."""
+    if isinstance(width, SlimWidths):
+        _check_width_tensor(name, width.values, x.shape[0], x.device, dtypes=(torch.int32,), ndim=1)
+        lo, hi = width.lo, width.hi
+        if lo is None or hi is None:  # made under torch.compile: trusted
             return
-        lo, hi = torch.stack(torch.aminmax(width.to(torch.int64))).tolist()  # one host sync
+    elif isinstance(width, Tensor):
+        check_widths(width, x.shape[0], x.device, max_width, name=name)  # one host sync
+        return
     elif isinstance(width, int) and not isinstance(width, bool):
         lo = hi = width
     else:
-        raise TypeError(f"{name} must be an int or an integer tensor [N], got {type(width).__name__}")
+        raise TypeError(f"{name} must be an int, an integer tensor [N] or SlimWidths, "
+                        f"got {type(width).__name__}")
     if lo < 1 or hi > max_width:
         raise ValueError(f"{name} must lie in 1..{max_width} (the channels available), "
                          f"got values in {lo}..{hi}")
+
+
+def _check_width_tensor(name: str, width: Tensor, batch: int, device: torch.device,
+                        dtypes=INT_DTYPES, ndim: Optional[int] = None) -> None:
+    """Metadata only (no host read): integer dtype, device, shape [] or [N]."""
+    if width.dtype not in dtypes:
+        kinds = "an int32 tensor" if dtypes == (torch.int32,) else "an int or an integer tensor [N]"
+        raise TypeError(f"{name} must be {kinds}, got dtype {width.dtype}")
+    if width.device != device:
+        raise ValueError(f"{name} must be on the device of x ({device}), got {width.device}")
+    if width.dim() > 1 or (width.dim() == 1 and width.shape[0] != batch) \
+            or (ndim is not None and width.dim() != ndim):
+        raise ValueError(f"{name} must be an int or a tensor of shape [N] = [{batch}] "
+                         f"(one width per sample of x), got shape {tuple(width.shape)}")
+
+
+def check_widths(width: Union[int, Tensor], batch: int, device: Union[str, torch.device],
+                 max_width: Optional[int] = None, *, name: str = "width") -> SlimWidths:
+    """Validate per-sample widths once and return them as :class:`SlimWidths`.
+
+    ``width``: an int (every sample) or an integer tensor [] or [N] on ``device``.
+    Reads a tensor's min and max back to the host -- one sync, the only one a
+    network needs per forward when it passes the result to all its layers.
+    Values must be >= 1 (and <= ``max_width`` when given). Under
+    ``torch.compile`` the values are not read (``lo = hi = None``).
+    Errors start with ``name``.
+    """
+    device = torch.device(device)
+    if isinstance(width, Tensor):
+        _check_width_tensor(name, width, batch, device)
+        values = width.to(torch.int32).expand(batch).contiguous()
+        if width.numel() == 0 or torch.compiler.is_compiling():
+            return SlimWidths(values, None, None)
+        lo, hi = torch.stack(torch.aminmax(width.to(torch.int64))).tolist()  # the one host sync
+    elif isinstance(width, int) and not isinstance(width, bool):
+        lo = hi = width
+        values = torch.full((batch,), width, dtype=torch.int32, device=device)
+    else:
+        raise TypeError(f"{name} must be an int or an integer tensor [N], got {type(width).__name__}")
+    if lo < 1 or (max_width is not None and hi > max_width):
+        allowed = ">= 1" if max_width is None else f"in 1..{max_width} (the channels available)"
+        raise ValueError(f"{name} must lie {allowed}, got values in {lo}..{hi}")
+    return SlimWidths(values, lo, hi)
+
+
+def widths_from_choices(choices: Sequence[int], index: Tensor) -> SlimWidths:
+    """``choices[index[n]]`` per sample, with no host sync: every value is one
+    of ``choices`` (positive ints), so the range is ``min..max(choices)``.
+    For a gate that picks a choice per image (``index``: integer tensor [N])."""
+    if not choices or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                              for c in choices):
+        raise ValueError(f"choices must be a non-empty sequence of ints >= 1, got {choices!r}")
+    if not isinstance(index, Tensor) or index.dtype not in INT_DTYPES or index.dim() != 1:
+        raise TypeError(f"index must be an integer tensor [N], got "
+                        f"{index.dtype if isinstance(index, Tensor) else type(index).__name__}")
+    table = torch.tensor(list(choices), dtype=torch.int32, device=index.device)
+    return SlimWidths(table[index.long()], min(choices), max(choices))
 
 
 # ----------------------------------------------------------------- public function
@@ -143,9 +222,11 @@ def slim_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
     Same arguments as :func:`slim_conv2d_reference`, plus ``backend``
     (``"reference"``, ``"triton"``, ``"cuda"`` or None for the process-wide
-    choice, see ``restorenet.ops.use_backend``). Widths are validated eagerly
-    (which reads tensor widths back to the host); under ``torch.compile`` only
-    their type, device and shape are checked.
+    choice, see ``restorenet.ops.use_backend``). Widths are validated eagerly:
+    a tensor width is read back to the host (one sync per tensor argument); a
+    :class:`SlimWidths` (:func:`check_widths`, validated once for a whole
+    network) is range-checked on the host with no sync. Under
+    ``torch.compile`` only type, device and shape are checked.
 
     Returns:
         [N, Cout_max, Ho, Wo] in the layout of ``x``, zero beyond ``out_width[n]``.
@@ -161,6 +242,8 @@ def slim_conv2d(x: Tensor, weight: Tensor, bias: Optional[Tensor],
 
 def _width_tensor(width: Width, x: Tensor) -> Tensor:
     """A checked width as the int32 tensor [N] the op takes."""
+    if isinstance(width, SlimWidths):
+        return width.values
     if isinstance(width, Tensor):
         return width.to(torch.int32).expand(x.shape[0]).contiguous()
     return torch.full((x.shape[0],), width, dtype=torch.int32, device=x.device)
@@ -289,13 +372,17 @@ def _triton_backward(*args):
 
 
 # ----------------------------------------------------------------- backend: cuda
+# csrc/slim_conv2d.cu on the implicit-GEMM core shared with hyper_conv2d. The
+# binding takes int32 widths [N] on x's device and never reads them on the host
+# (the kernels clamp them), so these calls do not synchronise.
 def _cuda_forward(x, weight, bias, in_width, out_width, stride, padding):
-    return cuda_extension().slim_conv2d_forward(x, weight, bias, in_width, out_width, stride, padding)
+    return cuda_extension().slim_conv2d_forward(x, weight, bias, in_width.to(torch.int32),
+                                                out_width.to(torch.int32), stride, padding)
 
 
 def _cuda_backward(grad_out, x, weight, bias, in_width, out_width, stride, padding, needs):
-    return cuda_extension().slim_conv2d_backward(grad_out, x, weight, bias, in_width, out_width,
-                                                  stride, padding, needs)
+    return cuda_extension().slim_conv2d_backward(grad_out, x, weight, bias, in_width.to(torch.int32),
+                                                 out_width.to(torch.int32), stride, padding, needs)
 
 
 _FORWARD = {"reference": _reference_forward, "triton": _triton_forward, "cuda": _cuda_forward}

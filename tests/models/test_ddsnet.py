@@ -1,9 +1,15 @@
-"""DDS-Net: per-sample widths, the gate, straight-through gradients, FLOPs."""
+"""DDS-Net: per-sample widths, the gate, straight-through gradients, FLOPs,
+width validation once per forward, the gate's training objective."""
+import importlib
+
 import pytest
 import torch
+import torch.nn.functional as F
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from restorenet.models.ddsnet import DDSNet, SlimConv2d, hard_gumbel_straight_through, width_choices
+from restorenet.ops import use_backend
 from restorenet.registry import create_model
 
 
@@ -166,3 +172,130 @@ def test_config_errors():
         small_model().flops(8, width=12)
     with pytest.raises(ValueError, match="^image_size"):
         small_model().flops((8,), width=8)
+
+
+# ------------------------------------------------- width validation once per forward
+class _HostReads(TorchDispatchMode):
+    """Counts device-to-host value reads: ``.item()``/``bool()``/``int()`` (all
+    ``aten::_local_scalar_dense``) and ``.tolist()`` (not dispatched: patched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def host_reads_of_forward(monkeypatch, model, x, width):
+    """(output, host reads) of ``model(x, width)``, with the reference backend's
+    per-sample loop (which reads widths to slice) swapped for a sync-free
+    masked conv with the same values, so only the checks are counted."""
+    op = importlib.import_module("restorenet.ops.slim_conv2d")
+
+    def masked(x, weight, bias, in_width, out_width, stride, padding):
+        m_in = (torch.arange(x.shape[1])[None] < in_width[:, None]).to(x.dtype)[:, :, None, None]
+        m_out = (torch.arange(weight.shape[0])[None] < out_width[:, None]).to(x.dtype)[:, :, None, None]
+        return F.conv2d(x * m_in, weight, bias, stride, padding) * m_out
+
+    reads = _HostReads()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        reads.count += 1
+        return tolist(t)
+
+    with monkeypatch.context() as m:
+        m.setitem(op._FORWARD, "reference", masked)
+        m.setattr(torch.Tensor, "tolist", counted_tolist)
+        with use_backend("reference"), reads:
+            out = model(x, width)
+    return out, reads.count
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_forward_validates_widths_at_most_once(monkeypatch, train):
+    model = small_model(depth=3).train(train)  # 8 slim convs: 16 width arguments
+    x = torch.randn(4, 3, 6, 6)
+    forced = torch.tensor([8, 32, 16, 8])
+    torch.manual_seed(0)
+    out, reads = host_reads_of_forward(monkeypatch, model, x, forced)
+    assert reads <= 1
+    torch.testing.assert_close(out, model(x, width=forced))  # masked conv: fp32 rounding differs
+    assert host_reads_of_forward(monkeypatch, model, x, 16)[1] == 0
+    torch.manual_seed(1)
+    out, reads = host_reads_of_forward(monkeypatch, model, x, None)  # gate picks: choices by construction
+    assert reads == 0 and out.shape == x.shape
+
+
+def test_forced_widths_still_checked_once_per_forward():
+    model = small_model()
+    with pytest.raises(ValueError, match="^width must hold values from"):
+        model(torch.randn(2, 3, 4, 4), width=torch.tensor([8, 33]))
+
+
+# ------------------------------------------------------------------ gate objective
+def test_all_widths_runs_every_sub_network_in_one_batch():
+    model = small_model().eval()
+    x = torch.randn(2, 3, 5, 7)
+    outs = model.all_widths(x)
+    assert outs.shape == (len(model.choices), *x.shape)
+    for i, k in enumerate(model.choices):
+        torch.testing.assert_close(outs[i], model(x, width=k), rtol=0, atol=0)
+
+
+def test_gate_targets_pick_the_narrowest_width_within_tau(monkeypatch):
+    model = small_model().eval()
+    clean = torch.rand(3, 3, 4, 4)
+    # Fake sub-network outputs with known PSNRs per (choice, image): error e -> PSNR -20 log10 e.
+    psnr = torch.tensor([[20.0, 30.0, 40.0],
+                         [29.95, 30.9, 40.0],
+                         [30.0, 31.05, 39.0],
+                         [30.0, 31.1, 35.0]])
+    error = 10 ** (-psnr / 20)
+    fake = clean[None] + error[:, :, None, None, None]
+    fake = torch.where(fake > 1, clean[None] - error[:, :, None, None, None], fake)
+    monkeypatch.setattr(model, "all_widths", lambda x: fake)
+    assert model.gate_targets(clean, clean, tau_db=0.1).tolist() == [1, 2, 0]
+    assert model.gate_targets(clean, clean, tau_db=0.0).tolist() == [2, 3, 0]
+    assert model.gate_targets(clean, clean, tau_db=100.0).tolist() == [0, 0, 0]
+    with pytest.raises(ValueError, match="^clean"):
+        model.gate_targets(clean, clean[:2])
+    with pytest.raises(ValueError, match="^tau_db"):
+        model.gate_targets(clean, clean, tau_db=-1)
+
+
+def test_gate_loss_is_cross_entropy_plus_expected_relative_cost():
+    model = small_model()
+    costs = model.relative_costs()
+    assert costs[-1] == 1 and torch.all(costs[1:] > costs[:-1])
+    flops = model.flops((5, 9), include_gate=False)
+    assert costs[0].item() == pytest.approx(flops[model.choices[0]] / flops[model.choices[-1]])
+    logits = torch.randn(5, len(model.choices), requires_grad=True)
+    targets = torch.tensor([0, 3, 1, 2, 3])
+    want = F.cross_entropy(logits, targets) + 0.5 * (logits.softmax(-1) * costs).sum(-1).mean()
+    torch.testing.assert_close(model.gate_loss(logits, targets, cost_weight=0.5), want)
+    # The cost term alone pushes probability towards narrower widths.
+    model.gate_loss(logits, targets, cost_weight=1e6).backward()
+    assert logits.grad[:, 0].sum() < 0 < logits.grad[:, -1].sum()
+    with pytest.raises(ValueError, match="^logits"):
+        model.gate_loss(logits[:, :2], targets)
+    with pytest.raises(ValueError, match="^targets"):
+        model.gate_loss(logits, targets.float())
+
+
+def test_gate_learns_targets_from_gate_loss():
+    """A few steps of the stage-3 objective move the gate's picks to the targets."""
+    model = small_model().eval()
+    x = torch.randn(8, 3, 6, 6) * torch.linspace(0.1, 2, 8).view(-1, 1, 1, 1)
+    targets = torch.tensor([0, 0, 0, 0, 3, 3, 3, 3])
+    opt = torch.optim.Adam(model.gate.parameters(), lr=0.05)
+    for _ in range(60):
+        loss = model.gate_loss(model.gate_logits(x), targets)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    _, picked = model(x, return_widths=True)
+    assert picked.tolist() == [model.choices[i] for i in targets.tolist()]

@@ -13,7 +13,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from torch.utils._python_dispatch import TorchDispatchMode
+
 from restorenet.ops import available_backends, slim_conv2d, slim_conv2d_reference, use_backend
+from restorenet.ops.slim_conv2d import SlimWidths, check_widths, widths_from_choices
 from restorenet.testing import assert_within_baseline_error
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -214,6 +217,117 @@ def test_bad_input_names_the_argument(change, exc, match):
     args.update(change)
     with pytest.raises(exc, match=match):
         slim_conv2d(**args)
+
+
+def _widths(values, lo, hi, dtype=torch.int32):
+    return SlimWidths(torch.tensor(values, dtype=dtype), lo, hi)
+
+
+@pytest.mark.parametrize("change,exc,match", [
+    (dict(in_width=torch.tensor([0, 2])), ValueError, "in_width must lie in 1..4"),
+    (dict(out_width=torch.tensor([6, 2], dtype=torch.uint8)), ValueError, "out_width must lie in 1..5"),
+    (dict(in_width=torch.tensor([True, True])), TypeError, "in_width must be an int or an integer tensor"),
+    (dict(in_width=_widths([1, 2], 0, 2)), ValueError, "in_width must lie in 1..4"),
+    (dict(out_width=_widths([1, 6], 1, 6)), ValueError, "out_width must lie in 1..5"),
+    (dict(in_width=_widths([1, 2], 1, 2, torch.int64)), TypeError, "in_width must be an int32 tensor"),
+    (dict(out_width=_widths([1, 2, 3], 1, 3)), ValueError, "out_width must be .* shape \\[N\\] = \\[2\\]"),
+    (dict(out_width=_widths(2, 2, 2)), ValueError, "out_width must be .* shape \\[N\\]"),
+])
+def test_bad_widths_name_the_argument(change, exc, match):
+    """Plain tensors and SlimWidths: width 0, width > max, wrong length, wrong dtype."""
+    args = dict(x=torch.randn(2, 4, 5, 5), weight=torch.randn(5, 4, 3, 3), bias=torch.randn(5),
+                in_width=2, out_width=3, stride=1, padding=1, backend="reference")
+    args.update(change)
+    with pytest.raises(exc, match=match):
+        slim_conv2d(**args)
+
+
+@pytest.mark.parametrize("width,kwargs,exc,match", [
+    (torch.tensor([0, 3]), {}, ValueError, "width must lie >= 1, got values in 0..3"),
+    (torch.tensor([2, 9]), dict(max_width=8), ValueError, "width must lie in 1..8"),
+    (9, dict(max_width=8), ValueError, "width must lie in 1..8"),
+    (torch.tensor([1, 2, 3]), {}, ValueError, "width must be .* shape \\[N\\] = \\[2\\]"),
+    (torch.tensor([1.0, 2.0]), {}, TypeError, "width must be an int or an integer tensor"),
+    (True, {}, TypeError, "width must be an int"),
+    (torch.tensor([1, 0]), dict(name="in_width"), ValueError, "^in_width must lie"),
+])
+def test_check_widths_rejects_bad_widths(width, kwargs, exc, match):
+    with pytest.raises(exc, match=match):
+        check_widths(width, 2, "cpu", **kwargs)
+
+
+class _HostReads(TorchDispatchMode):
+    """Counts device-to-host value reads: ``.item()``/``bool()``/``int()`` (all
+    ``aten::_local_scalar_dense``) and ``.tolist()`` (not dispatched: patched)."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten._local_scalar_dense.default:
+            self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def count_host_reads(monkeypatch, fn):
+    reads = _HostReads()
+    tolist = torch.Tensor.tolist
+
+    def counted_tolist(t):
+        reads.count += 1
+        return tolist(t)
+
+    with monkeypatch.context() as m:
+        m.setattr(torch.Tensor, "tolist", counted_tolist)
+        with reads:
+            out = fn()
+    return out, reads.count
+
+
+def _sync_free_reference(monkeypatch):
+    """Route the reference backend to the masked full-width conv (same values,
+    no host read) so the count sees the checks only, not the per-sample loop."""
+    op = importlib.import_module("restorenet.ops.slim_conv2d")
+
+    def masked(x, weight, bias, in_width, out_width, stride, padding):
+        c_in, c_out = torch.arange(x.shape[1]), torch.arange(weight.shape[0])
+        m_in = (c_in[None] < in_width[:, None]).to(x.dtype)[:, :, None, None]
+        m_out = (c_out[None] < out_width[:, None]).to(x.dtype)[:, :, None, None]
+        return F.conv2d(x * m_in, weight, bias, stride, padding) * m_out
+
+    monkeypatch.setitem(op._FORWARD, "reference", masked)
+
+
+def test_checked_widths_are_range_checked_without_a_host_read(monkeypatch):
+    torch.manual_seed(0)
+    x, weight, bias = torch.randn(3, 6, 5, 5), torch.randn(7, 6, 3, 3), torch.randn(7)
+    in_w, out_w = torch.tensor([6, 1, 3]), torch.tensor([2, 7, 7])
+    want = slim_conv2d(x, weight, bias, in_w, out_w, 1, 1, backend="reference")
+    checked_in, reads = count_host_reads(monkeypatch, lambda: check_widths(in_w, 3, x.device, 6))
+    assert reads == 1 and (checked_in.lo, checked_in.hi) == (1, 6)
+    assert checked_in.values.dtype == torch.int32 and checked_in.values.tolist() == [6, 1, 3]
+    checked_out = check_widths(out_w, 3, x.device, name="out_width")
+    _sync_free_reference(monkeypatch)
+    got, reads = count_host_reads(monkeypatch, lambda: slim_conv2d(
+        x, weight, bias, checked_in, checked_out, 1, 1, backend="reference"))
+    assert reads == 0
+    torch.testing.assert_close(got, want)
+    _, reads = count_host_reads(monkeypatch, lambda: slim_conv2d(
+        x, weight, bias, in_w, out_w, 1, 1, backend="reference"))
+    assert reads == 2  # a plain tensor width costs one read per argument
+
+
+def test_widths_from_choices_needs_no_host_read(monkeypatch):
+    index = torch.tensor([2, 0, 1, 2])
+    widths, reads = count_host_reads(monkeypatch, lambda: widths_from_choices([8, 16, 24], index))
+    assert reads == 0
+    assert widths.values.dtype == torch.int32 and widths.values.tolist() == [24, 8, 16, 24]
+    assert (widths.lo, widths.hi) == (8, 24)
+    with pytest.raises(ValueError, match="^choices"):
+        widths_from_choices([0, 8], index)
+    with pytest.raises(TypeError, match="^index"):
+        widths_from_choices([8, 16], index.float())
 
 
 # ---------------------------------------------------------------------- DDS-Net
