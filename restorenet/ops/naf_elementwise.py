@@ -39,7 +39,7 @@ the public functions, custom ops ``torch.ops.restorenet.layer_norm2d`` (returns
 ``(y, mean, rstd)``; + ``_backward``) and ``simple_gate`` (+ ``_backward``)
 with fake implementations, and the backends: reference,
 ``restorenet_kernels.naf_elementwise`` (Triton) and ``restorenet._C`` (CUDA:
-not written yet; auto-selection skips it, ``backend="cuda"`` raises).
+``csrc/naf_elementwise.cu``).
 """
 from __future__ import annotations
 
@@ -316,8 +316,9 @@ def _triton_sg_backward(g, x, channels_last):
 
 
 # ----------------------------------------------------------------- backend: cuda
-# Dispatch hooks for kernels not written yet: resolve_backend only picks "cuda"
-# when restorenet._C has the symbol, so these run once someone builds them.
+# csrc/naf_elementwise.cu through csrc/binding/naf_elementwise.cpp. The
+# binding converts weight/bias to the compute dtype and returns mean/rstd and
+# the parameter gradients in it (the op casts them to weight's dtype).
 def _cuda_ln_forward(x, weight, bias, eps, channels_last):
     return cuda_extension().layer_norm2d_forward(x, weight, bias, eps)
 

@@ -29,7 +29,7 @@ Pattern as in ``restorenet.ops.hyper_conv2d``: the spec (``*_reference``), the
 public functions, custom ops ``torch.ops.restorenet.rev_coupling_forward``
 (+ ``_backward``) and ``rev_coupling_invert`` with fake implementations, and
 the backends: reference, ``restorenet_kernels.reversible`` (Triton) and
-``restorenet._C`` (CUDA: not written yet; ``backend="cuda"`` raises).
+``restorenet._C`` (CUDA: ``csrc/reversible.cu``).
 """
 from __future__ import annotations
 
@@ -252,8 +252,10 @@ def _triton_invert(c_new, f, alpha, g, channels_last):
 
 
 # ----------------------------------------------------------------- backend: cuda
-# Dispatch hooks for kernels not written yet: resolve_backend only picks "cuda"
-# when restorenet._C has the symbol, so these run once someone builds them.
+# csrc/reversible.cu through csrc/binding/reversible.cpp. The kernels take
+# strides (no copies for either layout) and alpha in the compute dtype; the
+# binding converts alpha and returns grad_alpha in the compute dtype (the op
+# casts it to alpha's dtype).
 def _cuda_forward(c, f, alpha, channels_last):
     return cuda_extension().rev_coupling_forward(c, f, alpha)
 

@@ -1,0 +1,74 @@
+// Emulation build of csrc/reversible.cu and csrc/naf_elementwise.cu for
+// tests/csrc/test_elementwise_emulated.py: the kernels compiled as C++20 with
+// RN_CUDA_EMULATION (see cuda_emu.h) into one shared library with a flat
+// extern "C" API that ctypes calls on host memory (CPU torch tensors).
+//
+// The launchers of these ops call no CUDA runtime function on the emulated
+// path (no device queries: their grids depend on the shape only), so no
+// runtime stubs are needed here.
+#include "naf_elementwise.cu"
+#include "reversible.cu"
+
+namespace {
+using restorenet::Strides4;
+
+// shape: n, c, h, w; strides: one [n, c, h, w] quadruple per tensor.
+Strides4 strides_of(const int64_t* s) { return Strides4{s[0], s[1], s[2], s[3]}; }
+restorenet::DType dtype_of(int d) { return static_cast<restorenet::DType>(d); }
+restorenet::RevCouplingShape rev_shape(const int64_t* s) { return {s[0], s[1], s[2], s[3]}; }
+restorenet::NafShape naf_shape(const int64_t* s) { return {s[0], s[1], s[2], s[3]}; }
+}  // namespace
+
+extern "C" {
+int emu_rev_coupling_forward(int dtype, const int64_t* shape, const void* x, const int64_t* x_st, const void* f,
+                             const int64_t* f_st, const void* alpha, void* out, const int64_t* out_st) {
+  return restorenet::rev_coupling_forward(dtype_of(dtype), rev_shape(shape), x, strides_of(x_st), f,
+                                          strides_of(f_st), alpha, out, strides_of(out_st), nullptr);
+}
+
+int64_t emu_rev_coupling_invert_workspace_size(int dtype, int64_t channels) {
+  return int64_t(restorenet::rev_coupling_invert_workspace_size(dtype_of(dtype), channels));
+}
+
+int emu_rev_coupling_invert(int dtype, const int64_t* shape, const void* x, const int64_t* x_st, const void* f,
+                            const int64_t* f_st, const void* alpha, const void* g, const int64_t* g_st, void* c_out,
+                            const int64_t* c_st, void* grad_c, const int64_t* gc_st, void* grad_alpha,
+                            void* workspace, int64_t workspace_bytes) {
+  return restorenet::rev_coupling_invert(dtype_of(dtype), rev_shape(shape), x, strides_of(x_st), f,
+                                         strides_of(f_st), alpha, g, strides_of(g_st), c_out, strides_of(c_st),
+                                         grad_c, strides_of(gc_st), grad_alpha, workspace,
+                                         size_t(workspace_bytes), nullptr);
+}
+
+int emu_layer_norm2d_forward(int dtype, const int64_t* shape, const void* x, const int64_t* x_st,
+                             const void* weight, const void* bias, double eps, void* y, const int64_t* y_st,
+                             void* mean, void* rstd) {
+  return restorenet::layer_norm2d_forward(dtype_of(dtype), naf_shape(shape), x, strides_of(x_st), weight, bias, eps,
+                                          y, strides_of(y_st), mean, rstd, nullptr);
+}
+
+int64_t emu_layer_norm2d_backward_workspace_size(int dtype, int64_t channels) {
+  return int64_t(restorenet::layer_norm2d_backward_workspace_size(dtype_of(dtype), channels));
+}
+
+int emu_layer_norm2d_backward(int dtype, const int64_t* shape, const void* dy, const int64_t* dy_st,
+                              const void* x, const int64_t* x_st, const void* weight, const void* mean,
+                              const void* rstd, void* dx, const int64_t* dx_st, void* dweight, void* dbias,
+                              void* workspace, int64_t workspace_bytes) {
+  return restorenet::layer_norm2d_backward(dtype_of(dtype), naf_shape(shape), dy, strides_of(dy_st), x,
+                                           strides_of(x_st), weight, mean, rstd, dx, strides_of(dx_st), dweight,
+                                           dbias, workspace, size_t(workspace_bytes), nullptr);
+}
+
+int emu_simple_gate_forward(int dtype, const int64_t* shape, const void* x, const int64_t* x_st, void* y,
+                            const int64_t* y_st) {
+  return restorenet::simple_gate_forward(dtype_of(dtype), naf_shape(shape), x, strides_of(x_st), y,
+                                         strides_of(y_st), nullptr);
+}
+
+int emu_simple_gate_backward(int dtype, const int64_t* shape, const void* dy, const int64_t* dy_st, const void* x,
+                             const int64_t* x_st, void* dx, const int64_t* dx_st) {
+  return restorenet::simple_gate_backward(dtype_of(dtype), naf_shape(shape), dy, strides_of(dy_st), x,
+                                          strides_of(x_st), dx, strides_of(dx_st), nullptr);
+}
+}
