@@ -1,0 +1,301 @@
+"""csrc/slim_conv2d.cu run on the CPU: the kernels (the implicit-GEMM core of
+csrc/conv_core.cuh with slim_conv2d's per-sample channel bounds) compiled by
+the host compiler against the CUDA emulation in tests/csrc/emu/cuda_emu.h,
+called through their C API with CPU tensors and compared with the reference op.
+
+Checked here: values of y, dx, dW, dbias for every dtype and layout at mixed
+widths; outputs and workspace NaN-filled first (an element left unwritten
+fails); NaN planted in everything past the bounds (inactive input channels,
+inactive grad_out channels, weight rows/columns no sample uses), so a kernel
+that reads past a bound fails; the emulation's GEMM work counter, so a kernel
+that computes inactive tiles and masks them afterwards fails; width clamping;
+determinism. Not checked here: speed, coalescing, device-compiler bugs (the
+GPU test tests/ops/test_slim_conv2d_cuda.py does that).
+"""
+from __future__ import annotations
+
+import ctypes
+import math
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import torch
+
+from restorenet.ops.slim_conv2d import _reference_backward, slim_conv2d_reference
+
+ROOT = Path(__file__).resolve().parents[2]
+EMU = Path(__file__).resolve().parent / "emu"
+CXX = shutil.which("g++")
+DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+# Max error relative to the largest reference value, for outputs rounded to the dtype.
+TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
+TILE, SLICE, STEP, CHUNK = 64, 16, 16, 256  # conv_core.cuh: kTileM = kTileN, kSide, kTileK, kChunk
+
+
+@pytest.fixture(scope="module")
+def lib(tmp_path_factory, cuda_include_dir):
+    if CXX is None:
+        pytest.skip("g++ is not installed")
+    out = tmp_path_factory.mktemp("emu") / "slim_conv2d_emu.so"
+    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DRN_CUDA_EMULATION",
+           f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{cuda_include_dir}", str(EMU / "slim_conv2d_harness.cpp"),
+           "-shared", "-fPIC", "-o", str(out)]
+    run = subprocess.run(cmd, capture_output=True, text=True)
+    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stderr}"
+    so = ctypes.CDLL(str(out))
+    so.emu_gemm_work_take.restype = ctypes.c_longlong
+    return so
+
+
+def _i64(values) -> ctypes.Array:
+    return (ctypes.c_int64 * len(values))(*values)
+
+
+def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
+    return ctypes.c_void_p(None if t is None else t.data_ptr())
+
+
+def _shape(x, weight, stride, padding) -> list[int]:
+    n, c_in, h, w = x.shape
+    c_out, _, kh, kw = weight.shape
+    return [n, c_in, h, w, c_out, kh, kw, (h + 2 * padding - kh) // stride + 1,
+            (w + 2 * padding - kw) // stride + 1, stride, padding]
+
+
+def _layout(t: torch.Tensor) -> torch.memory_format:
+    cl = not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last)
+    return torch.channels_last if cl else torch.contiguous_format
+
+
+def emu_forward(lib, x, weight, bias, in_w, out_w, stride, padding):
+    s = _shape(x, weight, stride, padding)
+    y = torch.full((s[0], s[4], s[7], s[8]), float("nan"), dtype=x.dtype).contiguous(memory_format=_layout(x))
+    rc = lib.emu_slim_conv2d_forward(DTYPE_CODE[x.dtype], _i64(s), _ptr(x), _i64(x.stride()), _ptr(weight),
+                                     _ptr(bias), _ptr(in_w), _ptr(out_w), _ptr(y), _i64(y.stride()))
+    assert rc == 0, f"forward returned CUDA error {rc}"
+    return y
+
+
+def emu_backward(lib, dy, x, weight, bias, in_w, out_w, stride, padding, needs=(True, True, True)):
+    """[dx, dW, dbias] (None where not needed or bias is None)."""
+    s = _shape(x, weight, stride, padding)
+    code = DTYPE_CODE[x.dtype]
+    dx = dw = db = None
+    if needs[0]:
+        dx = torch.full_like(x, float("nan"))  # keeps x's strides
+        rc = lib.emu_slim_conv2d_backward_input(code, _i64(s), _ptr(dy), _i64(dy.stride()), _ptr(weight),
+                                                _ptr(in_w), _ptr(out_w), _ptr(dx), _i64(dx.stride()))
+        assert rc == 0, f"backward_input returned CUDA error {rc}"
+    if needs[1]:
+        dw = torch.full_like(weight, float("nan"))
+    if needs[2] and bias is not None:
+        db = torch.full_like(bias, float("nan"))
+    if dw is not None or db is not None:
+        nbytes = ctypes.c_int64()
+        assert lib.emu_slim_conv2d_backward_params_workspace_size(code, _i64(s), _ptr(dw), _ptr(db),
+                                                                  ctypes.byref(nbytes)) == 0
+        workspace = torch.full((nbytes.value,), 0xFF, dtype=torch.uint8)  # NaN in float and double
+        rc = lib.emu_slim_conv2d_backward_params(code, _i64(s), _ptr(dy), _i64(dy.stride()), _ptr(x),
+                                                 _i64(x.stride()), _ptr(in_w), _ptr(out_w), _ptr(dw), _ptr(db),
+                                                 _ptr(workspace), nbytes)
+        assert rc == 0, f"backward_params returned CUDA error {rc}"
+    return [dx, dw, db]
+
+
+def make_case(n, c_in, c_out, h, w, k, in_w, out_w, dtype, channels_last=False, bias=True, seed=0,
+              poison=True):
+    """Inputs rounded to ``dtype``; with ``poison``, NaN wherever the op must not
+    read: x[n, in_w[n]:], and weight rows / columns that no sample uses."""
+    g = torch.Generator().manual_seed(seed)
+    in_w = torch.tensor(in_w, dtype=torch.int32)
+    out_w = torch.tensor(out_w, dtype=torch.int32)
+    x = torch.randn(n, c_in, h, w, generator=g).to(dtype)
+    weight = (0.5 * torch.randn(c_out, c_in, k, k, generator=g)).to(dtype)
+    b = torch.randn(c_out, generator=g).to(dtype) if bias else None
+    if poison:
+        for i in range(n):
+            x[i, in_w[i]:] = float("nan")
+        weight[int(out_w.max()):] = float("nan")
+        weight[:, int(in_w.max()):] = float("nan")
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x, weight, b, in_w, out_w
+
+
+def make_grad_out(y, out_w, seed, poison=True):
+    dy = torch.randn(y.shape, generator=torch.Generator().manual_seed(seed + 1)).to(y.dtype)
+    if poison:
+        for i in range(y.shape[0]):
+            dy[i, out_w[i]:] = float("nan")  # the op ignores grad_out past out_width
+    return dy.contiguous(memory_format=_layout(y))
+
+
+def _clean(t):
+    """float64 copy with the poison (never read by the op) replaced by zeros."""
+    return None if t is None else torch.nan_to_num(t.double(), nan=0.0)
+
+
+def assert_close(actual, expected, dtype, name):
+    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
+    assert not torch.isnan(actual).any(), f"{name}: NaN: an element left unwritten or a bound crossed"
+    scale = max(1.0, expected.abs().max().item())
+    err = (actual.double() - expected).abs().max().item()
+    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
+
+
+def check_all(lib, n, c_in, c_out, h, w, k, stride, padding, in_w, out_w, dtype=torch.float64,
+              channels_last=False, bias=True, needs=(True, True, True), seed=0):
+    x, weight, b, iw, ow = make_case(n, c_in, c_out, h, w, k, in_w, out_w, dtype, channels_last, bias, seed)
+    y = emu_forward(lib, x, weight, b, iw, ow, stride, padding)
+    args64 = (_clean(x), _clean(weight), _clean(b), iw, ow, stride, padding)
+    y_ref = slim_conv2d_reference(*args64)
+    assert_close(y, y_ref, dtype, "y")
+    for i in range(n):
+        assert torch.equal(y[i, ow[i]:], torch.zeros_like(y[i, ow[i]:])), "inactive outputs must be exact zeros"
+    if channels_last:
+        assert y.is_contiguous(memory_format=torch.channels_last)
+    dy = make_grad_out(y, ow, seed)
+    grads = emu_backward(lib, dy, x, weight, b, iw, ow, stride, padding, needs)
+    grads_ref = _reference_backward(_clean(dy), *args64, list(needs))
+    for name, g, g_ref, t, need in zip(("dx", "dweight", "dbias"), grads, grads_ref, (x, weight, b), needs):
+        if not need or t is None:
+            assert g is None, name
+            continue
+        assert g.dtype == t.dtype, name
+        assert_close(g, g_ref, dtype, name)
+    if needs[0]:
+        for i in range(n):
+            assert torch.equal(grads[0][i, iw[i]:], torch.zeros_like(grads[0][i, iw[i]:])), "inactive dx"
+
+
+# (n, c_in, c_out, h, w, k, stride, padding, in_width, out_width, channels_last)
+GEOMETRIES = [
+    (3, 5, 6, 7, 9, 3, 1, 1, [1, 5, 3], [6, 1, 4], False),         # mixed widths incl. 1 and max
+    (3, 5, 6, 7, 9, 3, 2, 1, [1, 5, 3], [6, 1, 4], True),
+    (1, 4, 3, 9, 7, 1, 1, 0, [4], [3], True),                       # batch 1 at full width, 1x1
+    (2, 6, 4, 11, 5, 3, 2, 0, [3, 3], [2, 2], False),               # all samples at one width
+    (2, 70, 67, 5, 4, 1, 1, 0, [70, 17], [67, 20], False),          # two channel tiles; tiles skipped
+    (2, 66, 70, 4, 3, 3, 1, 1, [9, 66], [70, 5], True),             # ... channels_last, 3x3
+]
+
+
+@pytest.mark.parametrize("geometry", GEOMETRIES,
+                         ids=lambda g: "x".join(map(str, g[:8])) + ("-cl" if g[10] else ""))
+def test_matches_reference_float64(lib, geometry):
+    *sizes, in_w, out_w, channels_last = geometry
+    check_all(lib, *sizes, in_w, out_w, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("dtype,tensor_cores,channels_last", [
+    (torch.float32, False, False), (torch.float32, False, True),
+    (torch.float16, True, False), (torch.float16, True, True), (torch.float16, False, True),
+    (torch.bfloat16, True, True), (torch.bfloat16, False, False),
+], ids=["float32", "float32-cl", "float16-wmma", "float16-wmma-cl", "float16-simt-cl", "bfloat16-wmma-cl",
+        "bfloat16-simt"])
+def test_matches_reference_other_dtypes(lib, monkeypatch, dtype, tensor_cores, channels_last):
+    """16-bit types run on (emulated) tensor cores by default; RESTORENET_CUDA_TENSOR_CORES=0 selects SIMT."""
+    monkeypatch.setenv("RESTORENET_CUDA_TENSOR_CORES", "1" if tensor_cores else "0")
+    check_all(lib, 3, 5, 7, 9, 8, 3, 2, 1, [2, 5, 1], [7, 3, 1], dtype=dtype, channels_last=channels_last)
+
+
+@pytest.mark.parametrize("needs,bias", [((True, False, False), True), ((False, True, False), False),
+                                        ((False, False, True), True)], ids=["dx", "dweight-no-bias", "dbias"])
+def test_only_needed_grads(lib, needs, bias):
+    check_all(lib, 2, 3, 4, 6, 5, 3, 1, 1, [2, 3], [4, 1], bias=bias, needs=needs)
+
+
+def test_widths_are_clamped(lib):
+    """Widths past the channel counts act as the full width, widths <= 0 as an
+    empty sample (zeros): a bad width cannot address memory outside the tensors."""
+    x, weight, b, _, _ = make_case(2, 4, 5, 6, 6, 3, [4, 4], [5, 5], torch.float64, poison=False)
+    wide = emu_forward(lib, x, weight, b, torch.tensor([9, -3], dtype=torch.int32),
+                       torch.tensor([99, 5], dtype=torch.int32), 1, 1)
+    full = emu_forward(lib, x, weight, b, torch.tensor([4, 4], dtype=torch.int32),
+                       torch.tensor([5, 5], dtype=torch.int32), 1, 1)
+    assert torch.equal(wide[0], full[0])
+    expected = b.double()[:, None, None].expand(5, 6, 6)  # no input channel: the bias alone
+    assert torch.equal(wide[1], expected)
+    empty = emu_forward(lib, x, weight, b, torch.tensor([4, 4], dtype=torch.int32),
+                        torch.tensor([0, -1], dtype=torch.int32), 1, 1)
+    assert torch.equal(empty, torch.zeros_like(empty))
+
+
+def test_runs_are_deterministic_across_split_counts(lib, monkeypatch):
+    """The parameter pass splits its work by the SM count; partial sums are added in
+    a fixed order, so a given device gives bitwise-equal results run to run."""
+    x, weight, b, iw, ow = make_case(3, 4, 5, 17, 16, 3, [4, 2, 3], [5, 3, 1], torch.float32, poison=False)
+    dy = torch.randn(3, 5, 17, 16, generator=torch.Generator().manual_seed(4))
+    runs = {}
+    for sms in ("1", "64", "64"):
+        monkeypatch.setenv("RN_EMU_SM_COUNT", sms)
+        runs.setdefault(sms, []).append(emu_backward(lib, dy, x, weight, b, iw, ow, 1, 1, (False, True, True)))
+    (one,), (many, again) = runs["1"], runs["64"]
+    for a, b_, c in zip(one[1:], many[1:], again[1:]):
+        assert torch.equal(b_, c)
+        torch.testing.assert_close(a, b_, rtol=1e-5, atol=1e-4)
+
+
+# ------------------------------------------------------ work follows the widths
+def _slices(rows_active: int) -> int:
+    return math.ceil(min(rows_active, TILE) / SLICE)
+
+
+def conv_work(rows, pixels, taps, row_bounds, channel_bounds) -> int:
+    """GEMM work (16-row slices x steps) of a forward / input-gradient pass that
+    skips tiles past the row bound and stops the reduction at the channel bound."""
+    work = 0
+    for rows_n, chans_n in zip(row_bounds, channel_bounds):
+        for row0 in range(0, rows, TILE):
+            if rows_n > row0:
+                work += _slices(rows_n - row0) * math.ceil(chans_n * taps / STEP)
+    return work * math.ceil(pixels / TILE)
+
+
+def param_work(c_in, c_out, taps, pixels, in_w, out_w, bias_column) -> int:
+    """Same for the parameter pass, NCHW x (channel-major columns): an item runs
+    a tile only if it holds an active (co, column) of its sample."""
+    cols = c_in * taps + bias_column
+    chunks = [min(CHUNK, pixels - p) for p in range(0, pixels, CHUNK)]
+    work = 0
+    for k_in, k_out in zip(in_w, out_w):
+        for co0 in range(0, c_out, TILE):
+            for col0 in range(0, cols, TILE):
+                holds_bias = bias_column and col0 <= c_in * taps < col0 + TILE
+                if k_out > co0 and (col0 < k_in * taps or holds_bias):
+                    work += _slices(k_out - co0) * sum(math.ceil(c / STEP) for c in chunks)
+    return work
+
+
+def test_work_is_proportional_to_the_active_channels(lib):
+    """Counts the GEMM work the kernels do (conv_core.cuh's emulation counter):
+    tiles past a sample's widths run nothing, the reduction stops at its width,
+    and 16-row slices past it are skipped. A mixed batch costs the sum of its
+    samples' costs at their own widths, far less than at full width."""
+    n, c_in, c_out, h, w, k = 2, 80, 72, 6, 5, 3
+    in_w, out_w = [16, 80], [24, 8]
+    x, weight, b, iw, ow = make_case(n, c_in, c_out, h, w, k, in_w, out_w, torch.float32, poison=False)
+    taps, pixels = k * k, h * w
+    lib.emu_gemm_work_take()
+    y = emu_forward(lib, x, weight, b, iw, ow, 1, 1)
+    assert lib.emu_gemm_work_take() == conv_work(c_out, pixels, taps, out_w, in_w)
+    dy = torch.randn(y.shape)
+    emu_backward(lib, dy, x, weight, b, iw, ow, 1, 1, (True, False, False))
+    assert lib.emu_gemm_work_take() == conv_work(c_in, pixels, taps, in_w, out_w)
+    emu_backward(lib, dy, x, weight, b, iw, ow, 1, 1, (False, True, True))
+    assert lib.emu_gemm_work_take() == param_work(c_in, c_out, taps, pixels, in_w, out_w, True)
+    full = conv_work(c_out, pixels, taps, [c_out] * n, [c_in] * n)
+    assert conv_work(c_out, pixels, taps, out_w, in_w) < full / 4
+
+
+def test_invalid_shapes_are_rejected(lib):
+    x, weight, b, iw, ow = make_case(1, 2, 3, 5, 5, 3, [2], [3], torch.float32, poison=False)
+    y = torch.empty(1, 3, 5, 5)
+    s = _shape(x, weight, 1, 1)
+    for i, v in ((7, 4), (9, 0), (10, -1), (5, 0)):  # wrong h_out, stride 0, negative padding, kh 0
+        t = list(s)
+        t[i] = v
+        rc = lib.emu_slim_conv2d_forward(0, _i64(t), _ptr(x), _i64(x.stride()), _ptr(weight), _ptr(b),
+                                         _ptr(iw), _ptr(ow), _ptr(y), _i64(y.stride()))
+        assert rc == 1, (i, v)  # cudaErrorInvalidValue
