@@ -33,13 +33,16 @@ of the batch, divided by T), c_head likewise for a head, t_encoder the encoder o
 padded batch and t_blend one ``tile_blend``. Tile cutting (``tile_gather``) and the
 (stand-in) classifier are overhead, not part of the ideal; ``t_gather_s`` is recorded.
 
-Host syncs (``extra_info["host_reads"]``, ``["host_syncs"]``): one untimed restore under
-torch.profiler, counting aten::item / aten::_local_scalar_dense / aten::nonzero (data-
+Host syncs and launches (``extra_info["host_reads"]``, ``["host_syncs"]``): one untimed
+restore under torch.profiler, minus what the profiler shows around an empty call
+(``trace_summary``): aten::item / aten::_local_scalar_dense / aten::nonzero (data-
 dependent host reads), the boolean-mask gathers and index scatters (aten::index,
-aten::index_put_), and on CUDA the "Memcpy DtoH" device events and
-cudaStreamSynchronize calls. ``host_syncs`` = DtoH copies on CUDA; on CPU, where a
-read is no copy, _local_scalar_dense + nonzero (what would each be a sync on CUDA) --
-so the batched path's single ``.tolist()`` (no aten op on CPU) counts 0 there.
+aten::index_put_), top-level aten ops, and on CUDA the "Memcpy DtoH" device events,
+cuda*Synchronize calls, kernel-launch API calls and kernels run. ``host_syncs`` = DtoH
+copies on CUDA; on CPU, where a read is no copy, _local_scalar_dense + nonzero (what
+would each be a sync on CUDA) -- so the batched path's single ``.tolist()`` (no aten op
+on CPU) counts 0 there. After the module, the counts of every case are printed as a
+markdown table and written next to the --benchmark-json file (<stem>-restore-trace.md).
 
 GPU: paper AdaRevD-B (K = 4) on 720x1280 (GoPro size), batch 1 and 8, bf16 autocast,
 tile 384 overlap 32 (8 tiles per image). CPU: tiny model (width 8, enc_blocks
@@ -49,9 +52,11 @@ CPU numbers are a harness smoke test, not a performance claim.
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import statistics
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -200,13 +205,33 @@ def ideal_seconds(costs: dict, active: list[int]) -> float:
             + costs["tiles"] * costs["c_head_per_tile_s"] + costs["t_blend_s"])
 
 
-# ------------------------------------------------------------------ host reads
+# ------------------------------------------------------------ profiler trace summary
 SYNC_EVENTS = ("aten::item", "aten::_local_scalar_dense", "aten::nonzero", "aten::index",
                "aten::index_put_", "cudaStreamSynchronize")
+# CUDA runtime / driver calls that make the host wait for the device, and that launch kernels.
+SYNC_CALLS = ("cudaStreamSynchronize", "cudaDeviceSynchronize", "cudaEventSynchronize",
+              "cuStreamSynchronize", "cuCtxSynchronize", "cuEventSynchronize")
+LAUNCH_CALLS = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cudaLaunchCooperativeKernel",
+                "cuLaunchKernel", "cuLaunchKernelEx")
+# The summary's table: column title -> count key. GPU-only columns read "-" on CPU.
+TRACE_COLUMNS = {
+    "DtoH copies": "Memcpy DtoH",
+    "sync calls": "sync_calls",
+    "scalar reads": "aten::_local_scalar_dense",
+    "nonzero": "aten::nonzero",
+    "index gathers": "aten::index",
+    "index scatters": "aten::index_put_",
+    "kernel launches": "kernel_launches",
+    "GPU kernels": "gpu_kernels",
+    "top-level aten ops": "aten_ops",
+}
+GPU_ONLY_COUNTS = ("Memcpy DtoH", "sync_calls", "kernel_launches", "gpu_kernels")
 
 
-def host_read_counts(fn) -> dict:
-    """Counts of the host-read / gather-scatter events of one call under torch.profiler."""
+def _profiled_events(fn):
+    """torch.profiler events of one call of ``fn`` (CPU ops, and on GPU the CUDA runtime
+    calls and device activity); the device is synchronised inside the trace so all of the
+    call's device work is in it."""
     from torch.profiler import ProfilerActivity, profile
 
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if ON_GPU else [])
@@ -214,10 +239,59 @@ def host_read_counts(fn) -> dict:
     with profile(activities=activities) as prof:
         fn()
         _util.synchronize()
-    names = collections.Counter(e.name for e in prof.events())
+    return prof.events()
+
+
+def _top_level_ops(events) -> int:
+    """aten ops not called by another aten op: the dispatches the Python code made."""
+    count = 0
+    for e in events:
+        if not e.name.startswith("aten::"):
+            continue
+        parent = e.cpu_parent
+        while parent is not None and not parent.name.startswith("aten::"):
+            parent = parent.cpu_parent
+        count += parent is None
+    return count
+
+
+def event_counts(events) -> dict:
+    """Sync, copy and launch counts of a list of profiler events (see ``trace_summary``)."""
+    names = collections.Counter(e.name for e in events)
+    on_device = [e for e in events if getattr(e, "device_type", None) == torch.autograd.DeviceType.CUDA]
     counts = {name: names.get(name, 0) for name in SYNC_EVENTS}
     counts["Memcpy DtoH"] = sum(n for name, n in names.items() if "DtoH" in name)
+    counts["sync_calls"] = sum(names.get(name, 0) for name in SYNC_CALLS)
+    counts["kernel_launches"] = sum(names.get(name, 0) for name in LAUNCH_CALLS)
+    counts["gpu_kernels"] = sum(1 for e in on_device if not e.name.startswith(("Memcpy", "Memset")))
+    counts["aten_ops"] = _top_level_ops(events)
     return counts
+
+
+@functools.lru_cache(maxsize=None)
+def _idle_counts() -> tuple:
+    """What profiling itself shows around an empty call (the synchronisation the trace
+    ends with, on GPU): subtracted from every summary."""
+    return tuple(event_counts(_profiled_events(lambda: None)).items())
+
+
+def trace_summary(fn) -> dict:
+    """Host-device traffic of one call of ``fn`` from a torch.profiler trace, as counts:
+
+        aten::item, aten::_local_scalar_dense   host reads of a scalar (.item(), int(), bool())
+        aten::nonzero                           data-dependent sizes (boolean masks)
+        aten::index, aten::index_put_           gathers by mask / index and scatters back
+        Memcpy DtoH                             device-to-host copies (GPU)
+        sync_calls                              cuda*/cu* Stream/Device/Event Synchronize (GPU)
+        kernel_launches, gpu_kernels            launch API calls and kernels run (GPU)
+        aten_ops                                top-level aten ops (the CPU-side work count)
+
+    minus the same counts of an empty call (the profiler's own synchronisation). On CPU a
+    host read is no copy: the aten-level counts are what would each be a sync on CUDA.
+    """
+    idle = dict(_idle_counts())
+    counts = event_counts(_profiled_events(fn))
+    return {name: max(0, n - idle.get(name, 0)) for name, n in counts.items()}
 
 
 def host_syncs(counts: dict) -> int:
@@ -225,6 +299,48 @@ def host_syncs(counts: dict) -> int:
     reads and nonzeros, should the trace lack device events); on CPU those reads."""
     reads = counts["aten::_local_scalar_dense"] + counts["aten::nonzero"]
     return max(counts["Memcpy DtoH"], reads) if ON_GPU else reads
+
+
+def trace_table(rows: list[dict], on_gpu: bool = ON_GPU) -> str:
+    """Markdown table of trace summaries: one row per ``{"case": label, **counts}``."""
+    lines = ["| case | " + " | ".join(TRACE_COLUMNS) + " |",
+             "|---|" + "---:|" * len(TRACE_COLUMNS)]
+    for row in rows:
+        cells = ["-" if key in GPU_ONLY_COUNTS and not on_gpu else str(row.get(key, "?"))
+                 for key in TRACE_COLUMNS.values()]
+        lines.append(f"| {row['case']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# Filled by the benchmarks, written once the module is done (``_restore_trace_report``).
+_TRACE_ROWS: list[dict] = []
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _restore_trace_report(request):
+    """After this module: the trace summaries as a markdown table, printed in the
+    session's output and written next to the --benchmark-json file as
+    ``<json stem>-restore-trace.md`` (e.g. bench/results/ with scripts/gpu_check.sh)."""
+    yield
+    if not _TRACE_ROWS:
+        return
+    device = _util.device_name()
+    text = (f"# AdaRevD.restore: host syncs and launches per call ({device})\n\n"
+            "One untimed restore per case under torch.profiler, minus an empty call's counts "
+            "(bench/test_bench_restore.py::trace_summary).\n\n" + trace_table(_TRACE_ROWS))
+    json_file = request.config.getoption("benchmark_json", None)
+    if getattr(json_file, "name", None):
+        path = Path(json_file.name)
+        path.with_name(f"{path.stem}-restore-trace.md").write_text(text)
+    plugins = request.config.pluginmanager
+    reporter, capture = plugins.get_plugin("terminalreporter"), plugins.get_plugin("capturemanager")
+    if reporter is not None:
+        # Teardown output is captured (and dropped on success) unless capture is paused.
+        with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+            reporter.write_line("")
+            for line in text.splitlines():
+                reporter.write_line(line)
+    _TRACE_ROWS.clear()
 
 
 # ------------------------------------------------------------------ the benchmark
@@ -254,7 +370,8 @@ def _bench_restore(benchmark, strategy, mix, batch):
     # One untimed call (also a warm-up) under the profiler; the forced mix really is
     # what runs. (return_exits adds no host read: the exits stay on the device.)
     result = {}
-    counts = host_read_counts(lambda: result.update(out_exits=restore(return_exits=True)))
+    counts = trace_summary(lambda: result.update(out_exits=restore(return_exits=True)))
+    _TRACE_ROWS.append({"case": f"{strategy} {mix} b{batch}", **counts})
     out, exits = result.pop("out_exits")
     expected = torch.tensor(exit_idx)[classes]
     assert torch.equal(exits.flatten().cpu(), expected), f"{strategy} {mix}: exits are not the forced mix"
@@ -285,3 +402,58 @@ def _bench_restore(benchmark, strategy, mix, batch):
         ratio = stats.stats.mean / ideal
         benchmark.extra_info["time_vs_ideal"] = ratio
         benchmark.extra_info["within_1.1x_ideal"] = ratio <= 1.1
+
+
+# ------------------------------------------------------------- the tile ops alone
+TILE_OP_BACKENDS = ("reference", "triton", "cuda")
+TILE_WIDTH = 64 if ON_GPU else 8  # AdaRevD-B's encoder width: levels carry w, 2w, ..., 16w
+
+
+def _tile_op_case(op: str, batch: int):
+    """(callable, bytes it must move, shape label) for one tile op over a batch at SIZE:
+    gather = the five feature levels cut into sorted order (one launch each), bytes = every
+    tile element read once and written once; blend = the head outputs (3 channels) blended
+    back, bytes = tiles read once + images written once."""
+    from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan
+
+    plan = tile_plan(torch.empty(batch, 1, *SIZE, device="meta"), TILE, OVERLAP, multiple=16)
+    order = torch.randperm(plan.num_tiles, generator=torch.Generator().manual_seed(0)).to(DEVICE)
+    g = torch.Generator(device=DEVICE).manual_seed(0)
+    if op == "gather":
+        feats = [torch.randn(batch, TILE_WIDTH * 2 ** lvl, SIZE[0] >> lvl, SIZE[1] >> lvl, device=DEVICE,
+                             generator=g).to(DTYPE) for lvl in range(5)]
+        out_elems = sum(plan.num_tiles * f.shape[1] * (TILE >> lvl) ** 2 for lvl, f in enumerate(feats))
+
+        def fn(backend):
+            return [tile_gather(f, plan, order, scale=2 ** lvl, backend=backend) for lvl, f in enumerate(feats)]
+
+        return fn, 2 * out_elems * feats[0].element_size(), (plan.num_tiles, TILE_WIDTH, TILE, TILE)
+    tiles = torch.randn(plan.num_tiles, 3, TILE, TILE, device=DEVICE, generator=g).to(DTYPE)
+
+    def fn(backend):
+        return tile_blend(tiles, plan, order, backend=backend)
+
+    nbytes = (tiles.numel() + 3 * plan.num_pixels) * tiles.element_size()
+    return fn, nbytes, tuple(tiles.shape)
+
+
+@pytest.mark.parametrize("batch", BATCHES, ids=lambda b: f"b{b}")
+@pytest.mark.parametrize("backend", TILE_OP_BACKENDS)
+@pytest.mark.parametrize("op", ("gather", "blend"))
+def test_tile_op(benchmark, op, backend, batch):
+    """tile_gather (all five levels) and tile_blend alone, per backend, at the restore
+    benchmark's geometry: GB/s of the bytes they must move (extra_info GBps)."""
+    from restorenet.ops import available_backends
+
+    if backend not in available_backends(DEVICE, f"tile_{op}_forward"):
+        pytest.skip(f"backend {backend!r} cannot run tile_{op} on {DEVICE.type} here")
+    with _util.skip_on_oom(f"tile_{op} {backend} batch {batch}"):
+        fn, nbytes, shape = _tile_op_case(op, batch)
+        _util.run_benchmark(
+            benchmark, lambda: fn(backend), strategy=backend,
+            baselines=[] if backend == "reference" else ["reference"],
+            group=f"tile {op} {SIZE[0]}x{SIZE[1]} tile {TILE} b{batch} {_util.dtype_name(DTYPE)}",
+            nbytes=nbytes, dtype=DTYPE, shape=shape, tile=TILE, overlap=OVERLAP,
+            bytes_note=("gather: tiles read once + written once, all five levels; "
+                        "blend: tiles read once + images written once"),
+            **{"pass": f"tile_{op} forward"})

@@ -20,7 +20,7 @@ __all__ = ["Target", "TARGETS", "TargetResult", "evaluate", "table_rows"]
 
 FAST_BACKENDS = ("triton", "cuda")
 HYPER_COMPOSITIONS = ("grouped", "linearity", "compiled_grouped", "compiled_linearity")
-MEMORY_BOUND_GROUPS = ("elementwise ",)  # bench/test_bench_elementwise.py
+MEMORY_BOUND_GROUPS = ("elementwise ", "tile ")  # bench/test_bench_elementwise.py, tile ops in test_bench_restore.py
 CONV_GROUPS = ("hyper_conv2d ", "slim_conv2d ")
 
 

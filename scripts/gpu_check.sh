@@ -179,7 +179,7 @@ if [[ -n "${OUT:-}" ]]; then
   section "copy to \$OUT"
   mkdir -p "$OUT"
   for f in "$RESULTS/$STEM.json" "$RESULTS/$STEM.md" "$RESULTS/$STEM-tests.log" \
-           "$RESULTS/$STEM-bench.log" "$RESULTS/$STEM-build.log"; do
+           "$RESULTS/$STEM-bench.log" "$RESULTS/$STEM-build.log" "$RESULTS/$STEM-restore-trace.md"; do
     [[ -f "$f" ]] && cp "$f" "$OUT/"
   done
   if compgen -G "$RESULTS/$STEM-*.png" >/dev/null; then

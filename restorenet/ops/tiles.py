@@ -40,8 +40,9 @@ cross-fade, and a constant tile set blends to that constant exactly.
 
 Ops: ``torch.ops.restorenet.tile_gather`` and ``tile_blend`` (forward only, no
 autograd) with backends ``reference`` (the spec below: vectorised PyTorch, no host
-reads), ``triton`` (``restorenet_kernels.tiles``) and ``cuda`` (not written yet:
-asking for it raises; the automatic choice skips it). ``tile_plan`` is host-side
+reads), ``triton`` (``restorenet_kernels.tiles``) and ``cuda`` (``restorenet._C``,
+csrc/tiles.cu; the automatic choice skips it where the extension was built without
+these kernels, and asking for it there raises). ``tile_plan`` is host-side
 Python and ``tile_schedule`` a few PyTorch ops, inside an NVTX/profiler range.
 """
 from __future__ import annotations
@@ -501,8 +502,9 @@ _CUDA_FUNCTIONS = {"tile_gather": "tile_gather_forward", "tile_blend": "tile_ble
 
 
 def _resolve(op: str, backend: Optional[str], device: torch.device) -> str:
-    # The CUDA kernels of these ops are not in restorenet._C yet: the automatic
-    # choice skips cuda, and asking for it explicitly raises.
+    # cuda counts only if restorenet._C has this op's kernel (an extension built
+    # before csrc/tiles.cu existed lacks it): the automatic choice then skips cuda,
+    # and asking for it explicitly raises.
     return resolve_backend(backend, device, op, cuda_symbol=_CUDA_FUNCTIONS[op])
 
 
@@ -549,12 +551,16 @@ def _triton_blend(*args):
     return kernels.blend(*args)
 
 
-def _cuda_gather(*args):  # not reachable until restorenet._C has the kernel (see _resolve)
-    return cuda_extension().tile_gather_forward(*args)
+def _cuda_gather(feats, boxes, tile_h, tile_w):
+    # csrc/tiles.cu via csrc/binding/tiles.cpp: one launch, sources of any layout.
+    return cuda_extension().tile_gather_forward(feats, boxes, tile_h, tile_w)
 
 
-def _cuda_blend(*args):
-    return cuda_extension().tile_blend_forward(*args)
+def _cuda_blend(tiles, slots, layout, row_weight, col_weight, num_pixels, cover_h, cover_w):
+    # Output-stationary: each pixel's tiles summed in plan order in fp32 (fp64), no
+    # atomics, so runs are bitwise reproducible (the reference's index_add_ is not, on GPU).
+    return cuda_extension().tile_blend_forward(tiles, slots, layout, row_weight, col_weight,
+                                               num_pixels, cover_h, cover_w)
 
 
 _GATHER = {"reference": tile_gather_reference, "triton": _triton_gather, "cuda": _cuda_gather}
