@@ -9,4 +9,9 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.doc() = "restorenet CUDA kernels (csrc/)";
   restorenet::binding::bind_hyper_conv2d(m);
+  restorenet::binding::bind_slim_conv2d(m);
+  restorenet::binding::bind_tiles(m);
+  restorenet::binding::bind_reversible(m);
+  restorenet::binding::bind_naf_elementwise(m);
+  restorenet::binding::bind_channel_attention(m);
 }

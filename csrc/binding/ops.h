@@ -8,5 +8,10 @@
 namespace restorenet::binding {
 
 void bind_hyper_conv2d(pybind11::module_& m);
+void bind_slim_conv2d(pybind11::module_& m);
+void bind_tiles(pybind11::module_& m);
+void bind_reversible(pybind11::module_& m);
+void bind_naf_elementwise(pybind11::module_& m);
+void bind_channel_attention(pybind11::module_& m);
 
 }  // namespace restorenet::binding

@@ -22,24 +22,22 @@ at H/8 ... H -- with x = e4 (16w, H/16) fixed for all columns::
 
 Each update is invertible given the already-updated coarser state:
 ``c = (c' - L(...)) / a``, so training does not need to keep activations: with
-``memory_efficient=True`` backward rebuilds the states column by column (see
-``ReversibleColumns``, the single place that runs the column/level loop).
+``memory_efficient=True`` backward rebuilds the states column by column: the loop
+and its backward are the generic op ``restorenet.ops.reversible_columns``, which
+``ReversibleColumns`` calls with the ``DecoderColumn`` objects.
 """
 from __future__ import annotations
 
-import contextlib
-import functools
 import operator
 from typing import Sequence
 
 import torch
 import torch.nn as nn
-from torch.autograd.function import once_differentiable
 
 from restorenet._checks import check_image
 from restorenet.models.blocks import LayerNorm2d, NAFBlock, downsample, pad_to_multiple, upsample
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
-from restorenet.ops.reversible import rev_coupling_forward, rev_coupling_invert
+from restorenet.ops.rev_columns import column_forward, reversible_columns
 from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan, tile_schedule
 from restorenet.registry import register_model
 
@@ -138,18 +136,14 @@ def signed_clamp(a: torch.Tensor, eps: float = ALPHA_MIN) -> torch.Tensor:
     return sign * a.abs().clamp_min(eps)
 
 
-def coupling_dtype(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the reversible states are kept in: fp32 for fp16/bf16 inputs
-    (an inverted half-precision coupling drifts, see ``ReversibleColumns``), else
-    the input's own (fp32 or fp64)."""
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
-
-
 # ------------------------------------------------------------------ one column
 
 
 class DecoderColumn(nn.Module):
-    """One reversible sub-decoder: four coupled level updates (coarse to fine)."""
+    """One reversible sub-decoder: four coupled level updates (coarse to fine).
+    Follows ``restorenet.ops.ReversibleColumn``."""
+
+    num_levels = NUM_LEVELS
 
     def __init__(self, width: int, dropout: float = 0.0):
         super().__init__()
@@ -184,52 +178,26 @@ class DecoderColumn(nn.Module):
         """Everything level i's update depends on: its alpha, then L_i's weights."""
         return [self.alphas[i], *self.levels[i].parameters()]
 
-    def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor],
-                rng_log: list | None = None) -> tuple[torch.Tensor, ...]:
-        """(c0..c3) -> (c0'..c3'); c_i' = a_i*c_i + L_i(coarser new state, finer old state).
+    def level_buffers(self, i: int) -> list[torch.Tensor]:
+        """Buffers L_i may update (none: LayerNorm2d keeps no running statistics)."""
+        return list(self.levels[i].buffers())
 
-        The coupling runs in ``coupling_dtype`` (fp32 for half inputs) through the
-        fused ``rev_coupling_forward``; the new states come back in the dtype of
-        the given ones. ``rng_log``, when given, receives the RNG state before each
-        L_i so a recompute can replay its dropout masks.
-        """
-        dtype = functools.reduce(torch.promote_types, (s.dtype for s in states))
-        work = coupling_dtype(dtype)
-        states = [s.to(work) for s in states]
-        new = []
-        for i in range(NUM_LEVELS):
-            coarse = x if i == 0 else new[i - 1]
-            finer = states[i + 1] if i + 1 < NUM_LEVELS else None
-            if rng_log is not None:
-                rng_log.append(_rng_snapshot(x.device))
-            f = self.update_term(i, coarse, finer, work)
-            new.append(rev_coupling_forward(states[i], f, self.coupling_alpha(i, work)))
-        return tuple(s.to(dtype) for s in new)
+    def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """(c0..c3) -> (c0'..c3'), c_i' = a_i*c_i + L_i(coarser new state, finer old state):
+        ``restorenet.ops.column_forward`` (fp32 coupling states for half inputs)."""
+        return column_forward(self, x, states)
 
 
-# ------------------------------------------- the column/level loop (forward + backward)
+# ------------------------------------------------------------- K columns
 
 
 class ReversibleColumns(nn.Module):
     """K decoder columns run one after another; returns each column's finest state c3'.
 
-    This is the one place that runs the column/level loop. ``memory_efficient=False``
-    is plain autograd through ``DecoderColumn.forward``. ``memory_efficient=True`` runs
-    the same loop inside ``_ReversibleColumnsFn``: forward keeps only x, the last
-    column's states and each column's c3' (which the heads consume anyway); backward
-    rebuilds every earlier state by inverting the couplings. The coupling itself is
-    the fused ``restorenet.ops.rev_coupling_forward`` / ``rev_coupling_invert``
-    (backend chosen by ``restorenet.ops.use_backend``).
-
-    Precision. The states c0..c3 are kept in fp32 whenever the inputs are fp16/bf16
-    (under autocast, or for a half-precision model): L_i still runs in low precision,
-    only its output is upcast before the coupling, and the outputs c3' are returned
-    in the inputs' dtype. Why: backward rebuilds c = (c' - f) / a from the rounded
-    c', so rounding errors compound through every level and column. Measured on the
-    fused ops, 8 chained couplings then 8 inversions at a = 0.5, relative error of
-    the rebuilt state: fp32 1.4e-5, fp16 8.7e-2, bf16 0.73 -- half-precision states
-    would make the reversible gradients wrong, fp32 ones cost 2x memory on the few
-    saved states only. fp64 inputs stay fp64 (exact replay in tests).
+    The column/level loop, its memory-efficient backward (states rebuilt by inverting
+    the couplings, RNG/autocast replay, fp32 coupling states for half inputs) and
+    their measured precision live in ``restorenet.ops.reversible_columns``;
+    ``memory_efficient=False`` is plain autograd through the same loop.
     """
 
     def __init__(self, width: int, num_columns: int, dropout: float = 0.0):
@@ -241,144 +209,7 @@ class ReversibleColumns(nn.Module):
 
     def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor],
                 memory_efficient: bool = True) -> list[torch.Tensor]:
-        columns = list(self.columns)
-        params = [p for col in columns for i in range(NUM_LEVELS) for p in col.level_parameters(i)]
-        needs_grad = torch.is_grad_enabled() and any(
-            t.requires_grad for t in (x, *states, *params))
-        dtype = functools.reduce(torch.promote_types, (s.dtype for s in states))
-        states = tuple(s.to(coupling_dtype(dtype)) for s in states)  # fp32 states, see above
-        if memory_efficient and needs_grad:
-            outputs = list(_ReversibleColumnsFn.apply(columns, x, *states, *params))
-        else:
-            outputs = []
-            for col in columns:
-                states = col(x, states)
-                outputs.append(states[-1])
-        return [o.to(dtype) for o in outputs]
-
-
-class _ReversibleColumnsFn(torch.autograd.Function):
-    """Reversible backward for ``ReversibleColumns`` (plain PyTorch).
-
-    Parameters enter as explicit inputs so their gradients flow through autograd
-    exactly as in the plain path (optimizers, hooks, ``autograd.grad`` all work).
-    """
-
-    @staticmethod
-    def forward(ctx, columns, x, c0, c1, c2, c3, *params):
-        ctx.columns = columns
-        # Autocast cannot change inside one call, so one record serves every column.
-        ctx.autocast = _autocast_snapshot(x.device.type)
-        # RNG state before each L_i, per column and level: backward replays the
-        # levels in reverse order, so one snapshot per column would not do.
-        ctx.rng = []
-        states, outputs = (c0, c1, c2, c3), []
-        for col in columns:
-            log: list = []
-            states = col(x, states, rng_log=log)
-            ctx.rng.append(log)
-            outputs.append(states[-1])
-        ctx.save_for_backward(x, *states)
-        return tuple(outputs)
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grad_outputs):
-        x, *states = ctx.saved_tensors
-        grad_states = [torch.zeros_like(s) for s in states]
-        grad_x = torch.zeros_like(x)
-        param_grads: list = []
-        with _autocast_replay(ctx.autocast):
-            for k in reversed(range(len(ctx.columns))):
-                grad_states[-1] = grad_states[-1] + grad_outputs[k]  # from column k's head
-                states, grad_states, gx, pgrads = _column_backward(
-                    ctx.columns[k], x, states, grad_states, ctx.rng[k])
-                grad_x = grad_x + gx
-                param_grads = pgrads + param_grads
-        needs = ctx.needs_input_grad
-        grad_inputs = [grad_x, *grad_states]
-        grad_inputs = [g if needs[1 + j] else None for j, g in enumerate(grad_inputs)]
-        return (None, *grad_inputs, *param_grads)
-
-
-def _column_backward(col: DecoderColumn, x, new_states, grad_new, rng_log):
-    """Walk one column's levels in reverse: rebuild (c0..c3) from (c0'..c3') and
-    turn the gradients on the new states into gradients on the old states, x,
-    the alphas and L_i's weights (ordered like ``col.level_parameters(0..3)``)."""
-    grad_new = list(grad_new)
-    old: list = [None] * NUM_LEVELS
-    grad_old: list = [None] * NUM_LEVELS
-    level_grads: list = [None] * NUM_LEVELS
-    grad_x = None
-    for i in reversed(range(NUM_LEVELS)):
-        coarse = x if i == 0 else new_states[i - 1]
-        finer = old[i + 1] if i + 1 < NUM_LEVELS else None
-        old[i], g_self, g_coarse, g_finer, level_grads[i] = _invert_level(
-            col, i, coarse, finer, new_states[i], grad_new[i], rng_log[i])
-        grad_old[i] = g_self
-        if finer is not None:  # c_{i+1} fed L_i: finish its gradient
-            grad_old[i + 1] = grad_old[i + 1] + g_finer
-        if i == 0:
-            grad_x = g_coarse
-        else:  # c'_{i-1} fed L_i: add to its gradient before level i-1 is walked
-            grad_new[i - 1] = grad_new[i - 1] + g_coarse
-    return old, grad_old, grad_x, [g for grads in level_grads for g in grads]
-
-
-def _invert_level(col: DecoderColumn, i: int, coarse, finer, new_state, grad_new, rng_state):
-    """Undo and backprop c_i' = a_i*c_i + f_i, f_i = L_i(coarse, finer).
-
-    ``rev_coupling_invert`` does the memory-bound part in one pass: c_i = (c_i' - f_i)/a_i,
-    dc_i = a_i*dc_i' and da_i = sum_{n,h,w} dc_i' * c_i (for the clamped a_i). One
-    autograd call then takes df_i = dc_i' into L_i (weights, coarse, finer) and da_i
-    back through ``signed_clamp`` to the raw alpha (derivative 1 where |alpha| >= 1e-3,
-    else 0, as in the plain path).
-    """
-    coarse = coarse.detach().requires_grad_()
-    finer = finer.detach().requires_grad_() if finer is not None else None
-    params = col.level_parameters(i)
-    trainable = [p for p in params if p.requires_grad]
-    with torch.enable_grad(), _rng_replay(rng_state):
-        f = col.update_term(i, coarse, finer, new_state.dtype)  # same as the forward's
-        alpha = col.coupling_alpha(i, new_state.dtype)
-    old, g_old, g_alpha = rev_coupling_invert(new_state, f.detach(), alpha.detach(), grad_new)
-    outputs, grad_outputs = [f], [grad_new]
-    if alpha.requires_grad:
-        outputs.append(alpha)
-        grad_outputs.append(g_alpha)
-    wrt = [coarse] + ([finer] if finer is not None else []) + trainable
-    grads = list(torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True))
-    g_coarse = grads[0]
-    g_finer = grads[1] if finer is not None else None
-    g_trainable = iter(grads[len(wrt) - len(trainable):])
-    g_params = [next(g_trainable) if p.requires_grad else None for p in params]
-    return old, g_old, g_coarse, g_finer, g_params
-
-
-def _rng_snapshot(device: torch.device):
-    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
-    return torch.get_rng_state(), cuda_state, device
-
-
-@contextlib.contextmanager
-def _rng_replay(snapshot):
-    """Run the block with the recorded CPU (and CUDA) RNG state; restore the live one after."""
-    cpu_state, cuda_state, device = snapshot
-    with torch.random.fork_rng(devices=[device] if cuda_state is not None else []):
-        torch.set_rng_state(cpu_state)
-        if cuda_state is not None:
-            torch.cuda.set_rng_state(cuda_state, device)
-        yield
-
-
-def _autocast_snapshot(device_type: str):
-    enabled = torch.is_autocast_enabled(device_type)
-    return device_type, enabled, torch.get_autocast_dtype(device_type)
-
-
-def _autocast_replay(snapshot):
-    device_type, enabled, dtype = snapshot
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+        return reversible_columns(list(self.columns), x, states, memory_efficient=memory_efficient)
 
 
 # ------------------------------------------------------------------ classifier

@@ -2,6 +2,18 @@
 
 Notation follows ``shared/design/architectures.md``: LN2d is LayerNorm over
 channels at each pixel, SG is SimpleGate, SCA is simplified channel attention.
+
+The element-wise stages run through the fused ops of ``restorenet.ops``
+(``layer_norm2d``, ``simple_gate``, ``channel_attention``, ``scaled_residual``),
+so the backend follows ``use_backend`` / ``RESTORENET_BACKEND`` like every op
+(CPU default: ``reference``, plain PyTorch, the same numbers as the textbook
+formulas up to float rounding). Parameter names and shapes are those of the
+plain modules: state_dicts do not change.
+
+Dtypes: the ops compute in fp32 and return the activation's dtype. fp32
+parameters with a float16/bfloat16 activation (fp32 master weights, autocast)
+are used as they are and do *not* promote the activation to fp32, unlike the
+plain formulas; any other mix is promoted as PyTorch would (``_fused_dtypes``).
 """
 from __future__ import annotations
 
@@ -9,9 +21,35 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from restorenet.ops.channel_attention import channel_attention, scaled_residual
+from restorenet.ops.naf_elementwise import layer_norm2d, simple_gate
+
+_HALF = (torch.float16, torch.bfloat16)
+
+
+def _fused_dtypes(activations: tuple, params: tuple) -> tuple[tuple, tuple]:
+    """Activations and parameters cast (only where needed) to what the fused ops
+    take: one activation dtype, parameters of that dtype or fp32 master copies
+    (fp64 activations need fp64 parameters). The activation dtype is PyTorch's
+    promotion of all of them, except that an fp32 parameter does not promote a
+    half-precision activation."""
+    dtype = activations[0].dtype
+    for t in activations[1:]:
+        dtype = torch.promote_types(dtype, t.dtype)
+    for p in params:
+        if p is not None and not (p.dtype == torch.float32 and dtype in _HALF):
+            dtype = torch.promote_types(dtype, p.dtype)
+
+    def param(p):
+        keep = p is None or p.dtype == dtype or (p.dtype == torch.float32 and dtype != torch.float64)
+        return p if keep else p.to(dtype)
+
+    return tuple(t.to(dtype) for t in activations), tuple(param(p) for p in params)
+
 
 class LayerNorm2d(nn.Module):
-    """LayerNorm over the channel dim of an NCHW tensor, per pixel."""
+    """LayerNorm over the channel dim of an NCHW tensor, per pixel (fused op
+    ``layer_norm2d``: one pass over memory each way, fp32 statistics)."""
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
@@ -20,29 +58,42 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        mu = x.mean(1, keepdim=True)
-        var = (x - mu).pow(2).mean(1, keepdim=True)
-        y = (x - mu) * torch.rsqrt(var + self.eps)
-        return y * self.weight.view(1, -1, 1, 1) + self.bias.view(1, -1, 1, 1)
+        (x,), (w, b) = _fused_dtypes((x,), (self.weight, self.bias))
+        return layer_norm2d(x, w, b, self.eps)
 
 
 class SimpleGate(nn.Module):
-    """SG(t): split the channels in two halves and multiply them."""
+    """SG(t): split the channels in two halves and multiply them (fused op ``simple_gate``)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        a, b = x.chunk(2, dim=1)
-        return a * b
+        return simple_gate(x)
 
 
 class SimplifiedChannelAttention(nn.Module):
-    """SCA(t) = t * conv1x1(avgpool(t))."""
+    """SCA(t) = t * conv1x1(avgpool(t)) (fused op ``channel_attention``: the
+    pool and the product are two passes over memory each way; the 1x1 conv on
+    the pooled [N, C] vector runs inside the op)."""
 
     def __init__(self, channels: int):
         super().__init__()
         self.proj = nn.Conv2d(channels, channels, 1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.proj(F.adaptive_avg_pool2d(x, 1))
+        return self._attend(x, gated=False)
+
+    def gated(self, x: torch.Tensor) -> torch.Tensor:
+        """SCA(SG(x)) in the same two passes: SG(x) is recomputed, never stored."""
+        return self._attend(x, gated=True)
+
+    def _attend(self, x: torch.Tensor, gated: bool) -> torch.Tensor:
+        (x,), (w, b) = _fused_dtypes((x,), (self.proj.weight, self.proj.bias))
+        return channel_attention(x, w, b, gated=gated)
+
+
+def _scaled_residual(inp: torch.Tensor, scale: nn.Parameter, z: torch.Tensor) -> torch.Tensor:
+    """inp + scale * z (scale [1, C, 1, 1]) through the fused op."""
+    (inp, z), (scale,) = _fused_dtypes((inp, z), (scale,))
+    return scaled_residual(inp, scale, z)
 
 
 class NAFBlock(nn.Module):
@@ -71,15 +122,16 @@ class NAFBlock(nn.Module):
         self.gamma = nn.Parameter(torch.zeros(1, c, 1, 1))
 
     def spatial_mixer(self, x: torch.Tensor) -> torch.Tensor:
-        t = self.gate(self.dwconv(self.expand(self.norm1(x))))
-        return self.drop1(self.project(self.sca(t)))
+        # SG and SCA fused: SCA(SG(t)) is one op, SG(t) is never stored.
+        t = self.dwconv(self.expand(self.norm1(x)))
+        return self.drop1(self.project(self.sca.gated(t)))
 
     def channel_mlp(self, y: torch.Tensor) -> torch.Tensor:
         return self.drop2(self.ffn_project(self.gate(self.ffn_expand(self.norm2(y)))))
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        y = inp + self.beta * self.spatial_mixer(inp)
-        return y + self.gamma * self.channel_mlp(y)
+        y = _scaled_residual(inp, self.beta, self.spatial_mixer(inp))
+        return _scaled_residual(y, self.gamma, self.channel_mlp(y))
 
 
 def downsample(channels: int) -> nn.Module:

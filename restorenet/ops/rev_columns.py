@@ -1,0 +1,461 @@
+"""reversible_columns: a chain of RevCol-style reversible columns whose backward
+keeps no activations.
+
+A column holds ``n`` level states ``c_0..c_{n-1}`` (coarse to fine) and updates
+them in order, each from the *new* coarser state and the *old* finer one::
+
+    c_i' = a_i * c_i + L_i(coarse_i, finer_i)
+    coarse_i = x (fixed for every column) if i == 0, else c_{i-1}'
+    finer_i  = c_{i+1}, none for the finest level (i = n-1)
+
+and emits its finest new state ``c_{n-1}'`` (AdaRevD feeds it to the column's
+head). ``K`` columns run one after another, each starting from the last one's
+states. Every update can be undone once the coarser state is known again::
+
+    c_i = (c_i' - L_i(coarse_i, finer_i)) / a_i
+
+so with ``memory_efficient=True`` the forward keeps only ``x`` and the last
+column's states (nothing that grows with K; the per-column outputs are returned,
+not saved: their gradients come back as inputs of backward). Backward walks the
+columns and, inside each, the levels in reverse (k = K-1..0, i = n-1..0)::
+
+    f    = L_i(coarse_i, finer_i)     recomputed with grad (c_{i-1}' is still known,
+                                      c_{i+1} was just rebuilt)
+    c_i, dc_i, da_i = rev_coupling_invert(c_i', f, a_i, dc_i')   one fused pass
+    autograd.grad(f -> coarse_i, finer_i, L_i's parameters; a_i -> raw alpha)
+
+The coupling itself is ``restorenet.ops.rev_coupling_forward`` /
+``rev_coupling_invert`` (backend chosen by ``restorenet.ops.use_backend``).
+
+Replay guards. The recompute must compute the same ``f`` as the forward:
+
+* autocast: the autocast state of the forward call is recorded and re-entered
+  around the whole backward walk (it cannot change inside one call);
+* randomness (dropout, drop-path): the RNG state (CPU, and CUDA for CUDA
+  tensors) before every level update that drew random numbers is recorded and
+  restored around its recompute; levels that drew none record nothing. The
+  live RNG state is restored afterwards, so backward does not disturb it;
+* running statistics: the buffers of level i (``column.level_buffers(i)``, e.g.
+  BatchNorm's running mean/var/count) are copied before its recompute and copied
+  back after, so they are updated exactly once per forward, as in plain
+  autograd. The recompute sees the buffers as the forward *left* them: exact for
+  BatchNorm in training mode (it normalises with batch statistics) and for any
+  module in eval mode (no update); a module whose training-mode output reads a
+  buffer it also updates would not replay exactly (none in restorenet).
+
+Precision (the fp32 coupling-state guard). With fp16/bf16 inputs (autocast or a
+half-precision model) the states are kept in fp32: ``L_i`` still runs in low
+precision, only its output is upcast before the coupling, and the outputs are
+returned in the inputs' dtype. Why: backward rebuilds ``c = (c' - f) / a`` from
+the rounded ``c'``, so rounding errors compound through every level and column.
+Measured with ``precision_table()`` (``python -m restorenet.ops.rev_columns``;
+CPU, torch 2.13; AdaRevD decoder, width 4, batch 2, states [2, 32..4, 4..32,
+4..32], alphas at their init 0.5, beta/gamma ~ N(0, 0.5) so every L_i is active;
+``rebuilt``: max over levels of max|rebuilt c - c| / max|c| after inverting all K
+columns; ``grad``: ||g_reversible - g_plain|| / ||g_plain|| over every parameter
+and input gradient, plain autograd under the same autocast)::
+
+    L_i runs in    states   rebuilt K=2  K=4      K=8      grad K=2  K=4      K=8
+    fp32           fp32     8.5e-06  1.4e-04  4.4e-02    1.3e-06  2.1e-05  3.7e-03
+    bf16 autocast  fp32     3.3e-07  4.9e-01  6.4e+00    5.1e-03  4.7e-02  7.0e-01
+    fp16 autocast  fp32     1.2e-02  1.1e-01  9.0e+00    1.7e-03  1.0e-02  6.9e-01
+    bf16 autocast  bf16     3.1e-01  2.3e+00  7.2e+01    5.5e-02  4.5e-01  2.4e+00
+    fp16 autocast  fp16     4.2e-02  8.3e-01  2.5e+01    7.1e-03  1.4e-01  1.2e+00
+
+Read it as: the inversion is ill-conditioned. Each column divides by ``a`` (0.5
+here) and feeds the rebuilt states through L_i again, so an error grows by roughly
+(1 + Lip L) / |a| per column: in fp32 it stays small up to K = 4 and reaches
+4e-3 in the gradients at K = 8. Half-precision states are wrong already at K = 2-4;
+fp32 states are the guard (2x memory on the few saved states only). Under autocast
+even fp32 states do not save K >= 4: the ~1e-7 rebuild error flips some bf16/fp16
+roundings of L_i's input, and those ulp-sized changes of f are then amplified the
+same way. So: fp32 (or fp64) training is exact enough for K <= 4 and usable at
+K = 8; with autocast use the reversible path only for K <= 2, or plain autograd /
+checkpointing. (The AdaRevD authors train in fp32.) fp64 inputs stay fp64 (exact
+replay in tests, 1e-9 at K = 8).
+"""
+from __future__ import annotations
+
+import contextlib
+import functools
+from typing import Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor
+from torch.autograd.function import once_differentiable
+
+from restorenet._checks import check_tensor
+from restorenet.ops._nvtx import nvtx_range
+from restorenet.ops.reversible import DTYPES, rev_coupling_forward, rev_coupling_invert
+
+OP = "reversible_columns"
+
+
+@runtime_checkable
+class ReversibleColumn(Protocol):
+    """What ``reversible_columns`` needs of a column (AdaRevD's ``DecoderColumn`` is one).
+
+    ``num_levels``: n, the number of states.
+    ``update_term(i, coarse, finer, state_dtype)``: ``f_i = L_i(coarse, finer)`` in
+    ``state_dtype`` (``finer`` is None for the finest level); may use dropout,
+    BatchNorm, autocast -- the op replays them.
+    ``coupling_alpha(i, state_dtype)``: ``a_i`` as the coupling ops take it, [C_i],
+    fp32 (fp64 for fp64 states), differentiable to the parameters it comes from;
+    ``|a_i| >= 1e-3``.
+    ``level_parameters(i)``: every tensor ``update_term(i)`` and ``coupling_alpha(i)``
+    depend on and may need gradients for (their gradients are returned through
+    autograd as in the plain path).
+    ``level_buffers(i)``: the buffers ``update_term(i)`` may update in place
+    (running statistics); restored after the recompute. ``()`` if none.
+    """
+
+    num_levels: int
+
+    def update_term(self, i: int, coarse: Tensor, finer: Optional[Tensor],
+                    state_dtype: torch.dtype) -> Tensor: ...
+
+    def coupling_alpha(self, i: int, state_dtype: torch.dtype) -> Tensor: ...
+
+    def level_parameters(self, i: int) -> Sequence[Tensor]: ...
+
+    def level_buffers(self, i: int) -> Sequence[Tensor]: ...
+
+
+def coupling_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the states are kept in: fp32 for fp16/bf16 inputs (see the module
+    docstring's table), else the inputs' own (fp32 or fp64)."""
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+# --------------------------------------------------------------- public functions
+def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: Sequence[Tensor], *,
+                       memory_efficient: bool = True) -> list[Tensor]:
+    """Run K reversible columns one after another; return each column's output.
+
+    Args:
+        columns: K >= 1 objects following ``ReversibleColumn``, all with the same
+            ``num_levels`` n.
+        x: the input every column's coarsest update reads (``L_0(x, c_1)``).
+        states: the n initial states ``c_0..c_{n-1}`` (coarse to fine), each
+            [N, C_i, H_i, W_i], float16/bfloat16/float32/float64, on ``x``'s device.
+        memory_efficient: True: backward rebuilds the states by inverting the
+            couplings instead of storing activations (see the module docstring);
+            False: plain autograd through the same loop. Without gradients both
+            run the plain loop.
+    Returns:
+        ``[c_{n-1}' of column 1, ..., of column K]`` in the states' (promoted)
+        dtype. The states are kept in ``coupling_dtype`` (fp32 for half inputs).
+    """
+    columns = _check_columns(columns)
+    num_levels = columns[0].num_levels
+    _check_states(states, num_levels, x)
+    dtype = functools.reduce(torch.promote_types, (s.dtype for s in states))
+    states = tuple(s.to(coupling_dtype(dtype)) for s in states)
+    params = [p for col in columns for i in range(num_levels) for p in col.level_parameters(i)]
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params))
+    if memory_efficient and needs_grad:
+        outputs = _reversible_apply(columns, x, num_levels, *states, *params)
+    else:
+        outputs = []
+        for col in columns:
+            states = column_forward(col, x, states)
+            outputs.append(states[-1])
+    return [o.to(dtype) for o in outputs]
+
+
+def column_forward(column: ReversibleColumn, x: Tensor, states: Sequence[Tensor],
+                   rng_tape: Optional[list] = None) -> tuple[Tensor, ...]:
+    """One column, differentiable: ``(c_0..c_{n-1}) -> (c_0'..c_{n-1}')``.
+
+    The coupling runs in ``coupling_dtype`` through ``rev_coupling_forward``; the
+    new states come back in the (promoted) dtype of the given ones. ``rng_tape``,
+    when given, receives per level the RNG state before its update if the update
+    drew random numbers, else None (what backward needs to replay it).
+    """
+    dtype = functools.reduce(torch.promote_types, (s.dtype for s in states))
+    work = coupling_dtype(dtype)
+    states = [s.to(work) for s in states]
+    new: list[Tensor] = []
+    for i in range(column.num_levels):
+        coarse = x if i == 0 else new[i - 1]
+        finer = states[i + 1] if i + 1 < len(states) else None
+        before = _rng_state(x.device) if rng_tape is not None else None
+        f = column.update_term(i, coarse, finer, work)
+        if rng_tape is not None:
+            rng_tape.append(None if _same_rng(before, _rng_state(x.device)) else before)
+        new.append(rev_coupling_forward(states[i], f, column.coupling_alpha(i, work)))
+    return tuple(s.to(dtype) for s in new)
+
+
+# ------------------------------------------------------------------- autograd
+# Under torch.compile the memory-efficient path is one graph break and runs eagerly:
+# the forward and its recompute in backward must draw the same dropout masks and
+# round the same way, and Inductor's RNG and fusions differ from eager's (a compiled
+# forward with an eager recompute would give silently wrong gradients). The rest of
+# the model, and the plain path, compile as usual.
+@torch.compiler.disable
+def _reversible_apply(columns, x, num_levels, *tensors):
+    return _ReversibleColumnsFn.apply(columns, x, num_levels, *tensors)
+
+
+class _ReversibleColumnsFn(torch.autograd.Function):
+    """Forward: the column loop without a graph, keeping x and the last states.
+    Backward: the reversed walk. Parameters enter as explicit inputs so their
+    gradients flow through autograd exactly as in the plain path (optimizers,
+    hooks, ``autograd.grad`` all work)."""
+
+    @staticmethod
+    def forward(ctx, columns, x, num_levels, *tensors):
+        states = tensors[:num_levels]
+        ctx.columns = columns
+        # Autocast cannot change inside one call: one record serves every level.
+        ctx.autocast = _autocast_state(x.device.type)
+        # Per column, per level: backward replays the levels in reverse order, so
+        # one RNG snapshot per column would not do.
+        ctx.rng = []
+        outputs = []
+        with nvtx_range(OP, "fwd", x.device):
+            for col in columns:
+                tape: list = []
+                states = column_forward(col, x, states, rng_tape=tape)
+                ctx.rng.append(tape)
+                outputs.append(states[-1])
+        ctx.save_for_backward(x, *states)
+        return tuple(outputs)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, *grad_outputs):
+        x, *states = ctx.saved_tensors
+        grad_states = [torch.zeros_like(s) for s in states]
+        grad_x = torch.zeros_like(x)
+        param_grads: list = []
+        with nvtx_range(OP, "bwd", x.device), _autocast(ctx.autocast):
+            for k in reversed(range(len(ctx.columns))):
+                grad_states[-1] = grad_states[-1] + grad_outputs[k]  # from column k's output
+                states, grad_states, gx, grads = _column_backward(
+                    ctx.columns[k], x, states, grad_states, ctx.rng[k])
+                if gx is not None:
+                    grad_x = grad_x + gx
+                param_grads = grads + param_grads
+        needs = ctx.needs_input_grad
+        grad_inputs = [g if needs[1 + j + (j > 0)] else None for j, g in enumerate([grad_x, *grad_states])]
+        return (None, grad_inputs[0], None, *grad_inputs[1:], *param_grads)
+
+
+def _column_backward(column, x, new_states, grad_new, rng_tape):
+    """Walk one column's levels in reverse: rebuild (c_0..c_{n-1}) from
+    (c_0'..c_{n-1}') and turn the gradients on the new states into gradients on
+    the old states, x, and the level parameters (ordered like
+    ``column.level_parameters(0..n-1)``)."""
+    n = column.num_levels
+    grad_new = list(grad_new)
+    old: list = [None] * n
+    grad_old: list = [None] * n
+    level_grads: list = [None] * n
+    grad_x = None
+    for i in reversed(range(n)):
+        coarse = x if i == 0 else new_states[i - 1]
+        finer = old[i + 1] if i + 1 < n else None
+        old[i], grad_old[i], g_coarse, g_finer, level_grads[i] = _invert_level(
+            column, i, coarse, finer, new_states[i], grad_new[i], rng_tape[i])
+        if finer is not None and g_finer is not None:  # c_{i+1} fed L_i: finish its gradient
+            grad_old[i + 1] = grad_old[i + 1] + g_finer
+        if i == 0:
+            grad_x = g_coarse
+        elif g_coarse is not None:  # c'_{i-1} fed L_i: add before level i-1 is walked
+            grad_new[i - 1] = grad_new[i - 1] + g_coarse
+    return old, grad_old, grad_x, [g for grads in level_grads for g in grads]
+
+
+def _invert_level(column, i: int, coarse, finer, new_state, grad_new, rng_state):
+    """Undo and backprop ``c_i' = a_i*c_i + f_i``, ``f_i = L_i(coarse, finer)``.
+
+    ``rev_coupling_invert`` does the memory-bound part in one pass: c_i, dc_i = a_i*dc_i'
+    and da_i = sum_{n,h,w} dc_i' * c_i. One autograd call then takes df_i = dc_i' into
+    L_i (parameters, coarse, finer) and da_i back to the raw alpha parameters.
+    """
+    coarse = coarse.detach().requires_grad_()
+    finer = finer.detach().requires_grad_() if finer is not None else None
+    params = list(column.level_parameters(i))
+    trainable = [p for p in params if p.requires_grad]
+    # Buffers are put back only after autograd.grad: the recompute's graph may have
+    # saved them (BatchNorm saves its running statistics), so no in-place copy before.
+    with _buffers_restored(column.level_buffers(i)):
+        with torch.enable_grad(), _replayed_rng(rng_state):
+            f = column.update_term(i, coarse, finer, new_state.dtype)  # the forward's f, again
+            alpha = column.coupling_alpha(i, new_state.dtype)
+        old, g_old, g_alpha = rev_coupling_invert(new_state, f.detach(), alpha.detach(), grad_new)
+        outputs, grad_outputs = [f], [grad_new]
+        if alpha.requires_grad:
+            outputs.append(alpha)
+            grad_outputs.append(g_alpha)
+        wrt = [coarse] + ([finer] if finer is not None else []) + trainable
+        grads = list(torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True))
+    g_coarse = grads[0]
+    g_finer = grads[1] if finer is not None else None
+    g_trainable = iter(grads[len(wrt) - len(trainable):])
+    g_params = [next(g_trainable) if p.requires_grad else None for p in params]
+    return old, g_old, g_coarse, g_finer, g_params
+
+
+# ------------------------------------------------------------- replay guards
+def _rng_state(device: torch.device):
+    cuda_state = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+    return torch.get_rng_state(), cuda_state, device
+
+
+def _same_rng(a, b) -> bool:
+    """Whether no random number was drawn between two ``_rng_state`` records."""
+    if not torch.equal(a[0], b[0]):
+        return False
+    return a[1] is None or torch.equal(a[1], b[1])
+
+
+@contextlib.contextmanager
+def _replayed_rng(snapshot):
+    """Run the block with a recorded CPU (and CUDA) RNG state, then put the live one
+    back. ``None``: the level drew no random numbers, nothing to replay."""
+    if snapshot is None:
+        yield
+        return
+    cpu_state, cuda_state, device = snapshot
+    with torch.random.fork_rng(devices=[device] if cuda_state is not None else []):
+        torch.set_rng_state(cpu_state)
+        if cuda_state is not None:
+            torch.cuda.set_rng_state(cuda_state, device)
+        yield
+
+
+@contextlib.contextmanager
+def _buffers_restored(buffers: Sequence[Tensor]):
+    """Put the given buffers back as they were once the block is done, so that a
+    recompute does not update running statistics a second time."""
+    buffers = list(buffers)
+    saved = [b.detach().clone() for b in buffers]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for b, s in zip(buffers, saved):
+                b.copy_(s)
+
+
+def _autocast_state(device_type: str):
+    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+
+
+def _autocast(state):
+    device_type, enabled, dtype = state
+    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+
+
+# ---------------------------------------------------------------------- checks
+def _check_columns(columns) -> list:
+    if isinstance(columns, (str, bytes)) or not isinstance(columns, Sequence) or not columns:
+        raise TypeError(f"columns must be a non-empty sequence of reversible columns, got {columns!r}")
+    columns = list(columns)
+    for k, col in enumerate(columns):
+        if not isinstance(col, ReversibleColumn):
+            raise TypeError(f"columns[{k}] must follow restorenet.ops.ReversibleColumn (num_levels, "
+                            f"update_term, coupling_alpha, level_parameters, level_buffers), "
+                            f"got {type(col).__name__}")
+        if col.num_levels != columns[0].num_levels or col.num_levels < 1:
+            raise ValueError(f"columns[{k}] must have num_levels == columns[0].num_levels "
+                             f"({columns[0].num_levels}) >= 1, got {col.num_levels}")
+    return columns
+
+
+def _check_states(states, num_levels: int, x) -> None:
+    check_tensor("x", x)
+    if isinstance(states, torch.Tensor) or not isinstance(states, Sequence) or len(states) != num_levels:
+        raise ValueError(f"states must be a sequence of {num_levels} tensors (one per level), "
+                         f"got {type(states).__name__}"
+                         + (f" of length {len(states)}" if isinstance(states, Sequence) else ""))
+    for i, s in enumerate(states):
+        check_tensor(f"states[{i}]", s, ndim=4, dtypes=DTYPES, device=x.device)
+
+
+# ---------------------------------------------------------- precision report
+def reconstruction_error(columns: Sequence[ReversibleColumn], x: Tensor, states: Sequence[Tensor]) -> float:
+    """Run the columns forward (no grad, in the caller's autocast), then rebuild the
+    initial states by inverting every column as backward does; return the max over
+    levels of max|rebuilt - initial| / max|initial|. Columns must be deterministic
+    (dropout off). States are kept in ``coupling_dtype`` as in the op."""
+    columns = _check_columns(columns)
+    _check_states(states, columns[0].num_levels, x)
+    dtype = functools.reduce(torch.promote_types, (s.dtype for s in states))
+    initial = [s.to(coupling_dtype(dtype)) for s in states]
+    with torch.no_grad():
+        last = initial
+        for col in columns:
+            last = column_forward(col, x, last)
+    rebuilt = list(last)
+    zeros = [torch.zeros_like(s) for s in rebuilt]
+    no_rng = [None] * columns[0].num_levels
+    for col in reversed(columns):
+        rebuilt, *_ = _column_backward(col, x, rebuilt, zeros, no_rng)
+    return max(((r.double() - s.double()).abs().max() / s.double().abs().max()).item()
+               for r, s in zip(rebuilt, initial))
+
+
+def precision_table(ks=(2, 4, 8), width: int = 4, size: int = 4, seed: int = 0) -> list[str]:
+    """The table in the module docstring (AdaRevD's decoder; imported lazily: models
+    depend on ops, not the other way round)."""
+    from unittest import mock
+
+    from restorenet.models.adarevd import ReversibleColumns
+
+    rows = [("fp32", None, "fp32"), ("bf16 autocast", torch.bfloat16, "fp32"),
+            ("fp16 autocast", torch.float16, "fp32"), ("bf16 autocast", torch.bfloat16, "bf16"),
+            ("fp16 autocast", torch.float16, "fp16")]
+    lines = [f"{'L_i runs in':14} {'states':8} " + " ".join(f"rebuilt K={k}" if j == 0 else f"K={k:<7}"
+                                                           for j, k in enumerate(ks))
+             + "  " + " ".join(f"grad K={k}" if j == 0 else f"K={k:<7}" for j, k in enumerate(ks))]
+    for label, amp, state_name in rows:
+        state_dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[state_name]
+        rebuilt, grad = [], []
+        for k in ks:
+            torch.manual_seed(seed)
+            decoder = ReversibleColumns(width, k)
+            with torch.no_grad():
+                for name, p in decoder.named_parameters():
+                    if name.endswith(("beta", "gamma")):
+                        p.normal_(0.0, 0.5)
+            x = torch.randn(2, 16 * width, size // 2, size // 2)
+            states = [torch.randn(2, width * 2 ** (3 - i), size * 2 ** i, size * 2 ** i) for i in range(4)]
+            keep = (lambda d: state_dtype) if state_name != "fp32" else coupling_dtype
+            with mock.patch(f"{__name__}.coupling_dtype", keep), _maybe_autocast(amp):
+                rebuilt.append(reconstruction_error(list(decoder.columns), x, states))
+            grad.append(_gradient_error(decoder, x, states, amp, keep))
+        lines.append(f"{label:14} {state_name:8} " + " ".join(f"{e:.1e}  " for e in rebuilt)
+                     + "  " + " ".join(f"{e:.1e} " for e in grad))
+    return lines
+
+
+def _maybe_autocast(dtype):
+    return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
+
+
+def _gradient_error(decoder, x, states, amp, keep) -> float:
+    """||g_reversible - g_plain|| / ||g_plain|| over every parameter and input gradient."""
+    from unittest import mock
+
+    torch.manual_seed(1)
+    weights = [torch.randn_like(states[-1]) for _ in decoder.columns]
+
+    def grads(memory_efficient):
+        xs = [t.detach().clone().requires_grad_() for t in (x, *states)]
+        decoder.zero_grad(set_to_none=True)
+        with mock.patch(f"{__name__}.coupling_dtype", keep), _maybe_autocast(amp):
+            outs = reversible_columns(list(decoder.columns), xs[0], xs[1:], memory_efficient=memory_efficient)
+        sum((o.float() * w).sum() for o, w in zip(outs, weights)).backward()
+        tensors = [t.grad for t in xs] + [p.grad for p in decoder.parameters()]
+        return torch.cat([g.double().flatten() for g in tensors if g is not None])
+
+    ref = grads(False)
+    return ((grads(True) - ref).norm() / ref.norm()).item()
+
+
+if __name__ == "__main__":  # python -m restorenet.ops.rev_columns
+    print("\n".join(precision_table()))
