@@ -43,26 +43,38 @@ def load(path: str | os.PathLike) -> dict:
 # ------------------------------------------------------------------- ratios
 def add_ratios(benchmarks: list[dict]) -> None:
     """Write ``time_vs`` ({baseline: mean / baseline mean}), ``baseline`` (the
-    first name) and ``time_vs_baseline`` into the extra_info of every benchmark
-    entry that lists ``baselines``, matching them by ``strategy`` within its
-    group. A baseline that did not run, or that two benchmarks of the group
-    claim, gives None. Used by bench/conftest.py and :func:`write_report`."""
-    by_group: dict[Any, dict[str, Optional[float]]] = {}
+    first name), ``time_vs_baseline`` and ``mem_vs`` ({baseline: peak memory /
+    baseline peak memory}) into the extra_info of every benchmark entry that
+    lists ``baselines``, matching them by ``strategy`` within its group. A
+    baseline that did not run, or that two benchmarks of the group claim, gives
+    None. Used by bench/conftest.py and :func:`write_report`."""
+    by_group: dict[Any, dict[str, Optional[dict]]] = {}
     for b in benchmarks:
         strategy = (b.get("extra_info") or {}).get("strategy")
         if strategy is not None and b.get("stats"):
             peers = by_group.setdefault(b.get("group"), {})
-            peers[strategy] = None if strategy in peers else b["stats"]["mean"]  # ambiguous: None
+            peers[strategy] = None if strategy in peers else b  # claimed twice: ambiguous
     for b in benchmarks:
         info = b.get("extra_info") or {}
         names = info.get("baselines") or []
         if not names or not b.get("stats"):
             continue
         peers = by_group.get(b.get("group"), {})
-        mean = b["stats"]["mean"]
-        info["time_vs"] = {name: (mean / peers[name] if peers.get(name) else None) for name in names}
+        info["time_vs"] = {name: _ratio(b["stats"]["mean"], _stat(peers.get(name), "mean")) for name in names}
+        info["mem_vs"] = {name: _ratio(info.get("peak_mem_bytes"), _stat(peers.get(name), "peak_mem_bytes"))
+                          for name in names}
         info["baseline"] = names[0]
         info["time_vs_baseline"] = info["time_vs"][names[0]]
+
+
+def _stat(bench: Optional[dict], key: str) -> Optional[float]:
+    if bench is None:
+        return None
+    return bench["stats"]["mean"] if key == "mean" else (bench.get("extra_info") or {}).get(key)
+
+
+def _ratio(value: Optional[float], other: Optional[float]) -> Optional[float]:
+    return value / other if value is not None and other else None
 
 
 # ------------------------------------------------------------------ formatting

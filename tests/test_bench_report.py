@@ -62,6 +62,9 @@ def test_add_ratios_matches_baseline_within_group():
     # the 256 group has its own floor (7x slower), so the ratio stays 2
     assert by_name["conv[256-grouped]"]["time_vs_baseline"] == pytest.approx(2.0)
     assert by_name["rev[4-reversible]"]["time_vs_baseline"] == pytest.approx(1.0)
+    assert by_name["rev[4-reversible]"]["mem_vs"]["autograd"] == pytest.approx(0.25)  # 100 vs 400 MiB
+    assert grouped["mem_vs"]["floor"] == pytest.approx(5 / 3)
+    assert grouped["mem_vs"]["reference"] is None  # the reference recorded no peak memory
     assert "time_vs" not in by_name["dds[widest]"]
 
 
