@@ -18,3 +18,11 @@ def channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p):
     off = offs_c[:, None].to(tl.int64) * s_c + (n * s_n + p * s_p)[None, :]
     mask = (offs_c < C)[:, None] & (offs_m < M)[None, :]
     return off, mask
+
+
+@triton.jit
+def pixel_block(pid, it, iters, BLOCK: tl.constexpr):
+    """Pixel indices (int64) of block ``it`` of the ``iters`` consecutive
+    BLOCK-pixel blocks that program ``pid`` walks: programs own contiguous
+    pixel ranges, so the partial-sum order depends on the grid only."""
+    return (pid.to(tl.int64) * iters + it) * BLOCK + tl.arange(0, BLOCK)

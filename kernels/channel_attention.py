@@ -25,13 +25,12 @@ fp64); offsets are int64.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from restorenet_kernels._addressing import channel_pixel_tile
+from restorenet_kernels._addressing import channel_pixel_tile, pixel_block
+from restorenet_kernels._launch import canonical_strides, compute_dtypes, interpreting, launch_options, layout_format
 
 MAX_SPLITS = 64  # pixel splits per sample in the reductions (GPU); bounds the partial buffer
 MAX_PROGRAMS = 1024  # pixel programs of the scaled-residual backward (GPU): at most this many partial rows
@@ -68,7 +67,7 @@ def ca_reduce_kernel(x_ptr, du_ptr, partial_ptr, N, C, HW, xs_n, xs_c, xs_p, ts_
     acc = tl.zeros((BLOCK_C, BLOCK_P), dtype=COMPUTE)
     end = n.to(tl.int64) * HW + HW  # this sample's pixels only
     for it in range(iters):
-        offs_p = (split.to(tl.int64) * iters + it) * BLOCK_P + tl.arange(0, BLOCK_P)
+        offs_p = pixel_block(split, it, iters, BLOCK_P)
         offs_m = n.to(tl.int64) * HW + offs_p
         t, _, _, _, _, mask = _gated_tile(x_ptr, offs_c, offs_m, C, HW, end, xs_n, xs_c, xs_p, GATED, COMPUTE)
         if WITH_GRAD:
@@ -140,7 +139,7 @@ def sr_backward_kernel(g_ptr, beta_ptr, z_ptr, dz_ptr, partial_ptr, C, HW, M, s_
     beta = tl.load(beta_ptr + offs_c, mask=offs_c < C, other=0.0).to(COMPUTE)
     acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=COMPUTE)
     for it in range(iters):
-        offs_m = (pid_m.to(tl.int64) * iters + it) * BLOCK_M + tl.arange(0, BLOCK_M)
+        offs_m = pixel_block(pid_m, it, iters, BLOCK_M)
         off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(COMPUTE)
         if NEED_Z:
@@ -152,32 +151,9 @@ def sr_backward_kernel(g_ptr, beta_ptr, z_ptr, dz_ptr, partial_ptr, C, HW, M, s_
 
 
 # --------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _compute_dtype(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _strides(shape, channels_last: bool):
-    """Element strides (sample, channel, pixel) of the canonical layout. Computed,
-    not read: size-1 dims may carry any stride."""
-    _, c, h, w = shape
-    return (h * w * c, 1, c) if channels_last else (h * w * c, h * w, 1)
-
-
-def _layout(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _launch_opts() -> dict:
-    return {} if _interpreting() else dict(num_warps=4)
-
-
 def _tile(c: int, pixels: int, channels_last: bool):
     """(BLOCK_C, BLOCK_M) of a [channel, pixel] tile: wide in the contiguous dim."""
-    if _interpreting():  # the interpreter pays per program: few, big tiles
+    if interpreting():  # the interpreter pays per program: few, big tiles
         block_c = min(64, triton.next_power_of_2(c))
         return block_c, min(16384 // block_c, triton.next_power_of_2(max(pixels, 1)))
     if channels_last:
@@ -195,7 +171,7 @@ def _reduce_geometry(n: int, c: int, hw: int, channels_last: bool):
     """Grid (N * splits, channel blocks), iterations per program and blocks."""
     block_c, block_p = _tile(c, hw, channels_last)
     p_blocks = triton.cdiv(hw, block_p)
-    splits = min(p_blocks, 1 if _interpreting() else MAX_SPLITS)
+    splits = min(p_blocks, 1 if interpreting() else MAX_SPLITS)
     iters = triton.cdiv(p_blocks, splits)
     splits = triton.cdiv(p_blocks, iters)
     return (n * splits, triton.cdiv(c, block_c)), splits, iters, dict(BLOCK_C=block_c, BLOCK_P=block_p)
@@ -209,28 +185,28 @@ def _attended_shape(x: torch.Tensor, gated: bool):
 def channel_attention_reduce(x: torch.Tensor, du, gated: bool, channels_last: bool) -> torch.Tensor:
     """[N, C] compute-dtype sums over H, W of t (``du`` None) or of du * t."""
     n, c, h, w = _attended_shape(x, gated)
-    tl_dtype, torch_dtype = _compute_dtype(x.dtype)
+    tl_dtype, torch_dtype = compute_dtypes(x.dtype)
     if n * c == 0:
         return torch.zeros((n, c), dtype=torch_dtype, device=x.device)
     grid, splits, iters, blocks = _reduce_geometry(n, c, h * w, channels_last)
     partial = torch.empty((splits, n, c), dtype=torch_dtype, device=x.device)
-    ca_reduce_kernel[grid](x, x if du is None else du, partial, n, c, h * w, *_strides(x.shape, channels_last),
-                           *_strides((n, c, h, w), channels_last), iters, WITH_GRAD=du is not None,
-                           GATED=gated, COMPUTE=tl_dtype, **blocks, **_launch_opts())
+    ca_reduce_kernel[grid](x, x if du is None else du, partial, n, c, h * w, *canonical_strides(x.shape, channels_last),
+                           *canonical_strides((n, c, h, w), channels_last), iters, WITH_GRAD=du is not None,
+                           GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options())
     return partial.sum(0)  # split rows added in order: a fixed reduction order
 
 
 def channel_attention_apply(x: torch.Tensor, scale: torch.Tensor, gated: bool, channels_last: bool) -> torch.Tensor:
     """u = t * scale[n, c] in the dtype and layout of x."""
     n, c, h, w = _attended_shape(x, gated)
-    u = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=_layout(channels_last))
+    u = torch.empty((n, c, h, w), dtype=x.dtype, device=x.device, memory_format=layout_format(channels_last))
     if u.numel() == 0:
         return u
-    tl_dtype, _ = _compute_dtype(x.dtype)
+    tl_dtype, _ = compute_dtypes(x.dtype)
     grid, blocks = _elementwise_grid(c, n * h * w, channels_last)
-    ca_apply_kernel[grid](x, scale.contiguous(), u, c, h * w, n * h * w, *_strides(x.shape, channels_last),
-                          *_strides(u.shape, channels_last), GATED=gated, COMPUTE=tl_dtype, **blocks,
-                          **_launch_opts())
+    ca_apply_kernel[grid](x, scale.contiguous(), u, c, h * w, n * h * w, *canonical_strides(x.shape, channels_last),
+                          *canonical_strides(u.shape, channels_last), GATED=gated, COMPUTE=tl_dtype, **blocks,
+                          **launch_options())
     return u
 
 
@@ -238,14 +214,15 @@ def channel_attention_backward_input(du: torch.Tensor, x: torch.Tensor, scale: t
                                      gated: bool, channels_last: bool) -> torch.Tensor:
     """dx for dt = du * scale[n, c] + q[n, c], in the dtype and layout of x."""
     n, c, h, w = _attended_shape(x, gated)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(channels_last))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout_format(channels_last))
     if dx.numel() == 0:
         return dx
-    tl_dtype, _ = _compute_dtype(x.dtype)
+    tl_dtype, _ = compute_dtypes(x.dtype)
     grid, blocks = _elementwise_grid(c, n * h * w, channels_last)
     ca_backward_input_kernel[grid](du, x, scale.contiguous(), q.contiguous(), dx, c, h * w, n * h * w,
-                                   *_strides(x.shape, channels_last), *_strides(du.shape, channels_last),
-                                   GATED=gated, COMPUTE=tl_dtype, **blocks, **_launch_opts())
+                                   *canonical_strides(x.shape, channels_last),
+                                   *canonical_strides(du.shape, channels_last),
+                                   GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options())
     return dx
 
 
@@ -253,13 +230,14 @@ def scaled_residual_forward(inp: torch.Tensor, beta: torch.Tensor, z: torch.Tens
                             channels_last: bool) -> torch.Tensor:
     """inp + beta[c] * z; inp and z share one layout."""
     n, c, h, w = inp.shape
-    y = torch.empty(inp.shape, dtype=inp.dtype, device=inp.device, memory_format=_layout(channels_last))
+    y = torch.empty(inp.shape, dtype=inp.dtype, device=inp.device, memory_format=layout_format(channels_last))
     if y.numel() == 0:
         return y
-    tl_dtype, _ = _compute_dtype(inp.dtype)
+    tl_dtype, _ = compute_dtypes(inp.dtype)
     grid, blocks = _elementwise_grid(c, n * h * w, channels_last)
-    sr_forward_kernel[grid](inp, beta.contiguous(), z, y, c, h * w, n * h * w, *_strides(inp.shape, channels_last),
-                            COMPUTE=tl_dtype, **blocks, **_launch_opts())
+    sr_forward_kernel[grid](inp, beta.contiguous(), z, y, c, h * w, n * h * w,
+                            *canonical_strides(inp.shape, channels_last), COMPUTE=tl_dtype, **blocks,
+                            **launch_options())
     return y
 
 
@@ -268,18 +246,19 @@ def scaled_residual_backward(g: torch.Tensor, beta: torch.Tensor, z: torch.Tenso
     """(beta * g or None, sum_{n,h,w} g * z in the compute dtype or None), one pass."""
     n, c, h, w = z.shape
     m = n * h * w
-    tl_dtype, torch_dtype = _compute_dtype(z.dtype)
-    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=_layout(channels_last)) if need_z else None
+    tl_dtype, torch_dtype = compute_dtypes(z.dtype)
+    fmt = layout_format(channels_last)
+    dz = torch.empty(z.shape, dtype=z.dtype, device=z.device, memory_format=fmt) if need_z else None
     if z.numel() == 0 or not (need_z or need_beta):
         return dz, (torch.zeros(c, dtype=torch_dtype, device=z.device) if need_beta else None)
     block_c, block_m = _tile(c, m, channels_last)
     m_blocks = triton.cdiv(m, block_m)
-    programs = min(m_blocks, 1 if _interpreting() else MAX_PROGRAMS)
+    programs = min(m_blocks, 1 if interpreting() else MAX_PROGRAMS)
     iters = triton.cdiv(m_blocks, programs)
     programs = triton.cdiv(m_blocks, iters)
     partial = torch.empty((programs, c), dtype=torch_dtype, device=z.device)
     sr_backward_kernel[(programs, triton.cdiv(c, block_c))](
-        g, beta.contiguous(), z, dz if need_z else g, partial, c, h * w, m, *_strides(z.shape, channels_last),
+        g, beta.contiguous(), z, dz if need_z else g, partial, c, h * w, m, *canonical_strides(z.shape, channels_last),
         iters, NEED_Z=need_z, NEED_BETA=need_beta, COMPUTE=tl_dtype, BLOCK_C=block_c, BLOCK_M=block_m,
-        **_launch_opts())
+        **launch_options())
     return dz, (partial.sum(0) if need_beta else None)  # rows added in order: deterministic

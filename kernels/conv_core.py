@@ -23,11 +23,11 @@ without a copy); offsets that scale with the tensor size are int64.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
+
+from restorenet_kernels._launch import interpreting
 
 
 # ------------------------------------------------------------------ device code
@@ -162,9 +162,7 @@ def tiles(c_in: int, c_out: int, max_co: int = 64) -> dict:
 
 
 def launch_opts() -> dict:
-    if os.environ.get("TRITON_INTERPRET", "0") == "1":
-        return {}
-    return dict(num_warps=4, num_stages=3)
+    return {} if interpreting() else dict(num_warps=4, num_stages=3)
 
 
 def numerics(dtype: torch.dtype) -> dict:

@@ -29,13 +29,12 @@ Arithmetic is fp32 for fp16/bf16/fp32 storage (fp64 for fp64). Offsets are int64
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from restorenet_kernels._addressing import channel_pixel_tile
+from restorenet_kernels._addressing import channel_pixel_tile, pixel_block
+from restorenet_kernels._launch import canonical_strides, compute_dtypes, interpreting, launch_options, layout_format
 
 MAX_BLOCK_C = 1024
 TILE = 4096  # elements per [BLOCK_C, BLOCK_M] tile on a GPU
@@ -44,18 +43,13 @@ MAX_PROGRAMS = 1024  # bounds the partial-sum buffer: at most MAX_PROGRAMS rows
 
 # ----------------------------------------------------------------------- kernels
 @triton.jit
-def _pixels(pid, it, iters, BLOCK_M: tl.constexpr):
-    return (pid.to(tl.int64) * iters + it) * BLOCK_M + tl.arange(0, BLOCK_M)
-
-
-@triton.jit
 def layer_norm2d_forward_kernel(x_ptr, w_ptr, b_ptr, y_ptr, mean_ptr, rstd_ptr,
                                 C, HW, M, s_n, s_c, s_p, eps, iters,
                                 COMPUTE: tl.constexpr, C_BLOCKS: tl.constexpr,
                                 BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     pid = tl.program_id(0)
     for it in range(iters):
-        offs_m = _pixels(pid, it, iters, BLOCK_M)
+        offs_m = pixel_block(pid, it, iters, BLOCK_M)
         if C_BLOCKS == 1:
             offs_c = tl.arange(0, BLOCK_C)
             off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
@@ -107,7 +101,7 @@ def layer_norm2d_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_pt
         acc_w = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         acc_b = tl.zeros((BLOCK_C,), dtype=COMPUTE)
         for it in range(iters):
-            offs_m = _pixels(pid, it, iters, BLOCK_M)
+            offs_m = pixel_block(pid, it, iters, BLOCK_M)
             off, mask = channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
             mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
             rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
@@ -127,7 +121,7 @@ def layer_norm2d_backward_kernel(dy_ptr, x_ptr, w_ptr, mean_ptr, rstd_ptr, dx_pt
         # The partial rows start at zero (the launcher's job); each program
         # adds into its own row only, so the read-modify-write is race free.
         for it in range(iters):
-            offs_m = _pixels(pid, it, iters, BLOCK_M)
+            offs_m = pixel_block(pid, it, iters, BLOCK_M)
             mean = tl.load(mean_ptr + offs_m, mask=offs_m < M, other=0.0)
             rstd = tl.load(rstd_ptr + offs_m, mask=offs_m < M, other=0.0)
             s1 = tl.zeros((BLOCK_M,), dtype=COMPUTE)
@@ -196,29 +190,6 @@ def simple_gate_backward_kernel(dy_ptr, x_ptr, dx_ptr, CH, HW, M, xs_n, xs_c, xs
 
 
 # --------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _compute_dtype(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
-def _strides(shape, channels_last: bool):
-    """Element strides (sample, channel, pixel) of the canonical layout. Computed,
-    not read: size-1 dims may carry any stride."""
-    _, c, h, w = shape
-    return (h * w * c, 1, c) if channels_last else (h * w * c, h * w, 1)
-
-
-def _layout(channels_last: bool) -> torch.memory_format:
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def _launch_opts() -> dict:
-    return {} if _interpreting() else dict(num_warps=4)
-
-
 def _norm_geometry(x: torch.Tensor):
     """Tiling of the LayerNorm kernels: (grid, iters, blocks). A program takes
     ``iters`` consecutive blocks of BLOCK_M pixels; the program count depends
@@ -227,10 +198,10 @@ def _norm_geometry(x: torch.Tensor):
     m = n * h * w
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
     c_blocks = triton.cdiv(c, block_c)
-    tile = 16384 if _interpreting() else TILE  # the interpreter pays per program: big tiles
+    tile = 16384 if interpreting() else TILE  # the interpreter pays per program: big tiles
     block_m = max(1, min(tile // block_c, triton.next_power_of_2(max(m, 1))))
     m_blocks = triton.cdiv(m, block_m)
-    programs = min(m_blocks, 16 if _interpreting() else MAX_PROGRAMS)
+    programs = min(m_blocks, 16 if interpreting() else MAX_PROGRAMS)
     iters = triton.cdiv(m_blocks, programs)
     programs = triton.cdiv(m_blocks, iters)
     return (programs,), iters, dict(C_BLOCKS=c_blocks, BLOCK_C=block_c, BLOCK_M=block_m)
@@ -241,17 +212,17 @@ def layer_norm2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     """(y, mean, rstd): y in the dtype and layout of x, mean/rstd [N, H, W] in
     the compute dtype."""
     n, c, h, w = x.shape
-    tl_dtype, torch_dtype = _compute_dtype(x.dtype)
-    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(channels_last))
+    tl_dtype, torch_dtype = compute_dtypes(x.dtype)
+    y = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout_format(channels_last))
     mean = torch.empty((n, h, w), dtype=torch_dtype, device=x.device)
     rstd = torch.empty((n, h, w), dtype=torch_dtype, device=x.device)
     if x.numel() == 0:
         return y, mean, rstd
     grid, iters, blocks = _norm_geometry(x)
-    s_n, s_c, s_p = _strides(x.shape, channels_last)
+    s_n, s_c, s_p = canonical_strides(x.shape, channels_last)
     layer_norm2d_forward_kernel[grid](
         x, weight.contiguous(), bias.contiguous(), y, mean, rstd, c, h * w, n * h * w, s_n, s_c, s_p,
-        float(eps), iters, COMPUTE=tl_dtype, **blocks, **_launch_opts())
+        float(eps), iters, COMPUTE=tl_dtype, **blocks, **launch_options())
     return y, mean, rstd
 
 
@@ -260,18 +231,18 @@ def layer_norm2d_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     """(dx, dweight, dbias): dx in the dtype and layout of x, dweight/dbias [C] in
     the compute dtype (fp32 partial sums added in a fixed order)."""
     n, c, h, w = x.shape
-    tl_dtype, torch_dtype = _compute_dtype(x.dtype)
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(channels_last))
+    tl_dtype, torch_dtype = compute_dtypes(x.dtype)
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout_format(channels_last))
     if x.numel() == 0:
         zeros = torch.zeros(c, dtype=torch_dtype, device=x.device)
         return dx, zeros, zeros.clone()
     grid, iters, blocks = _norm_geometry(x)
     partial_w = torch.zeros((grid[0], c), dtype=torch_dtype, device=x.device)
     partial_b = torch.zeros((grid[0], c), dtype=torch_dtype, device=x.device)
-    s_n, s_c, s_p = _strides(x.shape, channels_last)
+    s_n, s_c, s_p = canonical_strides(x.shape, channels_last)
     layer_norm2d_backward_kernel[grid](
         dy, x, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, partial_w, partial_b,
-        c, h * w, n * h * w, s_n, s_c, s_p, iters, COMPUTE=tl_dtype, **blocks, **_launch_opts())
+        c, h * w, n * h * w, s_n, s_c, s_p, iters, COMPUTE=tl_dtype, **blocks, **launch_options())
     # Rows added in order: a fixed reduction order (no atomics anywhere).
     return dx, partial_w.sum(0), partial_b.sum(0)
 
@@ -279,7 +250,7 @@ def layer_norm2d_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
 def _gate_geometry(x: torch.Tensor, channels_last: bool):
     n, c, h, w = x.shape
     half, m = c // 2, n * h * w
-    if _interpreting():
+    if interpreting():
         block_c = min(64, triton.next_power_of_2(half))
         block_m = min(16384 // block_c, triton.next_power_of_2(max(m, 1)))
     elif channels_last:  # channels are contiguous: a wide channel block
@@ -293,24 +264,24 @@ def _gate_geometry(x: torch.Tensor, channels_last: bool):
 
 def simple_gate_forward(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     n, c, h, w = x.shape
-    y = torch.empty((n, c // 2, h, w), dtype=x.dtype, device=x.device, memory_format=_layout(channels_last))
+    y = torch.empty((n, c // 2, h, w), dtype=x.dtype, device=x.device, memory_format=layout_format(channels_last))
     if y.numel() == 0:
         return y
-    tl_dtype, _ = _compute_dtype(x.dtype)
+    tl_dtype, _ = compute_dtypes(x.dtype)
     half, hw, m, grid, blocks = _gate_geometry(x, channels_last)
-    simple_gate_forward_kernel[grid](x, y, half, hw, m, *_strides(x.shape, channels_last),
-                                     *_strides(y.shape, channels_last), COMPUTE=tl_dtype,
-                                     **blocks, **_launch_opts())
+    simple_gate_forward_kernel[grid](x, y, half, hw, m, *canonical_strides(x.shape, channels_last),
+                                     *canonical_strides(y.shape, channels_last), COMPUTE=tl_dtype,
+                                     **blocks, **launch_options())
     return y
 
 
 def simple_gate_backward(dy: torch.Tensor, x: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=_layout(channels_last))
+    dx = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=layout_format(channels_last))
     if dx.numel() == 0:
         return dx
-    tl_dtype, _ = _compute_dtype(x.dtype)
+    tl_dtype, _ = compute_dtypes(x.dtype)
     half, hw, m, grid, blocks = _gate_geometry(x, channels_last)
-    simple_gate_backward_kernel[grid](dy, x, dx, half, hw, m, *_strides(x.shape, channels_last),
-                                      *_strides(dy.shape, channels_last), COMPUTE=tl_dtype,
-                                      **blocks, **_launch_opts())
+    simple_gate_backward_kernel[grid](dy, x, dx, half, hw, m, *canonical_strides(x.shape, channels_last),
+                                      *canonical_strides(dy.shape, channels_last), COMPUTE=tl_dtype,
+                                      **blocks, **launch_options())
     return dx

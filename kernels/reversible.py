@@ -20,23 +20,15 @@ Arithmetic is fp32 for fp16/bf16/fp32 storage (fp64 for fp64). ``forward`` and
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from restorenet_kernels._addressing import channel_pixel_tile
+from restorenet_kernels._addressing import channel_pixel_tile, pixel_block
+from restorenet_kernels._launch import canonical_strides, compute_dtypes, interpreting, launch_options, layout_format
 
 
 # ----------------------------------------------------------------------- kernels
-@triton.jit
-def _offsets(pid_m, it, offs_c, C, HW, M, s_n, s_c, s_p,
-             ITERS: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
-    offs_m = (pid_m.to(tl.int64) * ITERS + it) * BLOCK_M + tl.arange(0, BLOCK_M)
-    return channel_pixel_tile(offs_c, offs_m, C, HW, M, s_n, s_c, s_p)
-
-
 @triton.jit
 def rev_coupling_forward_kernel(x_ptr, f_ptr, alpha_ptr, out_ptr, C, HW, M, s_n, s_c, s_p,
                                 COMPUTE: tl.constexpr, ITERS: tl.constexpr,
@@ -45,7 +37,7 @@ def rev_coupling_forward_kernel(x_ptr, f_ptr, alpha_ptr, out_ptr, C, HW, M, s_n,
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
     a = tl.load(alpha_ptr + offs_c, mask=offs_c < C, other=1.0).to(COMPUTE)
     for it in range(ITERS):
-        off, mask = _offsets(pid_m, it, offs_c, C, HW, M, s_n, s_c, s_p, ITERS, BLOCK_C, BLOCK_M)
+        off, mask = channel_pixel_tile(offs_c, pixel_block(pid_m, it, ITERS, BLOCK_M), C, HW, M, s_n, s_c, s_p)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
         f = tl.load(f_ptr + off, mask=mask, other=0.0).to(COMPUTE)
         tl.store(out_ptr + off, (a[:, None] * x + f).to(out_ptr.dtype.element_ty), mask=mask)
@@ -61,7 +53,7 @@ def rev_coupling_invert_kernel(x_ptr, f_ptr, alpha_ptr, g_ptr, c_out_ptr, gc_out
     a = tl.load(alpha_ptr + offs_c, mask=offs_c < C, other=1.0).to(COMPUTE)
     acc = tl.zeros((BLOCK_C, BLOCK_M), dtype=COMPUTE)
     for it in range(ITERS):
-        off, mask = _offsets(pid_m, it, offs_c, C, HW, M, s_n, s_c, s_p, ITERS, BLOCK_C, BLOCK_M)
+        off, mask = channel_pixel_tile(offs_c, pixel_block(pid_m, it, ITERS, BLOCK_M), C, HW, M, s_n, s_c, s_p)
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
         if REBUILD:
             f = tl.load(f_ptr + off, mask=mask, other=0.0).to(COMPUTE)
@@ -75,22 +67,13 @@ def rev_coupling_invert_kernel(x_ptr, f_ptr, alpha_ptr, g_ptr, c_out_ptr, gc_out
 
 
 # --------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
-def _compute_dtype(dtype: torch.dtype):
-    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
-
-
 def _geometry(x: torch.Tensor, channels_last: bool):
-    """Element strides (sample, channel, pixel) of the canonical layout, and the
-    tiling. Strides are computed, not read: size-1 dims may carry any stride."""
+    """Element strides (sample, channel, pixel) of the canonical layout, and the tiling."""
     n, c, h, w = x.shape
     hw = h * w
-    strides = (hw * c, 1, c) if channels_last else (hw * c, hw, 1)
+    strides = canonical_strides(x.shape, channels_last)
     m = n * hw
-    if _interpreting():  # the interpreter pays per program: few, big tiles
+    if interpreting():  # the interpreter pays per program: few, big tiles
         block_c = min(64, triton.next_power_of_2(c))
         block_m = min(16384 // block_c, triton.next_power_of_2(max(m, 1)))
         iters = 1
@@ -105,28 +88,24 @@ def _geometry(x: torch.Tensor, channels_last: bool):
     return c, hw, m, strides, grid, dict(ITERS=iters, BLOCK_C=block_c, BLOCK_M=block_m)
 
 
-def _launch_opts() -> dict:
-    return {} if _interpreting() else dict(num_warps=4)
-
-
 def forward(x: torch.Tensor, f: torch.Tensor, alpha: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """a * x + f; x, f share one layout (``channels_last`` says which)."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = layout_format(channels_last)
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt)
     if out.numel() == 0:
         return out
-    tl_dtype, torch_dtype = _compute_dtype(x.dtype)
+    tl_dtype, torch_dtype = compute_dtypes(x.dtype)
     c, hw, m, (s_n, s_c, s_p), grid, blocks = _geometry(x, channels_last)
     rev_coupling_forward_kernel[grid](x, f, alpha.to(torch_dtype).contiguous(), out, c, hw, m,
-                                      s_n, s_c, s_p, COMPUTE=tl_dtype, **blocks, **_launch_opts())
+                                      s_n, s_c, s_p, COMPUTE=tl_dtype, **blocks, **launch_options())
     return out
 
 
 def invert(x: torch.Tensor, f, alpha: torch.Tensor, g: torch.Tensor, channels_last: bool):
     """(c, a * g, sum_{n,h,w} g * c) with c = (x - f) / a, or c = x when ``f`` is None
     (then the returned c is None). Tensors share one layout."""
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    tl_dtype, torch_dtype = _compute_dtype(x.dtype)
+    fmt = layout_format(channels_last)
+    tl_dtype, torch_dtype = compute_dtypes(x.dtype)
     rebuild = f is not None
     c_out = torch.empty(x.shape, dtype=x.dtype, device=x.device, memory_format=fmt) if rebuild else None
     gc = torch.empty(g.shape, dtype=g.dtype, device=g.device, memory_format=fmt)
@@ -138,6 +117,6 @@ def invert(x: torch.Tensor, f, alpha: torch.Tensor, g: torch.Tensor, channels_la
     rev_coupling_invert_kernel[grid](
         x, f if rebuild else x, alpha.to(torch_dtype).contiguous(), g,
         c_out if rebuild else gc, gc, partial, c, hw, m, s_n, s_c, s_p,
-        REBUILD=rebuild, COMPUTE=tl_dtype, **blocks, **_launch_opts())
+        REBUILD=rebuild, COMPUTE=tl_dtype, **blocks, **launch_options())
     # Rows added in order: a fixed reduction order (no atomics anywhere).
     return c_out, gc, partial.sum(0)

@@ -17,13 +17,12 @@ launchers ``restorenet.ops.tiles`` calls.
 """
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
 from restorenet.ops.tiles import LAYOUT_COLUMNS
+from restorenet_kernels._launch import interpreting, launch_options
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float32: tl.float32, torch.float64: tl.float64}
@@ -109,19 +108,11 @@ def tile_blend_kernel(tiles_ptr, slots_ptr, layout_ptr, row_w_ptr, col_w_ptr, ou
 
 
 # --------------------------------------------------------------------- launchers
-def _interpreting() -> bool:
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-
 def _blocks(pixels: int, channels: int) -> dict:
     # The interpreter pays per program: give it big blocks.
-    max_p, max_c = (4096, 64) if _interpreting() else (256, 16)
+    max_p, max_c = (4096, 64) if interpreting() else (256, 16)
     return dict(BLOCK_P=min(max_p, triton.next_power_of_2(max(pixels, 1))),
                 BLOCK_C=min(max_c, triton.next_power_of_2(max(channels, 1))))
-
-
-def _launch_opts() -> dict:
-    return {} if _interpreting() else dict(num_warps=4)
 
 
 def _image_table(feats: list[torch.Tensor], device: torch.device) -> torch.Tensor:
@@ -146,7 +137,7 @@ def gather(feats, boxes, tile_h, tile_w):
     grid = (boxes.shape[0], triton.cdiv(tile_h * tile_w, blocks["BLOCK_P"]),
             triton.cdiv(c, blocks["BLOCK_C"]))
     tile_gather_kernel[grid](table, boxes.contiguous(), out, c, tile_h, tile_w,
-                             DTYPE=_TL_DTYPE[out.dtype], **blocks, **_launch_opts())
+                             DTYPE=_TL_DTYPE[out.dtype], **blocks, **launch_options())
     return out
 
 
@@ -162,6 +153,6 @@ def blend(tiles, slots, layout, row_weight, col_weight, num_pixels, cover_h, cov
         tiles, slots.contiguous(), layout.contiguous(), row_weight.contiguous(), col_weight.contiguous(),
         out, c, th, tw, *tiles.stride(),
         NCOLS=len(LAYOUT_COLUMNS), **{k: v for k, v in _COL.items() if k != "COL_IMAGE"},
-        COVER_H=cover_h, COVER_W=cover_w, ACC_DTYPE=acc, **blocks, **_launch_opts(),
+        COVER_H=cover_h, COVER_W=cover_w, ACC_DTYPE=acc, **blocks, **launch_options(),
     )
     return out

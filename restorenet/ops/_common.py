@@ -1,6 +1,8 @@
-"""Plumbing shared by the convolution ops (``hyper_conv2d``, ``slim_conv2d``):
-output shape and layout, autocast, the stride/padding checks, and the shaping
-of a backward op's gradient list."""
+"""Plumbing shared by the ops: output shape and layout, the working layout of
+the memory-bound ops (``channel_attention``, ``rev_coupling``, ``layer_norm2d``,
+...), autocast, the stride/padding checks of the convolution ops
+(``hyper_conv2d``, ``slim_conv2d``), and the shaping of a backward op's
+gradient list."""
 from __future__ import annotations
 
 from typing import Optional, Sequence
@@ -20,6 +22,22 @@ def output_memory_format(x: Tensor) -> torch.memory_format:
     if x.dim() == 4 and not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last):
         return torch.channels_last
     return torch.contiguous_format
+
+
+def like_layout(t: Tensor, ref: Tensor) -> Tensor:
+    """``t`` dense in the layout an op works in for ``ref`` (``output_memory_format(ref)``);
+    no copy when it already is."""
+    return t.contiguous(memory_format=output_memory_format(ref))
+
+
+def in_working_layout(*tensors: Tensor) -> tuple[torch.memory_format, tuple[Tensor, ...]]:
+    """``(fmt, tensors)``: the layout a memory-bound op works in -- the first
+    tensor's, as ``output_memory_format`` picks it -- and every tensor made dense
+    in it. The kernels then address all operands with one set of strides and take
+    one flag, ``fmt == torch.channels_last``; a tensor already dense in ``fmt`` is
+    not copied."""
+    fmt = output_memory_format(tensors[0])
+    return fmt, tuple(t.contiguous(memory_format=fmt) for t in tensors)
 
 
 def autocast_inputs(x: Tensor, *params: Optional[Tensor]) -> tuple:

@@ -71,7 +71,7 @@ from torch import Tensor
 
 from restorenet._checks import check_tensor
 from restorenet.ops._backend import cuda_extension, resolve_backend
-from restorenet.ops._common import output_memory_format
+from restorenet.ops._common import in_working_layout, output_memory_format
 from restorenet.ops._nvtx import nvtx_range
 
 CA_OP = "channel_attention"
@@ -194,10 +194,6 @@ def _check_scaled_residual_args(inp: Tensor, beta: Tensor, z: Tensor) -> None:
                          f"got {tuple(beta.shape)}")
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    return output_memory_format(x)
-
-
 def _attention_vector(pooled: Tensor, weight: Tensor, bias: Optional[Tensor]) -> Tensor:
     """s = p W^T + b on the [N, C] pooled vector, in the pooled (compute) dtype."""
     cd = pooled.dtype
@@ -210,8 +206,7 @@ def _attention_vector(pooled: Tensor, weight: Tensor, bias: Optional[Tensor]) ->
 @torch.library.custom_op("restorenet::channel_attention", mutates_args=())
 def _channel_attention_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], gated: bool,
                           backend: str) -> tuple[Tensor, Tensor]:
-    fmt = _layout(x)
-    x = x.contiguous(memory_format=fmt)
+    fmt, (x,) = in_working_layout(x)
     cl = fmt == torch.channels_last
     with nvtx_range(CA_OP, "fwd", x.device):
         sums = _CA_REDUCE[backend](x, None, gated, cl)                    # pass 1
@@ -225,7 +220,7 @@ def _channel_attention_op(x: Tensor, weight: Tensor, bias: Optional[Tensor], gat
 def _(x, weight, bias, gated, backend):
     n, cx, h, w = x.shape
     c = cx // 2 if gated else cx
-    u = x.new_empty((n, c, h, w)).contiguous(memory_format=_layout(x))
+    u = x.new_empty((n, c, h, w)).contiguous(memory_format=output_memory_format(x))
     return u, x.new_empty((n, c), dtype=_compute_dtype(x.dtype))
 
 
@@ -234,8 +229,7 @@ def _(x, weight, bias, gated, backend):
 @torch.library.custom_op("restorenet::channel_attention_backward", mutates_args=())
 def _channel_attention_backward_op(grad_u: Tensor, x: Tensor, weight: Tensor, bias: Optional[Tensor],
                                    pooled: Tensor, gated: bool, backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = _layout(x)
-    x, du = x.contiguous(memory_format=fmt), grad_u.contiguous(memory_format=fmt)
+    fmt, (x, du) = in_working_layout(x, grad_u)
     cl = fmt == torch.channels_last
     with nvtx_range(CA_OP, "bwd", x.device):
         ds = _CA_REDUCE[backend](x, du, gated, cl)                        # pass 1
@@ -251,7 +245,7 @@ def _channel_attention_backward_op(grad_u: Tensor, x: Tensor, weight: Tensor, bi
 
 @_channel_attention_backward_op.register_fake
 def _(grad_u, x, weight, bias, pooled, gated, backend):
-    return (torch.empty_like(x, memory_format=_layout(x)), torch.empty_like(weight),
+    return (torch.empty_like(x, memory_format=output_memory_format(x)), torch.empty_like(weight),
             weight.new_empty(weight.shape[0]))
 
 
@@ -279,8 +273,7 @@ _channel_attention_op.register_autograd(_channel_attention_autograd_backward,
 
 @torch.library.custom_op("restorenet::scaled_residual", mutates_args=())
 def _scaled_residual_op(inp: Tensor, beta: Tensor, z: Tensor, backend: str) -> Tensor:
-    fmt = _layout(inp)
-    inp, z = inp.contiguous(memory_format=fmt), z.contiguous(memory_format=fmt)
+    fmt, (inp, z) = in_working_layout(inp, z)
     with nvtx_range(SR_OP, "fwd", inp.device):
         y = _SR_FORWARD[backend](inp, beta, z, fmt == torch.channels_last)
     return y.contiguous(memory_format=fmt)
@@ -288,15 +281,14 @@ def _scaled_residual_op(inp: Tensor, beta: Tensor, z: Tensor, backend: str) -> T
 
 @_scaled_residual_op.register_fake
 def _(inp, beta, z, backend):
-    return torch.empty_like(inp, memory_format=_layout(inp))
+    return torch.empty_like(inp, memory_format=output_memory_format(inp))
 
 
 # Returns (grad_z, grad_beta); a gradient not asked for comes back empty.
 @torch.library.custom_op("restorenet::scaled_residual_backward", mutates_args=())
 def _scaled_residual_backward_op(grad_y: Tensor, beta: Tensor, z: Tensor, need_z: bool, need_beta: bool,
                                  backend: str) -> tuple[Tensor, Tensor]:
-    fmt = _layout(z)
-    z, g = z.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
+    fmt, (z, g) = in_working_layout(z, grad_y)
     with nvtx_range(SR_OP, "bwd", z.device):
         dz, dbeta = _SR_BACKWARD[backend](g, beta, z, need_z, need_beta, fmt == torch.channels_last)
     dz = dz.to(z.dtype).contiguous(memory_format=fmt) if need_z else z.new_empty(0)
@@ -306,7 +298,7 @@ def _scaled_residual_backward_op(grad_y: Tensor, beta: Tensor, z: Tensor, need_z
 
 @_scaled_residual_backward_op.register_fake
 def _(grad_y, beta, z, need_z, need_beta, backend):
-    dz = torch.empty_like(z, memory_format=_layout(z)) if need_z else z.new_empty(0)
+    dz = torch.empty_like(z, memory_format=output_memory_format(z)) if need_z else z.new_empty(0)
     return dz, (torch.empty_like(beta) if need_beta else beta.new_empty(0))
 
 

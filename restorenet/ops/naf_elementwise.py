@@ -51,7 +51,7 @@ from torch import Tensor
 
 from restorenet._checks import check_tensor
 from restorenet.ops._backend import cuda_extension, resolve_backend
-from restorenet.ops._common import output_memory_format
+from restorenet.ops._common import in_working_layout, output_memory_format
 from restorenet.ops._nvtx import nvtx_range
 
 LN_OP = "layer_norm2d"
@@ -146,18 +146,13 @@ def _check_layer_norm_args(x: Tensor, weight: Tensor, bias: Tensor, eps) -> None
         raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
 
 
-def _layout(x: Tensor) -> torch.memory_format:
-    return output_memory_format(x)
-
-
 # ------------------------------------------------------------------- custom ops
 # Returns (y, mean, rstd); mean and rstd ([N, H, W], compute dtype) are saved
 # for the backward and are not differentiable.
 @torch.library.custom_op("restorenet::layer_norm2d", mutates_args=())
 def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
                    backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = _layout(x)
-    x = x.contiguous(memory_format=fmt)
+    fmt, (x,) = in_working_layout(x)
     with nvtx_range(LN_OP, "fwd", x.device):
         y, mean, rstd = _LN_FORWARD[backend](x, weight, bias, eps, fmt == torch.channels_last)
     return y.contiguous(memory_format=fmt), mean.contiguous(), rstd.contiguous()
@@ -167,7 +162,7 @@ def _layer_norm_op(x: Tensor, weight: Tensor, bias: Tensor, eps: float,
 def _(x, weight, bias, eps, backend):
     n, _, h, w = x.shape
     cd = _compute_dtype(x.dtype)
-    return (torch.empty_like(x, memory_format=_layout(x)), x.new_empty((n, h, w), dtype=cd),
+    return (torch.empty_like(x, memory_format=output_memory_format(x)), x.new_empty((n, h, w), dtype=cd),
             x.new_empty((n, h, w), dtype=cd))
 
 
@@ -176,8 +171,7 @@ def _(x, weight, bias, eps, backend):
 @torch.library.custom_op("restorenet::layer_norm2d_backward", mutates_args=())
 def _layer_norm_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Tensor, rstd: Tensor,
                             backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = _layout(x)
-    x, g = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
+    fmt, (x, g) = in_working_layout(x, grad_y)
     with nvtx_range(LN_OP, "bwd", x.device):
         dx, dw, db = _LN_BACKWARD[backend](g, x, weight, mean, rstd, fmt == torch.channels_last)
     return dx.to(x.dtype).contiguous(memory_format=fmt), dw.to(weight.dtype), db.to(weight.dtype)
@@ -185,7 +179,8 @@ def _layer_norm_backward_op(grad_y: Tensor, x: Tensor, weight: Tensor, mean: Ten
 
 @_layer_norm_backward_op.register_fake
 def _(grad_y, x, weight, mean, rstd, backend):
-    return torch.empty_like(x, memory_format=_layout(x)), torch.empty_like(weight), torch.empty_like(weight)
+    return (torch.empty_like(x, memory_format=output_memory_format(x)), torch.empty_like(weight),
+            torch.empty_like(weight))
 
 
 def _layer_norm_setup_context(ctx, inputs, output):
@@ -210,8 +205,7 @@ _layer_norm_op.register_autograd(_layer_norm_autograd_backward, setup_context=_l
 
 @torch.library.custom_op("restorenet::simple_gate", mutates_args=())
 def _simple_gate_op(x: Tensor, backend: str) -> Tensor:
-    fmt = _layout(x)
-    x = x.contiguous(memory_format=fmt)
+    fmt, (x,) = in_working_layout(x)
     with nvtx_range(SG_OP, "fwd", x.device):
         y = _SG_FORWARD[backend](x, fmt == torch.channels_last)
     return y.contiguous(memory_format=fmt)
@@ -220,13 +214,12 @@ def _simple_gate_op(x: Tensor, backend: str) -> Tensor:
 @_simple_gate_op.register_fake
 def _(x, backend):
     n, c, h, w = x.shape
-    return x.new_empty((n, c // 2, h, w)).contiguous(memory_format=_layout(x))
+    return x.new_empty((n, c // 2, h, w)).contiguous(memory_format=output_memory_format(x))
 
 
 @torch.library.custom_op("restorenet::simple_gate_backward", mutates_args=())
 def _simple_gate_backward_op(grad_y: Tensor, x: Tensor, backend: str) -> Tensor:
-    fmt = _layout(x)
-    x, g = x.contiguous(memory_format=fmt), grad_y.contiguous(memory_format=fmt)
+    fmt, (x, g) = in_working_layout(x, grad_y)
     with nvtx_range(SG_OP, "bwd", x.device):
         dx = _SG_BACKWARD[backend](g, x, fmt == torch.channels_last)
     return dx.contiguous(memory_format=fmt)
@@ -234,7 +227,7 @@ def _simple_gate_backward_op(grad_y: Tensor, x: Tensor, backend: str) -> Tensor:
 
 @_simple_gate_backward_op.register_fake
 def _(grad_y, x, backend):
-    return torch.empty_like(x, memory_format=_layout(x))
+    return torch.empty_like(x, memory_format=output_memory_format(x))
 
 
 def _simple_gate_setup_context(ctx, inputs, output):

@@ -40,7 +40,7 @@ from torch import Tensor
 
 from restorenet._checks import check_tensor
 from restorenet.ops._backend import cuda_extension, resolve_backend
-from restorenet.ops._common import output_memory_format
+from restorenet.ops._common import in_working_layout, like_layout, output_memory_format
 from restorenet.ops._nvtx import nvtx_range
 
 OP = "rev_coupling"
@@ -95,7 +95,7 @@ def rev_coupling_forward(c: Tensor, f: Tensor, alpha: Tensor, *, backend: Option
     _check_pair("c", c, "f", f)
     _check_alpha(alpha, c)
     name = resolve_backend(backend, c.device, OP, cuda_symbol="rev_coupling_forward")
-    return torch.ops.restorenet.rev_coupling_forward(c, _like(f, c), alpha, name)
+    return torch.ops.restorenet.rev_coupling_forward(c, like_layout(f, c), alpha, name)
 
 
 def rev_coupling_invert(c_new: Tensor, f: Tensor, alpha: Tensor, grad_c_new: Tensor, *,
@@ -119,7 +119,7 @@ def rev_coupling_invert(c_new: Tensor, f: Tensor, alpha: Tensor, grad_c_new: Ten
     _check_alpha(alpha, c_new)
     name = resolve_backend(backend, c_new.device, OP, cuda_symbol="rev_coupling_invert")
     c, grad_c, grad_alpha = torch.ops.restorenet.rev_coupling_invert(
-        c_new, _like(f, c_new), alpha, _like(grad_c_new, c_new), name)
+        c_new, like_layout(f, c_new), alpha, like_layout(grad_c_new, c_new), name)
     return c, grad_c, grad_alpha
 
 
@@ -139,20 +139,10 @@ def _check_alpha(alpha: Tensor, ref: Tensor) -> None:
                          f"got {tuple(alpha.shape)}")
 
 
-def _like(t: Tensor, ref: Tensor) -> Tensor:
-    """``t`` in the layout the op works in (that of ``ref``); a no-op when it already is."""
-    return t.contiguous(memory_format=output_memory_format(ref))
-
-
-def _layout(x: Tensor) -> torch.memory_format:
-    return output_memory_format(x)
-
-
 # ------------------------------------------------------------------- custom ops
 @torch.library.custom_op("restorenet::rev_coupling_forward", mutates_args=())
 def _forward_op(c: Tensor, f: Tensor, alpha: Tensor, backend: str) -> Tensor:
-    fmt = _layout(c)
-    c, f = c.contiguous(memory_format=fmt), f.contiguous(memory_format=fmt)
+    fmt, (c, f) = in_working_layout(c, f)
     with nvtx_range(OP, "fwd", c.device):
         out = _FORWARD[backend](c, f, alpha, fmt == torch.channels_last)
     return out.contiguous(memory_format=fmt)
@@ -160,14 +150,13 @@ def _forward_op(c: Tensor, f: Tensor, alpha: Tensor, backend: str) -> Tensor:
 
 @_forward_op.register_fake
 def _(c, f, alpha, backend):
-    return torch.empty_like(c, memory_format=_layout(c))
+    return torch.empty_like(c, memory_format=output_memory_format(c))
 
 
 # Returns (grad_c, grad_alpha) for grad_c_new: the coupling's backward with c known.
 @torch.library.custom_op("restorenet::rev_coupling_backward", mutates_args=())
 def _backward_op(grad_c_new: Tensor, c: Tensor, alpha: Tensor, backend: str) -> tuple[Tensor, Tensor]:
-    fmt = _layout(c)
-    c, g = c.contiguous(memory_format=fmt), grad_c_new.contiguous(memory_format=fmt)
+    fmt, (c, g) = in_working_layout(c, grad_c_new)
     with nvtx_range(OP, "bwd", c.device):
         grad_c, grad_alpha = _BACKWARD[backend](g, c, alpha, fmt == torch.channels_last)
     return grad_c.contiguous(memory_format=fmt), grad_alpha.to(alpha.dtype)
@@ -175,7 +164,7 @@ def _backward_op(grad_c_new: Tensor, c: Tensor, alpha: Tensor, backend: str) -> 
 
 @_backward_op.register_fake
 def _(grad_c_new, c, alpha, backend):
-    return torch.empty_like(c, memory_format=_layout(c)), alpha.new_empty(alpha.shape)
+    return torch.empty_like(c, memory_format=output_memory_format(c)), alpha.new_empty(alpha.shape)
 
 
 def _setup_context(ctx, inputs, output):
@@ -201,8 +190,7 @@ _forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
 @torch.library.custom_op("restorenet::rev_coupling_invert", mutates_args=())
 def _invert_op(c_new: Tensor, f: Tensor, alpha: Tensor, grad_c_new: Tensor,
                backend: str) -> tuple[Tensor, Tensor, Tensor]:
-    fmt = _layout(c_new)
-    x, f, g = (t.contiguous(memory_format=fmt) for t in (c_new, f, grad_c_new))
+    fmt, (x, f, g) = in_working_layout(c_new, f, grad_c_new)
     with nvtx_range(OP, "bwd", x.device):
         c, grad_c, grad_alpha = _INVERT[backend](x, f, alpha, g, fmt == torch.channels_last)
     return (c.contiguous(memory_format=fmt), grad_c.contiguous(memory_format=fmt),
@@ -211,7 +199,7 @@ def _invert_op(c_new: Tensor, f: Tensor, alpha: Tensor, grad_c_new: Tensor,
 
 @_invert_op.register_fake
 def _(c_new, f, alpha, grad_c_new, backend):
-    fmt = _layout(c_new)
+    fmt = output_memory_format(c_new)
     return (torch.empty_like(c_new, memory_format=fmt), torch.empty_like(c_new, memory_format=fmt),
             alpha.new_empty(alpha.shape))
 

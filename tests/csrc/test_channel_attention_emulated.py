@@ -13,80 +13,46 @@ from __future__ import annotations
 
 import ctypes
 import importlib
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
+from emu_build import DTYPE_CODE, assert_close_to, i64, load_harness, nan_filled, poisoned_workspace, ptr
+
 ref = importlib.import_module("restorenet.ops.channel_attention")
 
-ROOT = Path(__file__).resolve().parents[2]
-EMU = Path(__file__).resolve().parent / "emu"
-CXX = shutil.which("g++")
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
 # Max error relative to the largest reference value, for outputs rounded to the dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory, cuda_include_dir):
-    if CXX is None:
-        pytest.skip("g++ is not installed")
-    out = tmp_path_factory.mktemp("emu") / "channel_attention_emu.so"
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DRN_CUDA_EMULATION",
-           f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{cuda_include_dir}", str(EMU / "channel_attention_harness.cpp"),
-           "-shared", "-fPIC", "-o", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stderr}"
-    return ctypes.CDLL(str(out))
-
-
-def _i64(values) -> ctypes.Array:
-    return (ctypes.c_int64 * len(values))(*values)
-
-
-def _ptr(t):
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
+    return load_harness(tmp_path_factory, cuda_include_dir, "channel_attention_harness.cpp")
 
 
 def _acc(dtype):
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _nan(shape, dtype, channels_last=False):
-    t = torch.full(shape, float("nan"), dtype=dtype)
-    return t.contiguous(memory_format=torch.channels_last) if channels_last else t
-
-
 def _layout(t, channels_last):
     return t.contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
 
 
-def _workspace(nbytes):
-    return torch.full((max(nbytes, 1),), 0xFF, dtype=torch.uint8)  # NaN in float and double
-
-
 def assert_close(actual, expected, dtype, name):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not torch.isnan(actual).any(), f"{name}: elements left unwritten (NaN)"
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
+    assert_close_to(actual, expected, TOL[dtype], name)
 
 
 # ----------------------------------------------------------- channel attention
 def emu_ca_reduce(lib, x, du, gated, c):
     n, _, h, w = x.shape
-    shape = _i64([n, c, h, w])
+    shape = i64([n, c, h, w])
     nbytes = ctypes.c_int64()
     assert lib.emu_ca_reduce_workspace_size(DTYPE_CODE[x.dtype], shape, int(gated), ctypes.byref(nbytes)) == 0
-    sums = _nan((n, c), _acc(x.dtype))
-    ws = _workspace(nbytes.value)
+    sums = nan_filled((n, c), _acc(x.dtype))
+    ws = poisoned_workspace(nbytes.value)
     du_strides = du.stride() if du is not None else (0, 0, 0, 0)
-    rc = lib.emu_ca_reduce(DTYPE_CODE[x.dtype], shape, int(gated), _ptr(x), _i64(x.stride()), _ptr(du),
-                           _i64(du_strides), _ptr(sums), _ptr(ws), nbytes)
+    rc = lib.emu_ca_reduce(DTYPE_CODE[x.dtype], shape, int(gated), ptr(x), i64(x.stride()), ptr(du),
+                           i64(du_strides), ptr(sums), ptr(ws), nbytes)
     assert rc == 0, f"reduce returned CUDA error {rc}"
     return sums
 
@@ -94,18 +60,18 @@ def emu_ca_reduce(lib, x, du, gated, c):
 def emu_ca_apply(lib, x, scale, gated, channels_last):
     n, cx, h, w = x.shape
     c = cx // 2 if gated else cx
-    u = _nan((n, c, h, w), x.dtype, channels_last)
-    rc = lib.emu_ca_apply(DTYPE_CODE[x.dtype], _i64([n, c, h, w]), int(gated), _ptr(x), _i64(x.stride()),
-                          _ptr(scale), _ptr(u), _i64(u.stride()))
+    u = nan_filled((n, c, h, w), x.dtype, channels_last)
+    rc = lib.emu_ca_apply(DTYPE_CODE[x.dtype], i64([n, c, h, w]), int(gated), ptr(x), i64(x.stride()),
+                          ptr(scale), ptr(u), i64(u.stride()))
     assert rc == 0, f"apply returned CUDA error {rc}"
     return u
 
 
 def emu_ca_backward_input(lib, du, x, scale, q, gated, channels_last):
     n, c, h, w = du.shape
-    dx = _nan(tuple(x.shape), x.dtype, channels_last)
-    rc = lib.emu_ca_backward_input(DTYPE_CODE[x.dtype], _i64([n, c, h, w]), int(gated), _ptr(du), _i64(du.stride()),
-                                   _ptr(x), _i64(x.stride()), _ptr(scale), _ptr(q), _ptr(dx), _i64(dx.stride()))
+    dx = nan_filled(tuple(x.shape), x.dtype, channels_last)
+    rc = lib.emu_ca_backward_input(DTYPE_CODE[x.dtype], i64([n, c, h, w]), int(gated), ptr(du), i64(du.stride()),
+                                   ptr(x), i64(x.stride()), ptr(scale), ptr(q), ptr(dx), i64(dx.stride()))
     assert rc == 0, f"backward_input returned CUDA error {rc}"
     return dx
 
@@ -164,8 +130,8 @@ def test_channel_attention_any_strides(lib):
     scale = torch.randn(2, 3, dtype=torch.float64)
     out = torch.full((4, 2, 7, 3), float("nan"), dtype=torch.float64)
     u = out.permute(1, 3, 0, 2)                                          # [2, 3, 4, 7], h outermost in memory
-    rc = lib.emu_ca_apply(3, _i64([2, 3, 4, 7]), 1, _ptr(x), _i64(x.stride()), _ptr(scale), _ptr(u),
-                          _i64(u.stride()))
+    rc = lib.emu_ca_apply(3, i64([2, 3, 4, 7]), 1, ptr(x), i64(x.stride()), ptr(scale), ptr(u),
+                          i64(u.stride()))
     assert rc == 0
     assert_close(u, ref._reference_ca_apply(x, scale, True, False), torch.float64, "u")
     assert_close(emu_ca_reduce(lib, x, None, True, 3), ref._reference_ca_reduce(x, None, True, False),
@@ -175,19 +141,19 @@ def test_channel_attention_any_strides(lib):
 # ------------------------------------------------------------- scaled residual
 def emu_sr(lib, inp, beta, z, g, need_z=True, need_beta=True):
     code = DTYPE_CODE[inp.dtype]
-    shape = _i64(list(inp.shape))
+    shape = i64(list(inp.shape))
     channels_last = inp.dim() == 4 and inp.stride(1) == 1 and inp.shape[1] > 1
-    y = _nan(tuple(inp.shape), inp.dtype, channels_last)
-    rc = lib.emu_sr_forward(code, shape, _ptr(inp), _i64(inp.stride()), _ptr(beta), _ptr(z), _i64(z.stride()),
-                            _ptr(y), _i64(y.stride()))
+    y = nan_filled(tuple(inp.shape), inp.dtype, channels_last)
+    rc = lib.emu_sr_forward(code, shape, ptr(inp), i64(inp.stride()), ptr(beta), ptr(z), i64(z.stride()),
+                            ptr(y), i64(y.stride()))
     assert rc == 0, f"forward returned CUDA error {rc}"
     nbytes = ctypes.c_int64()
     assert lib.emu_sr_backward_workspace_size(code, shape, ctypes.byref(nbytes)) == 0
-    dz = _nan(tuple(z.shape), z.dtype, channels_last) if need_z else None
-    dbeta = _nan((inp.shape[1],), beta.dtype) if need_beta else None
-    ws = _workspace(nbytes.value)
-    rc = lib.emu_sr_backward(code, shape, _ptr(g), _i64(g.stride()), _ptr(beta), _ptr(z), _i64(z.stride()),
-                             _ptr(dz), _i64(dz.stride() if dz is not None else (0, 0, 0, 0)), _ptr(dbeta), _ptr(ws),
+    dz = nan_filled(tuple(z.shape), z.dtype, channels_last) if need_z else None
+    dbeta = nan_filled((inp.shape[1],), beta.dtype) if need_beta else None
+    ws = poisoned_workspace(nbytes.value)
+    rc = lib.emu_sr_backward(code, shape, ptr(g), i64(g.stride()), ptr(beta), ptr(z), i64(z.stride()),
+                             ptr(dz), i64(dz.stride() if dz is not None else (0, 0, 0, 0)), ptr(dbeta), ptr(ws),
                              nbytes)
     assert rc == 0, f"backward returned CUDA error {rc}"
     return y, dz, dbeta
@@ -251,8 +217,8 @@ def test_invalid_shapes_are_rejected(lib):
     scale = torch.randn(1, 2)
     u = torch.empty(1, 2, 3, 3)
     for bad in ([1, 0, 3, 3], [1, 2, 0, 3], [-1, 2, 3, 3]):
-        rc = lib.emu_ca_apply(0, _i64(bad), 1, _ptr(x), _i64(x.stride()), _ptr(scale), _ptr(u), _i64(u.stride()))
+        rc = lib.emu_ca_apply(0, i64(bad), 1, ptr(x), i64(x.stride()), ptr(scale), ptr(u), i64(u.stride()))
         assert rc == 1, bad  # cudaErrorInvalidValue
-    rc = lib.emu_ca_reduce(0, _i64([1, 2, 3, 3]), 1, _ptr(x), _i64(x.stride()), _ptr(None), _i64([0, 0, 0, 0]),
-                           _ptr(scale), _ptr(None), ctypes.c_int64(0))
+    rc = lib.emu_ca_reduce(0, i64([1, 2, 3, 3]), 1, ptr(x), i64(x.stride()), ptr(None), i64([0, 0, 0, 0]),
+                           ptr(scale), ptr(None), ctypes.c_int64(0))
     assert rc == 1, "a missing workspace must be refused"

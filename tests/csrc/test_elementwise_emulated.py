@@ -15,9 +15,6 @@ tests/ops/test_reversible_cuda.py and tests/ops/test_naf_elementwise_cuda.py.
 from __future__ import annotations
 
 import ctypes
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,13 +23,11 @@ from restorenet.ops.naf_elementwise import (_reference_layer_norm2d, _reference_
                                             _reference_sg_backward, simple_gate_reference)
 from restorenet.ops.reversible import rev_coupling_forward_reference, rev_coupling_invert_reference
 
-ROOT = Path(__file__).resolve().parents[2]
-EMU = Path(__file__).resolve().parent / "emu"
-CXX = shutil.which("g++")
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+from emu_build import (CUDA_ERROR_INVALID_VALUE, DTYPE_CODE, assert_close_to, i64, load_harness, nan_filled,
+                       poisoned_workspace, ptr)
+
 # Max error relative to max(1, max |reference|), for outputs rounded to the dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-CUDA_ERROR_INVALID_VALUE = 1
 EPS = 1e-6
 
 # (n, c, h, w): odd everything; batch 1 with a 1x1 map; sizes that allow 16-byte
@@ -44,15 +39,7 @@ DTYPES = [torch.float64, torch.float32, torch.float16, torch.bfloat16]
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory, cuda_include_dir):
-    if CXX is None:
-        pytest.skip("g++ is not installed")
-    out = tmp_path_factory.mktemp("emu") / "elementwise_emu.so"
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DRN_CUDA_EMULATION",
-           f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{cuda_include_dir}", str(EMU / "elementwise_harness.cpp"),
-           "-shared", "-fPIC", "-o", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stderr}"
-    lib = ctypes.CDLL(str(out))
+    lib = load_harness(tmp_path_factory, cuda_include_dir, "elementwise_harness.cpp")
     lib.emu_rev_coupling_invert_workspace_size.restype = ctypes.c_int64
     lib.emu_layer_norm2d_backward_workspace_size.restype = ctypes.c_int64
     lib.emu_layer_norm2d_forward.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p,
@@ -62,16 +49,8 @@ def lib(tmp_path_factory, cuda_include_dir):
 
 
 # ------------------------------------------------------------------ helpers
-def _i64(values) -> ctypes.Array:
-    return (ctypes.c_int64 * len(values))(*values)
-
-
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
-
-
 def _st(t: torch.Tensor | None) -> ctypes.Array:
-    return _i64(t.stride() if t is not None else (0, 0, 0, 0))
+    return i64(t.stride() if t is not None else (0, 0, 0, 0))
 
 
 def _compute(dtype):
@@ -82,12 +61,8 @@ def _layout(channels_last):
     return torch.channels_last if channels_last else torch.contiguous_format
 
 
-def _nan(shape, dtype, channels_last=False):
-    return torch.full(shape, float("nan"), dtype=dtype).contiguous(memory_format=_layout(channels_last))
-
-
 def _workspace(nbytes):
-    return torch.full((max(int(nbytes), 16),), 0xFF, dtype=torch.uint8)  # NaN in float and double
+    return poisoned_workspace(nbytes, minimum=16)
 
 
 def _make(shape, dtype, channels_last=False, seed=0, offset=0.0):
@@ -104,19 +79,15 @@ def _alpha(c, dtype, seed=7):
 
 
 def assert_close(actual, expected, dtype, name):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not torch.isnan(actual).any(), f"{name}: elements left unwritten (NaN)"
-    scale = max(1.0, expected.abs().max().item()) if expected.numel() else 1.0
-    err = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
-    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
+    assert_close_to(actual, expected, TOL[dtype], name)
 
 
 # ------------------------------------------------------------------ C API calls
 def emu_rev_forward(lib, x, f, alpha, out=None):
     if out is None:
-        out = _nan(x.shape, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-    rc = lib.emu_rev_coupling_forward(DTYPE_CODE[x.dtype], _i64(x.shape), _ptr(x), _st(x), _ptr(f), _st(f),
-                                      _ptr(alpha), _ptr(out), _st(out))
+        out = nan_filled(x.shape, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    rc = lib.emu_rev_coupling_forward(DTYPE_CODE[x.dtype], i64(x.shape), ptr(x), _st(x), ptr(f), _st(f),
+                                      ptr(alpha), ptr(out), _st(out))
     assert rc == 0, f"rev_coupling_forward returned CUDA error {rc}"
     return out
 
@@ -125,12 +96,12 @@ def emu_rev_invert(lib, x, f, alpha, g, rebuild=True, outs=None):
     code = DTYPE_CODE[x.dtype]
     fmt_cl = x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
     c_out, grad_c = outs if outs is not None else (
-        _nan(x.shape, x.dtype, fmt_cl) if rebuild else None, _nan(x.shape, x.dtype, fmt_cl))
+        nan_filled(x.shape, x.dtype, fmt_cl) if rebuild else None, nan_filled(x.shape, x.dtype, fmt_cl))
     grad_alpha = torch.full((x.shape[1],), float("nan"), dtype=_compute(x.dtype))
     ws = _workspace(lib.emu_rev_coupling_invert_workspace_size(code, x.shape[1]))
-    rc = lib.emu_rev_coupling_invert(code, _i64(x.shape), _ptr(x), _st(x), _ptr(f if rebuild else None),
-                                     _st(f if rebuild else None), _ptr(alpha), _ptr(g), _st(g), _ptr(c_out),
-                                     _st(c_out), _ptr(grad_c), _st(grad_c), _ptr(grad_alpha), _ptr(ws),
+    rc = lib.emu_rev_coupling_invert(code, i64(x.shape), ptr(x), _st(x), ptr(f if rebuild else None),
+                                     _st(f if rebuild else None), ptr(alpha), ptr(g), _st(g), ptr(c_out),
+                                     _st(c_out), ptr(grad_c), _st(grad_c), ptr(grad_alpha), ptr(ws),
                                      ctypes.c_int64(ws.numel()))
     assert rc == 0, f"rev_coupling_invert returned CUDA error {rc}"
     return c_out, grad_c, grad_alpha
@@ -140,10 +111,10 @@ def emu_ln_forward(lib, x, weight, bias, eps=EPS, y=None):
     n, _, h, w = x.shape
     cd = _compute(x.dtype)
     if y is None:
-        y = _nan(x.shape, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        y = nan_filled(x.shape, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
     mean, rstd = torch.full((n, h, w), float("nan"), dtype=cd), torch.full((n, h, w), float("nan"), dtype=cd)
-    rc = lib.emu_layer_norm2d_forward(DTYPE_CODE[x.dtype], _i64(x.shape), _ptr(x), _st(x), _ptr(weight),
-                                      _ptr(bias), eps, _ptr(y), _st(y), _ptr(mean), _ptr(rstd))
+    rc = lib.emu_layer_norm2d_forward(DTYPE_CODE[x.dtype], i64(x.shape), ptr(x), _st(x), ptr(weight),
+                                      ptr(bias), eps, ptr(y), _st(y), ptr(mean), ptr(rstd))
     assert rc == 0, f"layer_norm2d_forward returned CUDA error {rc}"
     return y, mean, rstd
 
@@ -151,12 +122,12 @@ def emu_ln_forward(lib, x, weight, bias, eps=EPS, y=None):
 def emu_ln_backward(lib, dy, x, weight, mean, rstd, dx=None):
     code = DTYPE_CODE[x.dtype]
     if dx is None:
-        dx = _nan(x.shape, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+        dx = nan_filled(x.shape, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
     dw = torch.full((x.shape[1],), float("nan"), dtype=_compute(x.dtype))
     db = dw.clone()
     ws = _workspace(lib.emu_layer_norm2d_backward_workspace_size(code, x.shape[1]))
-    rc = lib.emu_layer_norm2d_backward(code, _i64(x.shape), _ptr(dy), _st(dy), _ptr(x), _st(x), _ptr(weight),
-                                       _ptr(mean), _ptr(rstd), _ptr(dx), _st(dx), _ptr(dw), _ptr(db), _ptr(ws),
+    rc = lib.emu_layer_norm2d_backward(code, i64(x.shape), ptr(dy), _st(dy), ptr(x), _st(x), ptr(weight),
+                                       ptr(mean), ptr(rstd), ptr(dx), _st(dx), ptr(dw), ptr(db), ptr(ws),
                                        ctypes.c_int64(ws.numel()))
     assert rc == 0, f"layer_norm2d_backward returned CUDA error {rc}"
     return dx, dw, db
@@ -165,18 +136,18 @@ def emu_ln_backward(lib, dy, x, weight, mean, rstd, dx=None):
 def emu_sg_forward(lib, x, y=None):
     n, c, h, w = x.shape
     if y is None:
-        y = _nan((n, c // 2, h, w), x.dtype,
+        y = nan_filled((n, c // 2, h, w), x.dtype,
                  x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-    rc = lib.emu_simple_gate_forward(DTYPE_CODE[x.dtype], _i64(x.shape), _ptr(x), _st(x), _ptr(y), _st(y))
+    rc = lib.emu_simple_gate_forward(DTYPE_CODE[x.dtype], i64(x.shape), ptr(x), _st(x), ptr(y), _st(y))
     assert rc == 0, f"simple_gate_forward returned CUDA error {rc}"
     return y
 
 
 def emu_sg_backward(lib, dy, x, dx=None):
     if dx is None:
-        dx = _nan(x.shape, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
-    rc = lib.emu_simple_gate_backward(DTYPE_CODE[x.dtype], _i64(x.shape), _ptr(dy), _st(dy), _ptr(x), _st(x),
-                                      _ptr(dx), _st(dx))
+        dx = nan_filled(x.shape, x.dtype, x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous())
+    rc = lib.emu_simple_gate_backward(DTYPE_CODE[x.dtype], i64(x.shape), ptr(dy), _st(dy), ptr(x), _st(x),
+                                      ptr(dx), _st(dx))
     assert rc == 0, f"simple_gate_backward returned CUDA error {rc}"
     return dx
 
@@ -324,7 +295,7 @@ def test_mixed_layouts_and_channel_slices(lib):
     assert torch.isnan(big[:, :2]).all() and torch.isnan(big[:, 8:]).all(), "wrote outside its slice"
     g = _make(shape, torch.float64, False, 2)
     c_out = torch.full((2, 8, 5, 7), float("nan"), dtype=torch.float64)[:, 1:7]
-    grad_c = _nan(shape, torch.float64, True)
+    grad_c = nan_filled(shape, torch.float64, True)
     got = emu_rev_invert(lib, x, f, alpha, g, outs=(c_out, grad_c))
     for a, b, name in zip(got, rev_coupling_invert_reference(x, f, alpha, g), ("c", "grad_c", "grad_alpha")):
         assert_close(a, b, torch.float64, name)
@@ -347,21 +318,21 @@ def test_empty_pixels_give_zero_parameter_gradients(lib):
 def test_invalid_arguments_are_rejected(lib):
     x = torch.zeros(1, 3, 4, 4)
     y = torch.zeros(1, 1, 4, 4)
-    assert lib.emu_simple_gate_forward(0, _i64((1, 3, 4, 4)), _ptr(x), _st(x), _ptr(y), _st(y)) == \
+    assert lib.emu_simple_gate_forward(0, i64((1, 3, 4, 4)), ptr(x), _st(x), ptr(y), _st(y)) == \
         CUDA_ERROR_INVALID_VALUE  # odd channel count
     # h and w that do not merge into one pixel index (a column-sliced view)
     v = torch.zeros(1, 2, 4, 8)[..., :4]
-    assert lib.emu_simple_gate_forward(0, _i64((1, 2, 4, 4)), _ptr(v), _st(v), _ptr(y), _st(y)) == \
+    assert lib.emu_simple_gate_forward(0, i64((1, 2, 4, 4)), ptr(v), _st(v), ptr(y), _st(y)) == \
         CUDA_ERROR_INVALID_VALUE
     # a channel count whose pixel column does not fit the shared-memory tile
     big = torch.zeros(1, 20000, 1, 2)
     ones = torch.ones(20000)
     stats = torch.zeros(1, 1, 2)
-    assert lib.emu_layer_norm2d_forward(0, _i64(big.shape), _ptr(big), _st(big), _ptr(ones), _ptr(ones), EPS,
-                                        _ptr(big), _st(big), _ptr(stats), _ptr(stats)) == CUDA_ERROR_INVALID_VALUE
+    assert lib.emu_layer_norm2d_forward(0, i64(big.shape), ptr(big), _st(big), ptr(ones), ptr(ones), EPS,
+                                        ptr(big), _st(big), ptr(stats), ptr(stats)) == CUDA_ERROR_INVALID_VALUE
     # rebuild without an output for c
     alpha = torch.ones(3)
     ws = _workspace(lib.emu_rev_coupling_invert_workspace_size(0, 3))
-    assert lib.emu_rev_coupling_invert(0, _i64(x.shape), _ptr(x), _st(x), _ptr(x), _st(x), _ptr(alpha), _ptr(x),
-                                       _st(x), _ptr(None), _st(None), _ptr(x), _st(x), _ptr(alpha), _ptr(ws),
+    assert lib.emu_rev_coupling_invert(0, i64(x.shape), ptr(x), _st(x), ptr(x), _st(x), ptr(alpha), ptr(x),
+                                       _st(x), ptr(None), _st(None), ptr(x), _st(x), ptr(alpha), ptr(ws),
                                        ctypes.c_int64(ws.numel())) == CUDA_ERROR_INVALID_VALUE

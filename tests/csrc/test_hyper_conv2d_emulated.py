@@ -16,54 +16,22 @@ ThreadSanitizer (no shared-memory race, i.e. no missing __syncthreads).
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from restorenet.ops.hyper_conv2d import _reference_backward, hyper_conv2d_reference
 
-ROOT = Path(__file__).resolve().parents[2]
-EMU = Path(__file__).resolve().parent / "emu"
-CXX = shutil.which("g++")
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+from emu_build import (CUDA_ERROR_INVALID_VALUE, DTYPE_CODE, EMU, assert_close_to, conv_shape, i64, load_harness, ptr,
+                       run_sanitized)
+
 # Max error relative to the largest reference value, for outputs rounded to the dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-CUDA_ERROR_INVALID_VALUE = 1
-
-
-def _compile(out: Path, include: Path, source: Path, extra: list[str]) -> None:
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DRN_CUDA_EMULATION",
-           f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{include}", str(source), "-o", str(out), *extra]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stderr}"
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory, cuda_include_dir):
-    if CXX is None:
-        pytest.skip("g++ is not installed")
-    out = tmp_path_factory.mktemp("emu") / "hyper_conv2d_emu.so"
-    _compile(out, cuda_include_dir, EMU / "harness.cpp", ["-shared", "-fPIC"])
-    return ctypes.CDLL(str(out))
-
-
-def _i64(values) -> ctypes.Array:
-    return (ctypes.c_int64 * len(values))(*values)
-
-
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
-
-
-def _shape(x, weight, stride, padding) -> list[int]:
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    return [n, c_in, h, w, c_out, kh, kw, (h + 2 * padding - kh) // stride + 1,
-            (w + 2 * padding - kw) // stride + 1, stride, padding]
+    return load_harness(tmp_path_factory, cuda_include_dir, "harness.cpp")
 
 
 def _nan_like(t: torch.Tensor) -> torch.Tensor:
@@ -71,39 +39,39 @@ def _nan_like(t: torch.Tensor) -> torch.Tensor:
 
 
 def emu_forward(lib, x, level, weight, weight_base, bias, bias_base, stride, padding, y=None):
-    s = _shape(x, weight, stride, padding)
+    s = conv_shape(x, weight, stride, padding)
     if y is None:
         fmt = torch.channels_last if x.stride(1) == 1 and x.shape[1] > 1 else torch.contiguous_format
         y = torch.full((s[0], s[4], s[7], s[8]), float("nan"), dtype=x.dtype).contiguous(memory_format=fmt)
-    rc = lib.emu_hyper_conv2d_forward(DTYPE_CODE[x.dtype], _i64(s), _ptr(x), _i64(x.stride()), _ptr(level),
-                                      _ptr(weight), _ptr(weight_base), _ptr(bias), _ptr(bias_base), _ptr(y),
-                                      _i64(y.stride()))
+    rc = lib.emu_hyper_conv2d_forward(DTYPE_CODE[x.dtype], i64(s), ptr(x), i64(x.stride()), ptr(level),
+                                      ptr(weight), ptr(weight_base), ptr(bias), ptr(bias_base), ptr(y),
+                                      i64(y.stride()))
     assert rc == 0, f"forward returned CUDA error {rc}"
     return y
 
 
 def emu_backward(lib, dy, x, level, weight, weight_base, bias, bias_base, stride, padding, needs=(True,) * 6):
-    s = _shape(x, weight, stride, padding)
+    s = conv_shape(x, weight, stride, padding)
     code = DTYPE_CODE[x.dtype]
     grads = [None] * 6
     if needs[0]:
         grads[0] = _nan_like(x)
-        rc = lib.emu_hyper_conv2d_backward_input(code, _i64(s), _ptr(dy), _i64(dy.stride()), _ptr(level),
-                                                 _ptr(weight), _ptr(weight_base), _ptr(grads[0]),
-                                                 _i64(grads[0].stride()))
+        rc = lib.emu_hyper_conv2d_backward_input(code, i64(s), ptr(dy), i64(dy.stride()), ptr(level),
+                                                 ptr(weight), ptr(weight_base), ptr(grads[0]),
+                                                 i64(grads[0].stride()))
         assert rc == 0, f"backward_input returned CUDA error {rc}"
     for i, t in enumerate((level, weight, weight_base, bias, bias_base), start=1):
         if needs[i] and t is not None:
             grads[i] = _nan_like(t)
     if any(g is not None for g in grads[1:]):
         nbytes = ctypes.c_int64()
-        rc = lib.emu_hyper_conv2d_backward_params_workspace_size(code, _i64(s), *map(_ptr, grads[1:]), _ptr(bias),
+        rc = lib.emu_hyper_conv2d_backward_params_workspace_size(code, i64(s), *map(ptr, grads[1:]), ptr(bias),
                                                                  ctypes.byref(nbytes))
         assert rc == 0
         workspace = torch.full((nbytes.value,), 0xFF, dtype=torch.uint8)  # NaN in float and double
-        rc = lib.emu_hyper_conv2d_backward_params(code, _i64(s), _ptr(dy), _i64(dy.stride()), _ptr(x),
-                                                  _i64(x.stride()), _ptr(level), _ptr(weight), _ptr(bias),
-                                                  *map(_ptr, grads[1:]), _ptr(workspace), nbytes)
+        rc = lib.emu_hyper_conv2d_backward_params(code, i64(s), ptr(dy), i64(dy.stride()), ptr(x),
+                                                  i64(x.stride()), ptr(level), ptr(weight), ptr(bias),
+                                                  *map(ptr, grads[1:]), ptr(workspace), nbytes)
         assert rc == 0, f"backward_params returned CUDA error {rc}"
     return grads
 
@@ -136,11 +104,7 @@ def reference(x, level, weight, weight_base, bias, bias_base, stride, padding, d
 
 def assert_close(actual, expected, dtype, name):
     assert actual is not None and expected is not None, name
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not torch.isnan(actual).any(), f"{name}: elements left unwritten (NaN)"
-    scale = max(1.0, expected.abs().max().item())
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
+    assert_close_to(actual, expected, TOL[dtype], name)
 
 
 def check_all(lib, n, c_in, c_out, h, w, kh, kw, stride, padding, dtype=torch.float64, channels_last=False,
@@ -278,33 +242,19 @@ def test_split_count_changes_only_rounding_and_runs_are_deterministic(lib, monke
 def test_invalid_shapes_are_rejected(lib):
     x, level, weight, weight_base, b, bb = make_inputs(1, 2, 3, 5, 5, 3, 3, torch.float32)
     y = torch.empty(1, 3, 5, 5)
-    s = _shape(x, weight, 1, 1)
+    s = conv_shape(x, weight, 1, 1)
     for bad in ({7: 4}, {9: 0}, {10: -1}, {5: 0}):  # wrong h_out, stride 0, negative padding, kh 0
         t = list(s)
         for i, v in bad.items():
             t[i] = v
-        rc = lib.emu_hyper_conv2d_forward(0, _i64(t), _ptr(x), _i64(x.stride()), _ptr(level), _ptr(weight),
-                                          _ptr(weight_base), _ptr(b), _ptr(bb), _ptr(y), _i64(y.stride()))
+        rc = lib.emu_hyper_conv2d_forward(0, i64(t), ptr(x), i64(x.stride()), ptr(level), ptr(weight),
+                                          ptr(weight_base), ptr(b), ptr(bb), ptr(y), i64(y.stride()))
         assert rc == CUDA_ERROR_INVALID_VALUE, bad
 
 
 # ------------------------------------------------------------------ sanitizers
 def _sanitized_run(tmp_path, cuda_include_dir, sanitizer: str) -> str:
-    if CXX is None:
-        pytest.skip("g++ is not installed")
-    exe = tmp_path / f"sanitize_{sanitizer}"
-    probe = subprocess.run([CXX, f"-fsanitize={sanitizer}", "-x", "c++", "-", "-o", str(tmp_path / "probe")],
-                           input="int main() { return 0; }\n", capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"g++ cannot link with -fsanitize={sanitizer}: {probe.stderr[-300:]}")
-    _compile(exe, cuda_include_dir, EMU / "sanitize_check.cpp", [f"-fsanitize={sanitizer}", "-g"])
-    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=0")
-    args = [str(exe)] + (["quick"] if sanitizer == "thread" else [])
-    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-    report = run.stdout + run.stderr
-    assert run.returncode == 0 and "Sanitizer" not in report, report[-4000:]
-    assert "all cases ran" in run.stdout
-    return report
+    return run_sanitized(tmp_path, cuda_include_dir, EMU / "sanitize_check.cpp", sanitizer)
 
 
 @pytest.mark.slow

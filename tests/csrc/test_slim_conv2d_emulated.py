@@ -16,19 +16,14 @@ from __future__ import annotations
 
 import ctypes
 import math
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
 
 from restorenet.ops.slim_conv2d import _reference_backward, slim_conv2d_reference
 
-ROOT = Path(__file__).resolve().parents[2]
-EMU = Path(__file__).resolve().parent / "emu"
-CXX = shutil.which("g++")
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+from emu_build import DTYPE_CODE, assert_close_to, conv_shape, i64, load_harness, ptr
+
 # Max error relative to the largest reference value, for outputs rounded to the dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 TILE, SLICE, STEP, CHUNK = 64, 16, 16, 256  # conv_core.cuh: kTileM = kTileN, kSide, kTileK, kChunk
@@ -36,32 +31,9 @@ TILE, SLICE, STEP, CHUNK = 64, 16, 16, 256  # conv_core.cuh: kTileM = kTileN, kS
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory, cuda_include_dir):
-    if CXX is None:
-        pytest.skip("g++ is not installed")
-    out = tmp_path_factory.mktemp("emu") / "slim_conv2d_emu.so"
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DRN_CUDA_EMULATION",
-           f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{cuda_include_dir}", str(EMU / "slim_conv2d_harness.cpp"),
-           "-shared", "-fPIC", "-o", str(out)]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stderr}"
-    so = ctypes.CDLL(str(out))
+    so = load_harness(tmp_path_factory, cuda_include_dir, "slim_conv2d_harness.cpp")
     so.emu_gemm_work_take.restype = ctypes.c_longlong
     return so
-
-
-def _i64(values) -> ctypes.Array:
-    return (ctypes.c_int64 * len(values))(*values)
-
-
-def _ptr(t: torch.Tensor | None) -> ctypes.c_void_p:
-    return ctypes.c_void_p(None if t is None else t.data_ptr())
-
-
-def _shape(x, weight, stride, padding) -> list[int]:
-    n, c_in, h, w = x.shape
-    c_out, _, kh, kw = weight.shape
-    return [n, c_in, h, w, c_out, kh, kw, (h + 2 * padding - kh) // stride + 1,
-            (w + 2 * padding - kw) // stride + 1, stride, padding]
 
 
 def _layout(t: torch.Tensor) -> torch.memory_format:
@@ -70,23 +42,23 @@ def _layout(t: torch.Tensor) -> torch.memory_format:
 
 
 def emu_forward(lib, x, weight, bias, in_w, out_w, stride, padding):
-    s = _shape(x, weight, stride, padding)
+    s = conv_shape(x, weight, stride, padding)
     y = torch.full((s[0], s[4], s[7], s[8]), float("nan"), dtype=x.dtype).contiguous(memory_format=_layout(x))
-    rc = lib.emu_slim_conv2d_forward(DTYPE_CODE[x.dtype], _i64(s), _ptr(x), _i64(x.stride()), _ptr(weight),
-                                     _ptr(bias), _ptr(in_w), _ptr(out_w), _ptr(y), _i64(y.stride()))
+    rc = lib.emu_slim_conv2d_forward(DTYPE_CODE[x.dtype], i64(s), ptr(x), i64(x.stride()), ptr(weight),
+                                     ptr(bias), ptr(in_w), ptr(out_w), ptr(y), i64(y.stride()))
     assert rc == 0, f"forward returned CUDA error {rc}"
     return y
 
 
 def emu_backward(lib, dy, x, weight, bias, in_w, out_w, stride, padding, needs=(True, True, True)):
     """[dx, dW, dbias] (None where not needed or bias is None)."""
-    s = _shape(x, weight, stride, padding)
+    s = conv_shape(x, weight, stride, padding)
     code = DTYPE_CODE[x.dtype]
     dx = dw = db = None
     if needs[0]:
         dx = torch.full_like(x, float("nan"))  # keeps x's strides
-        rc = lib.emu_slim_conv2d_backward_input(code, _i64(s), _ptr(dy), _i64(dy.stride()), _ptr(weight),
-                                                _ptr(in_w), _ptr(out_w), _ptr(dx), _i64(dx.stride()))
+        rc = lib.emu_slim_conv2d_backward_input(code, i64(s), ptr(dy), i64(dy.stride()), ptr(weight),
+                                                ptr(in_w), ptr(out_w), ptr(dx), i64(dx.stride()))
         assert rc == 0, f"backward_input returned CUDA error {rc}"
     if needs[1]:
         dw = torch.full_like(weight, float("nan"))
@@ -94,12 +66,12 @@ def emu_backward(lib, dy, x, weight, bias, in_w, out_w, stride, padding, needs=(
         db = torch.full_like(bias, float("nan"))
     if dw is not None or db is not None:
         nbytes = ctypes.c_int64()
-        assert lib.emu_slim_conv2d_backward_params_workspace_size(code, _i64(s), _ptr(dw), _ptr(db),
+        assert lib.emu_slim_conv2d_backward_params_workspace_size(code, i64(s), ptr(dw), ptr(db),
                                                                   ctypes.byref(nbytes)) == 0
         workspace = torch.full((nbytes.value,), 0xFF, dtype=torch.uint8)  # NaN in float and double
-        rc = lib.emu_slim_conv2d_backward_params(code, _i64(s), _ptr(dy), _i64(dy.stride()), _ptr(x),
-                                                 _i64(x.stride()), _ptr(in_w), _ptr(out_w), _ptr(dw), _ptr(db),
-                                                 _ptr(workspace), nbytes)
+        rc = lib.emu_slim_conv2d_backward_params(code, i64(s), ptr(dy), i64(dy.stride()), ptr(x),
+                                                 i64(x.stride()), ptr(in_w), ptr(out_w), ptr(dw), ptr(db),
+                                                 ptr(workspace), nbytes)
         assert rc == 0, f"backward_params returned CUDA error {rc}"
     return [dx, dw, db]
 
@@ -138,11 +110,7 @@ def _clean(t):
 
 
 def assert_close(actual, expected, dtype, name):
-    assert actual.shape == expected.shape, f"{name}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert not torch.isnan(actual).any(), f"{name}: NaN: an element left unwritten or a bound crossed"
-    scale = max(1.0, expected.abs().max().item())
-    err = (actual.double() - expected).abs().max().item()
-    assert err <= TOL[dtype] * scale, f"{name}: max error {err:.3g} > {TOL[dtype]:.1g} * {scale:.3g}"
+    assert_close_to(actual, expected, TOL[dtype], name, nan_means="NaN: an element left unwritten or a bound crossed")
 
 
 def check_all(lib, n, c_in, c_out, h, w, k, stride, padding, in_w, out_w, dtype=torch.float64,
@@ -292,10 +260,10 @@ def test_work_is_proportional_to_the_active_channels(lib):
 def test_invalid_shapes_are_rejected(lib):
     x, weight, b, iw, ow = make_case(1, 2, 3, 5, 5, 3, [2], [3], torch.float32, poison=False)
     y = torch.empty(1, 3, 5, 5)
-    s = _shape(x, weight, 1, 1)
+    s = conv_shape(x, weight, 1, 1)
     for i, v in ((7, 4), (9, 0), (10, -1), (5, 0)):  # wrong h_out, stride 0, negative padding, kh 0
         t = list(s)
         t[i] = v
-        rc = lib.emu_slim_conv2d_forward(0, _i64(t), _ptr(x), _i64(x.stride()), _ptr(weight), _ptr(b),
-                                         _ptr(iw), _ptr(ow), _ptr(y), _i64(y.stride()))
+        rc = lib.emu_slim_conv2d_forward(0, i64(t), ptr(x), i64(x.stride()), ptr(weight), ptr(b),
+                                         ptr(iw), ptr(ow), ptr(y), i64(y.stride()))
         assert rc == 1, (i, v)  # cudaErrorInvalidValue

@@ -15,10 +15,6 @@ speed, device-compiler bugs) is for tests/ops/test_tiles_cuda.py.
 from __future__ import annotations
 
 import ctypes
-import os
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 import torch
@@ -26,37 +22,14 @@ import torch
 from restorenet.ops.tiles import (LAYOUT_COLUMNS, tile_blend_reference, tile_gather_reference,
                                   tile_plan)
 
-ROOT = Path(__file__).resolve().parents[2]
-EMU = Path(__file__).resolve().parent / "emu"
-CXX = shutil.which("g++")
-DTYPE_CODE = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+from emu_build import CUDA_ERROR_INVALID_VALUE, DTYPE_CODE, EMU, i64, load_harness, ptr, run_sanitized
+
 DTYPES = list(DTYPE_CODE)
-CUDA_ERROR_INVALID_VALUE = 1
-
-
-def _compile(out: Path, include: Path, extra: list[str]) -> None:
-    cmd = [CXX, "-std=c++20", "-O1", "-pthread", "-Wall", "-Wno-unknown-pragmas", "-DRN_CUDA_EMULATION",
-           f"-I{ROOT / 'csrc'}", f"-I{EMU}", f"-I{include}", str(EMU / "tiles_harness.cpp"), "-o", str(out),
-           *extra]
-    run = subprocess.run(cmd, capture_output=True, text=True)
-    assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stderr}"
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory, cuda_include_dir):
-    if CXX is None:
-        pytest.skip("g++ is not installed")
-    out = tmp_path_factory.mktemp("emu") / "tiles_emu.so"
-    _compile(out, cuda_include_dir, ["-shared", "-fPIC"])
-    return ctypes.CDLL(str(out))
-
-
-def _i64(values) -> ctypes.Array:
-    return (ctypes.c_int64 * len(values))(*values)
-
-
-def _ptr(t: torch.Tensor) -> ctypes.c_void_p:
-    return ctypes.c_void_p(t.data_ptr())
+    return load_harness(tmp_path_factory, cuda_include_dir, "tiles_harness.cpp")
 
 
 # ------------------------------------------------------------------ C calls
@@ -87,8 +60,8 @@ def emu_gather(lib, feats, boxes, tile_h, tile_w) -> torch.Tensor:
     c = feats[0].shape[1]
     out, buffer = guarded_output((boxes.shape[0], c, tile_h, tile_w), feats[0].dtype)
     table, boxes = source_table(feats), boxes.contiguous()
-    rc = lib.emu_tile_gather_forward(DTYPE_CODE[out.dtype], _i64([boxes.shape[0], c, tile_h, tile_w]),
-                                     _ptr(table), _ptr(boxes), _ptr(out))
+    rc = lib.emu_tile_gather_forward(DTYPE_CODE[out.dtype], i64([boxes.shape[0], c, tile_h, tile_w]),
+                                     ptr(table), ptr(boxes), ptr(out))
     assert rc == 0, f"tile_gather_forward returned CUDA error {rc}"
     check_guard(buffer)
     return out
@@ -98,8 +71,8 @@ def emu_blend(lib, tiles, slots, layout, row_weight, col_weight, num_pixels, cov
     n, c, th, tw = tiles.shape
     out, buffer = guarded_output((c * num_pixels,), tiles.dtype)
     shape = [n, c, th, tw, num_pixels, cover_h, cover_w]
-    rc = lib.emu_tile_blend_forward(DTYPE_CODE[tiles.dtype], _i64(shape), _ptr(tiles), _i64(tiles.stride()),
-                                    _ptr(slots), _ptr(layout), _ptr(row_weight), _ptr(col_weight), _ptr(out))
+    rc = lib.emu_tile_blend_forward(DTYPE_CODE[tiles.dtype], i64(shape), ptr(tiles), i64(tiles.stride()),
+                                    ptr(slots), ptr(layout), ptr(row_weight), ptr(col_weight), ptr(out))
     assert rc == 0, f"tile_blend_forward returned CUDA error {rc}"
     check_guard(buffer)
     return out
@@ -280,9 +253,9 @@ def test_layout_columns_match_the_python_plan(lib):
 def test_empty_work_launches_nothing(lib):
     out = torch.full((4,), float("nan"))
     none = ctypes.c_void_p(None)  # never dereferenced: nothing to do
-    assert lib.emu_tile_gather_forward(0, _i64([0, 3, 8, 8]), none, none, _ptr(out)) == 0
-    assert lib.emu_tile_blend_forward(0, _i64([0, 3, 8, 8, 64, 1, 1]), none, _i64([0] * 4), none, none,
-                                      none, none, _ptr(out)) == 0
+    assert lib.emu_tile_gather_forward(0, i64([0, 3, 8, 8]), none, none, ptr(out)) == 0
+    assert lib.emu_tile_blend_forward(0, i64([0, 3, 8, 8, 64, 1, 1]), none, i64([0] * 4), none, none,
+                                      none, none, ptr(out)) == 0
     assert out.isnan().all()
 
 
@@ -290,7 +263,7 @@ def test_empty_work_launches_nothing(lib):
                                    [1, 1 << 31, 8, 8], [1, 65536 * 32 + 1, 1, 1]])
 def test_gather_rejects_bad_shapes(lib, shape):
     none = ctypes.c_void_p(None)
-    assert lib.emu_tile_gather_forward(0, _i64(shape), none, none, none) == CUDA_ERROR_INVALID_VALUE
+    assert lib.emu_tile_gather_forward(0, i64(shape), none, none, none) == CUDA_ERROR_INVALID_VALUE
 
 
 @pytest.mark.parametrize("change", [{2: 0}, {5: 0}, {6: 0}, {4: -1}, {0: -1}])
@@ -299,7 +272,7 @@ def test_blend_rejects_bad_shapes(lib, change):
     for i, v in change.items():
         shape[i] = v
     none = ctypes.c_void_p(None)
-    rc = lib.emu_tile_blend_forward(0, _i64(shape), none, _i64([0] * 4), none, none, none, none, none)
+    rc = lib.emu_tile_blend_forward(0, i64(shape), none, i64([0] * 4), none, none, none, none, none)
     assert rc == CUDA_ERROR_INVALID_VALUE
 
 
@@ -310,17 +283,5 @@ def test_sanitizers(tmp_path, cuda_include_dir, sanitizer):
     """The harness's own main (exactly-sized buffers, ragged and deep-overlap plans, both
     layouts): AddressSanitizer -- every load and store in bounds; ThreadSanitizer -- no
     shared-memory race between the emulated threads of a block."""
-    if CXX is None:
-        pytest.skip("g++ is not installed")
-    probe = subprocess.run([CXX, f"-fsanitize={sanitizer}", "-x", "c++", "-", "-o", str(tmp_path / "probe")],
-                           input="int main() { return 0; }\n", capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.skip(f"g++ cannot link with -fsanitize={sanitizer}: {probe.stderr[-300:]}")
-    exe = tmp_path / f"tiles_{sanitizer}"
-    _compile(exe, cuda_include_dir, ["-DRN_TILES_SANITIZE_MAIN", f"-fsanitize={sanitizer}", "-g"])
-    env = dict(os.environ, TSAN_OPTIONS="halt_on_error=1", ASAN_OPTIONS="detect_leaks=0")
-    args = [str(exe)] + (["quick"] if sanitizer == "thread" else [])
-    run = subprocess.run(args, capture_output=True, text=True, env=env, timeout=600)
-    report = run.stdout + run.stderr
-    assert run.returncode == 0 and "Sanitizer" not in report, report[-4000:]
-    assert "all cases ran" in run.stdout
+    run_sanitized(tmp_path, cuda_include_dir, EMU / "tiles_harness.cpp", sanitizer,
+                  defines=["-DRN_TILES_SANITIZE_MAIN"])

@@ -82,6 +82,19 @@ def test_reference_backend_is_the_textbook_block(dtype):
         torch.testing.assert_close(dp[n], p.grad, **tol, msg=n)
 
 
+def assert_fast_matches_reference(block, x, grad, out_tol, dx_tol, param_tol):
+    """``grads_of`` the block on the fast backend equals it on the reference
+    backend: the output, the input gradient and every parameter gradient."""
+    with use_backend("reference"):
+        ref = grads_of(block, x, grad)
+    with use_backend(FAST[-1]):
+        fast = grads_of(block, x, grad)
+    torch.testing.assert_close(fast[0], ref[0], **out_tol)
+    torch.testing.assert_close(fast[1], ref[1], **dx_tol)
+    for n, r in ref[2].items():
+        torch.testing.assert_close(fast[2][n], r, **param_tol, msg=n)
+
+
 @pytest.mark.skipif(not FAST, reason="no fast backend on this machine")
 @pytest.mark.parametrize("block_type,channels_last", [(NAFBlock, False), (FCNAFBlock, True)],
                          ids=["NAFBlock-nchw", "FCNAFBlock-nhwc"])
@@ -91,15 +104,8 @@ def test_fast_backend_equals_reference(block_type, channels_last):
     block = randomised(block_type(6))
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     x = torch.randn(2, 6, 9, 7, device=DEVICE).contiguous(memory_format=fmt)
-    grad = torch.randn_like(x)
-    with use_backend("reference"):
-        ref = grads_of(block, x, grad)
-    with use_backend(FAST[-1]):
-        fast = grads_of(block, x, grad)
-    torch.testing.assert_close(fast[0], ref[0], rtol=1e-5, atol=1e-5)
-    torch.testing.assert_close(fast[1], ref[1], rtol=1e-4, atol=1e-5)
-    for n, r in ref[2].items():
-        torch.testing.assert_close(fast[2][n], r, rtol=1e-4, atol=1e-4, msg=n)
+    assert_fast_matches_reference(block, x, torch.randn_like(x), out_tol=dict(rtol=1e-5, atol=1e-5),
+                                  dx_tol=dict(rtol=1e-4, atol=1e-5), param_tol=dict(rtol=1e-4, atol=1e-4))
 
 
 def test_fast_backend_float64_to_rounding():
@@ -108,15 +114,8 @@ def test_fast_backend_float64_to_rounding():
         pytest.skip("no fast backend on this machine")
     block = randomised(NAFBlock(4), torch.float64)
     x = torch.randn(1, 4, 5, 6, dtype=torch.float64, device=DEVICE)
-    grad = torch.randn_like(x)
-    with use_backend("reference"):
-        ref = grads_of(block, x, grad)
-    with use_backend(FAST[-1]):
-        fast = grads_of(block, x, grad)
-    torch.testing.assert_close(fast[0], ref[0], rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(fast[1], ref[1], rtol=1e-11, atol=1e-11)
-    for n, r in ref[2].items():
-        torch.testing.assert_close(fast[2][n], r, rtol=1e-11, atol=1e-11, msg=n)
+    assert_fast_matches_reference(block, x, torch.randn_like(x), out_tol=dict(rtol=1e-12, atol=1e-12),
+                                  dx_tol=dict(rtol=1e-11, atol=1e-11), param_tol=dict(rtol=1e-11, atol=1e-11))
 
 
 def test_fresh_block_is_the_identity():

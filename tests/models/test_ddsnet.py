@@ -1,16 +1,16 @@
 """DDS-Net: per-sample widths, the gate, straight-through gradients, FLOPs,
 width validation once per forward, the gate's training objective."""
-import importlib
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 from restorenet.models.ddsnet import DDSNet, SlimConv2d, hard_gumbel_straight_through, width_choices
 from restorenet.ops import use_backend
 from restorenet.registry import create_model
+
+from _host_reads import count_host_reads, sync_free_slim_reference
 
 
 def small_model(seed=0, **cfg):
@@ -175,44 +175,17 @@ def test_config_errors():
 
 
 # ------------------------------------------------- width validation once per forward
-class _HostReads(TorchDispatchMode):
-    """Counts device-to-host value reads: ``.item()``/``bool()``/``int()`` (all
-    ``aten::_local_scalar_dense``) and ``.tolist()`` (not dispatched: patched)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
 def host_reads_of_forward(monkeypatch, model, x, width):
     """(output, host reads) of ``model(x, width)``, with the reference backend's
     per-sample loop (which reads widths to slice) swapped for a sync-free
     masked conv with the same values, so only the checks are counted."""
-    op = importlib.import_module("restorenet.ops.slim_conv2d")
-
-    def masked(x, weight, bias, in_width, out_width, stride, padding):
-        m_in = (torch.arange(x.shape[1])[None] < in_width[:, None]).to(x.dtype)[:, :, None, None]
-        m_out = (torch.arange(weight.shape[0])[None] < out_width[:, None]).to(x.dtype)[:, :, None, None]
-        return F.conv2d(x * m_in, weight, bias, stride, padding) * m_out
-
-    reads = _HostReads()
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(t):
-        reads.count += 1
-        return tolist(t)
+    def forward():
+        with use_backend("reference"):
+            return model(x, width)
 
     with monkeypatch.context() as m:
-        m.setitem(op._FORWARD, "reference", masked)
-        m.setattr(torch.Tensor, "tolist", counted_tolist)
-        with use_backend("reference"), reads:
-            out = model(x, width)
-    return out, reads.count
+        sync_free_slim_reference(m)
+        return count_host_reads(m, forward)
 
 
 @pytest.mark.parametrize("train", [False, True])

@@ -19,6 +19,8 @@ from restorenet.ops.channel_attention import (channel_attention, channel_attenti
                                               scaled_residual_reference)
 from restorenet.testing import assert_within_baseline_error
 
+from _cuda_helpers import assert_cuda_needs_symbols
+
 ca_module = importlib.import_module("restorenet.ops.channel_attention")
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -257,7 +259,7 @@ def test_triton_gpu_tiling_under_the_interpreter(monkeypatch, channels_last):
     tiling: several pixel splits and iterations per program, partial-sum rows,
     several channel blocks."""
     kernels = pytest.importorskip("restorenet_kernels.channel_attention")
-    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
     monkeypatch.setattr(kernels, "MAX_SPLITS", 2)
     monkeypatch.setattr(kernels, "MAX_PROGRAMS", 2)
     monkeypatch.setattr(kernels, "_tile", lambda c, pixels, channels_last: (4, 16) if channels_last else (2, 32))
@@ -348,12 +350,7 @@ def test_cuda_backend_needs_the_kernels(monkeypatch):
         channel_attention(x, torch.ones(4, 4), backend="cuda")
     with pytest.raises(RuntimeError, match="cuda"):
         scaled_residual(x, torch.ones(4), x, backend="cuda")
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
-    gpu = torch.device("cuda")
-    for symbol in ("channel_attention_apply", "scaled_residual_forward"):
-        assert "cuda" not in available_backends(gpu, symbol)
-        with pytest.raises(RuntimeError, match=symbol):
-            _backend.resolve_backend("cuda", gpu, "op", symbol)
+    assert_cuda_needs_symbols(monkeypatch, ("channel_attention_apply", "scaled_residual_forward"))
 
 
 # -------------------------------------------------------------------- bad input

@@ -23,18 +23,11 @@ from restorenet.ops import channel_attention, scaled_residual
 from restorenet.ops._backend import cuda_extension
 from restorenet.testing import assert_within_baseline_error
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(cuda_extension() is None or not hasattr(cuda_extension(), "channel_attention_apply"),
-                       reason="restorenet._C (the CUDA extension) is not built with channel_attention"),
-]
+from _cuda_helpers import cuda_backend_marks, layout
+
+pytestmark = cuda_backend_marks("channel_attention_apply", "channel_attention")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
-
-
-def layout(channels_last):
-    return torch.channels_last if channels_last else torch.contiguous_format
 
 
 def plain_sca(x, weight, bias, gated):

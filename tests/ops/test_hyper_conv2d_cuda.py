@@ -20,13 +20,11 @@ import torch.nn.functional as F
 
 from restorenet.ops import hyper_conv2d, hyper_conv2d_reference
 from restorenet.ops._backend import cuda_extension
-from restorenet.testing import assert_within_baseline_error
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(cuda_extension() is None, reason="restorenet._C (the CUDA extension) is not built"),
-]
+from _cuda_helpers import (as_leaves, assert_output_and_grads, assert_runs_equal, cuda_backend_marks,
+                           huge_fp16_input, spoiled)
+
+pytestmark = cuda_backend_marks()
 
 NAMES = ("x", "level", "weight", "weight_base", "bias", "bias_base")
 
@@ -45,15 +43,7 @@ def make_inputs(n, c_in, c_out, h, w, k, scalar_level=False, bias=True, seed=0):
 
 def as_dtype(inputs, dtype, channels_last=False):
     """Leaves of ``dtype`` (level float32 unless float64; a float level stays a float)."""
-    out = []
-    for name, t in zip(NAMES, inputs):
-        if isinstance(t, torch.Tensor):
-            t = t.detach().to(torch.float32 if name == "level" and dtype != torch.float64 else dtype)
-            if name == "x" and channels_last:
-                t = t.contiguous(memory_format=torch.channels_last)
-            t.requires_grad_()
-        out.append(t)
-    return out
+    return as_leaves(inputs, NAMES, dtype, channels_last, fp32_names=("level",))
 
 
 def run(inputs, grad_out, stride, padding, backend):
@@ -71,19 +61,7 @@ def check_against_truth(inputs, dtype, channels_last, stride, padding):
     y_true.backward(grad_out)
     y_base, g_base = run(as_dtype(inputs, dtype, channels_last), grad_out, stride, padding, "reference")
     y_cuda, g_cuda = run(as_dtype(inputs, dtype, channels_last), grad_out, stride, padding, "cuda")
-
-    assert y_cuda.dtype == dtype
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    assert y_cuda.is_contiguous(memory_format=fmt)
-    assert_within_baseline_error("y", y_cuda, y_true, y_base, dtype)
-    for name, t_in, t_true, gb, gc in zip(NAMES, inputs, truth_in, g_base, g_cuda):
-        if not isinstance(t_in, torch.Tensor):
-            assert gc is None, name
-            continue
-        assert gc is not None and gc.dtype == gb.dtype, name
-        if name == "x":
-            assert gc.is_contiguous(memory_format=fmt)
-        assert_within_baseline_error(f"d{name}", gc, t_true.grad, gb, dtype)
+    assert_output_and_grads(NAMES, inputs, dtype, channels_last, y_cuda, g_cuda, y_true, truth_in, y_base, g_base)
 
 
 # dtype x layout x kernel x stride x padding x scalar level x (batch, odd H, odd W)
@@ -120,9 +98,7 @@ def test_results_are_deterministic():
     grad_out = torch.randn(3, 24, 33, 31, device="cuda")
     first = run(as_dtype(inputs, torch.float32), grad_out, 1, 1, "cuda")
     second = run(as_dtype(inputs, torch.float32), grad_out, 1, 1, "cuda")
-    assert torch.equal(first[0], second[0])
-    for a, b in zip(first[1], second[1]):
-        assert torch.equal(a, b)
+    assert_runs_equal(first, second)
 
 
 # ------------------------------------------------------------------ the binding
@@ -159,10 +135,7 @@ def test_binding_accepts_non_contiguous_inputs():
     (dict(bias="short"), ValueError, "bias must have shape"),
 ])
 def test_binding_rejects_bad_arguments(change, error, match):
-    args = dict(zip(NAMES, _args()))
-    for name, how in change.items():
-        t = args[name]
-        args[name] = {"cpu": t.cpu(), "half": t.half(), "double": t.double(), "short": t[:1]}[how]
+    args = spoiled(dict(zip(NAMES, _args())), change)
     with pytest.raises(error, match=match):
         cuda_extension().hyper_conv2d_forward(*args.values(), 1, 1)
 
@@ -179,13 +152,7 @@ def test_runs_on_the_current_stream():
 @pytest.mark.slow
 def test_more_than_2_pow_31_elements():
     """Offsets are 64-bit: a float16 input of 2^31 + 65536 elements (4 GiB)."""
-    free, _ = torch.cuda.mem_get_info()
-    if free < 12 * 2**30:
-        pytest.skip("needs 12 GiB of free GPU memory")
-    x = torch.empty(2, 1, 32768, 32769, dtype=torch.float16, device="cuda")
-    assert x.numel() > 2**31
-    x[:, :, -4:].normal_()
-    x[:, :, :-4].zero_()
+    x = huge_fp16_input(12)
     weight = torch.full((1, 1, 1, 1), 0.5, dtype=torch.float16, device="cuda")
     weight_base = torch.full_like(weight, 0.25)
     level = torch.tensor([1.0, 2.0], device="cuda")

@@ -15,6 +15,8 @@ from restorenet.ops.naf_elementwise import (layer_norm2d, layer_norm2d_reference
                                             simple_gate_reference)
 from restorenet.testing import assert_within_baseline_error
 
+from _cuda_helpers import assert_cuda_needs_symbols
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FAST_BACKENDS = [b for b in available_backends(DEVICE, "layer_norm2d_forward") if b != "reference"]
 BACKENDS = ["reference"] + FAST_BACKENDS
@@ -165,7 +167,7 @@ def test_triton_gpu_tiling_under_the_interpreter(monkeypatch, channels_last):
     (several loop iterations per program, partial-sum rows) and, with a tiny
     channel block, the wide-C path that loops over channel blocks."""
     kernels = pytest.importorskip("restorenet_kernels.naf_elementwise")
-    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
     monkeypatch.setattr(kernels, "MAX_PROGRAMS", 5)
     monkeypatch.setattr(kernels, "TILE", 64)
     x = make((2, 11, 7, 9), channels_last, dtype=torch.float32, offset=1.0)
@@ -303,12 +305,7 @@ def test_cuda_backend_needs_the_kernels(monkeypatch):
         simple_gate(x.cpu(), backend="cuda")
     # A built extension without these kernels: auto-selection skips cuda,
     # asking for it names the missing symbol.
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
-    gpu = torch.device("cuda")
-    for symbol in ("layer_norm2d_forward", "simple_gate_forward"):
-        assert "cuda" not in available_backends(gpu, symbol)
-        with pytest.raises(RuntimeError, match=symbol):
-            _backend.resolve_backend("cuda", gpu, "op", symbol)
+    assert_cuda_needs_symbols(monkeypatch, ("layer_norm2d_forward", "simple_gate_forward"))
 
 
 # -------------------------------------------------------------------- bad input

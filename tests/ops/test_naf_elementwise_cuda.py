@@ -19,26 +19,13 @@ from restorenet.ops._backend import cuda_extension, triton_available
 from restorenet.ops.naf_elementwise import layer_norm2d, simple_gate
 from restorenet.testing import assert_within_baseline_error
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(cuda_extension() is None or not hasattr(cuda_extension(), "layer_norm2d_forward"),
-                       reason="restorenet._C (the CUDA extension) is not built with layer_norm2d"),
-]
+from _cuda_helpers import cuda_backend_marks, layout, make_cuda
+
+pytestmark = cuda_backend_marks("layer_norm2d_forward", "layer_norm2d")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 LN_SHAPES = [(3, 5, 9, 11), (1, 3, 1, 1), (2, 1, 4, 3), (2, 70, 3, 5), (2, 64, 64, 64), (1, 1024, 5, 7)]
 SG_SHAPES = [(3, 10, 9, 11), (1, 2, 1, 1), (2, 140, 3, 5), (2, 128, 64, 64)]
-
-
-def layout(channels_last):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def make(shape, channels_last, seed, offset=0.0):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    t = torch.randn(*shape, dtype=torch.float64, device="cuda", generator=g) + offset
-    return t.contiguous(memory_format=layout(channels_last))
 
 
 def plain_layer_norm2d(x, weight, bias, eps=1e-6):
@@ -58,10 +45,10 @@ def run_ln(x, weight, bias, grad, backend):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", LN_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_layer_norm2d_matches_float64_truth(shape, dtype, channels_last):
-    x = make(shape, channels_last, 0, offset=2.0).to(dtype)
-    grad = make(shape, channels_last, 1).to(dtype)
-    weight = (1 + 0.3 * make((shape[1],), False, 2)).float()
-    bias = make((shape[1],), False, 3).float()
+    x = make_cuda(shape, channels_last, 0, offset=2.0).to(dtype)
+    grad = make_cuda(shape, channels_last, 1).to(dtype)
+    weight = (1 + 0.3 * make_cuda((shape[1],), False, 2)).float()
+    bias = make_cuda((shape[1],), False, 3).float()
     y_true, g_true = run_ln(x.double(), weight.double(), bias.double(), grad.double(), "plain")
     y_base, g_base = run_ln(x, weight.to(dtype), bias.to(dtype), grad, "plain")
     y, grads = run_ln(x, weight, bias, grad, "cuda")
@@ -76,9 +63,9 @@ def test_layer_norm2d_matches_float64_truth(shape, dtype, channels_last):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SG_SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_simple_gate_matches_float64_truth(shape, dtype, channels_last):
-    x = make(shape, channels_last, 0).to(dtype)
+    x = make_cuda(shape, channels_last, 0).to(dtype)
     n, c, h, w = shape
-    grad = make((n, c // 2, h, w), channels_last, 1).to(dtype)
+    grad = make_cuda((n, c // 2, h, w), channels_last, 1).to(dtype)
     leaves = {k: x.detach().to(d).requires_grad_() for k, d in (("true", torch.float64), ("base", dtype),
                                                                 ("cuda", dtype))}
     outs = {}
@@ -96,22 +83,22 @@ def test_simple_gate_matches_float64_truth(shape, dtype, channels_last):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_agrees_with_triton(dtype, channels_last):
-    x = make((2, 48, 33, 31), channels_last, 0, offset=1.0).to(dtype)
-    grad = make((2, 48, 33, 31), channels_last, 1).to(dtype)
-    weight, bias = 1 + 0.3 * make((48,), False, 2).float(), make((48,), False, 3).float()
+    x = make_cuda((2, 48, 33, 31), channels_last, 0, offset=1.0).to(dtype)
+    grad = make_cuda((2, 48, 33, 31), channels_last, 1).to(dtype)
+    weight, bias = 1 + 0.3 * make_cuda((48,), False, 2).float(), make_cuda((48,), False, 3).float()
     y_c, g_c = run_ln(x, weight, bias, grad, "cuda")
     y_t, g_t = run_ln(x, weight, bias, grad, "triton")
     torch.testing.assert_close(y_c, y_t)
     torch.testing.assert_close(g_c[0], g_t[0])
     for a, b in zip(g_c[1:], g_t[1:]):  # fp32 sums split differently
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-3)
-    xg = make((2, 64, 33, 31), channels_last, 4).to(dtype)
+    xg = make_cuda((2, 64, 33, 31), channels_last, 4).to(dtype)
     torch.testing.assert_close(simple_gate(xg, backend="cuda"), simple_gate(xg, backend="triton"))
 
 
 def test_parameter_gradients_are_deterministic():
-    x = make((4, 64, 65, 63), True, 0).float()
-    grad = make((4, 64, 65, 63), True, 1).float()
+    x = make_cuda((4, 64, 65, 63), True, 0).float()
+    grad = make_cuda((4, 64, 65, 63), True, 1).float()
     weight, bias = torch.ones(64, device="cuda"), torch.zeros(64, device="cuda")
     first = run_ln(x, weight, bias, grad, "cuda")[1]
     second = run_ln(x, weight, bias, grad, "cuda")[1]
@@ -120,7 +107,7 @@ def test_parameter_gradients_are_deterministic():
 
 def test_binding_contract():
     ext = cuda_extension()
-    x = make((2, 6, 5, 4), False, 0).float()
+    x = make_cuda((2, 6, 5, 4), False, 0).float()
     w, b = torch.ones(6, device="cuda"), torch.zeros(6, device="cuda")
     y, mean, rstd = ext.layer_norm2d_forward(x, w.half(), b.half(), 1e-6)  # parameters converted to float32
     assert mean.dtype == rstd.dtype == torch.float32 and mean.shape == (2, 5, 4)

@@ -15,6 +15,8 @@ from restorenet.ops.reversible import (rev_coupling_forward, rev_coupling_forwar
                                        rev_coupling_invert, rev_coupling_invert_reference)
 from restorenet.testing import assert_within_baseline_error, max_error
 
+from _cuda_helpers import assert_cuda_needs_symbols
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FAST_BACKENDS = [b for b in available_backends(DEVICE, "rev_coupling_forward") if b != "reference"]
 BACKENDS = ["reference"] + FAST_BACKENDS
@@ -204,7 +206,7 @@ def test_triton_gpu_tiling_under_the_interpreter(monkeypatch, channels_last):
     """The interpreter normally gets one big tile; force the GPU tiling (several
     channel blocks, chunks and loop iterations per program, partial sums)."""
     kernels = pytest.importorskip("restorenet_kernels.reversible")
-    monkeypatch.setattr(kernels, "_interpreting", lambda: False)
+    monkeypatch.setattr(kernels, "interpreting", lambda: False)
     channels = 70 if channels_last else 5  # more than one channel block either way
     c_new, f, g = (t.float() for t in make_states(2, channels, 40, 41, channels_last, count=3))
     alpha = make_alpha(channels, torch.float32)
@@ -289,11 +291,7 @@ def test_cuda_backend_needs_the_kernels(monkeypatch):
         resolve_backend("cuda", torch.device("cpu"), "rev_coupling", "rev_coupling_forward")
     # A built extension without this op's kernels: auto-selection skips cuda,
     # asking for it names the missing symbol.
-    monkeypatch.setattr(_backend, "cuda_extension", lambda: object())
-    gpu = torch.device("cuda")
-    assert "cuda" not in available_backends(gpu, "rev_coupling_invert")
-    with pytest.raises(RuntimeError, match="rev_coupling_invert"):
-        resolve_backend("cuda", gpu, "rev_coupling", "rev_coupling_invert")
+    assert_cuda_needs_symbols(monkeypatch, ("rev_coupling_invert",), op="rev_coupling")
     c, f = (t.float() for t in make_states(1, 2, 3, 3))
     with pytest.raises(RuntimeError, match="cuda"):
         rev_coupling_forward(c, f, make_alpha(2, torch.float32), backend="cuda")

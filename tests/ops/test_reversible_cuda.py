@@ -19,26 +19,13 @@ from restorenet.ops._backend import cuda_extension, triton_available
 from restorenet.ops.reversible import rev_coupling_forward, rev_coupling_invert
 from restorenet.testing import assert_within_baseline_error
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(cuda_extension() is None or not hasattr(cuda_extension(), "rev_coupling_invert"),
-                       reason="restorenet._C (the CUDA extension) is not built with rev_coupling"),
-]
+from _cuda_helpers import cuda_backend_marks, layout, make_cuda
+
+pytestmark = cuda_backend_marks("rev_coupling_invert", "rev_coupling")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 # odd everything; batch 1 1x1; vector-friendly in both layouts; C > 64, not a multiple of 8; a bigger map
 SHAPES = [(3, 5, 9, 11), (1, 3, 1, 1), (2, 16, 8, 12), (2, 70, 3, 5), (4, 64, 64, 64)]
-
-
-def layout(channels_last):
-    return torch.channels_last if channels_last else torch.contiguous_format
-
-
-def make(shape, channels_last, seed):
-    g = torch.Generator(device="cuda").manual_seed(seed)
-    t = torch.randn(*shape, dtype=torch.float64, device="cuda", generator=g)
-    return t.contiguous(memory_format=layout(channels_last))
 
 
 def make_alpha(c, seed=9):
@@ -51,7 +38,7 @@ def make_alpha(c, seed=9):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)))
 def test_matches_float64_truth(shape, dtype, channels_last):
-    x, f, g = (make(shape, channels_last, s).to(dtype).double() for s in range(3))
+    x, f, g = (make_cuda(shape, channels_last, s).to(dtype).double() for s in range(3))
     alpha = make_alpha(shape[1])
     a = alpha.view(1, -1, 1, 1)
     low = [t.to(dtype).contiguous(memory_format=layout(channels_last)) for t in (x, f, g)]
@@ -74,7 +61,7 @@ def test_matches_float64_truth(shape, dtype, channels_last):
 
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_float64(channels_last):
-    x, f, g = (make((2, 7, 9, 11), channels_last, s) for s in range(3))
+    x, f, g = (make_cuda((2, 7, 9, 11), channels_last, s) for s in range(3))
     alpha = make_alpha(7)
     a = alpha.view(1, -1, 1, 1)
     torch.testing.assert_close(rev_coupling_forward(x, f, alpha, backend="cuda"), a * x + f)
@@ -88,7 +75,7 @@ def test_float64(channels_last):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("channels_last", [False, True], ids=["nchw", "nhwc"])
 def test_agrees_with_triton(dtype, channels_last):
-    x, f, g = (make((2, 32, 33, 31), channels_last, s).to(dtype) for s in range(3))
+    x, f, g = (make_cuda((2, 32, 33, 31), channels_last, s).to(dtype) for s in range(3))
     alpha = make_alpha(32).float()
     tol = dict(rtol=0, atol=0) if dtype == torch.float32 else {}
     for cuda_t, triton_t in zip(rev_coupling_invert(x, f, alpha, g, backend="cuda"),
@@ -102,9 +89,9 @@ def test_agrees_with_triton(dtype, channels_last):
 
 
 def test_autograd_through_cuda_backward():
-    x, f = (make((2, 6, 9, 10), True, s).float().requires_grad_() for s in range(2))
+    x, f = (make_cuda((2, 6, 9, 10), True, s).float().requires_grad_() for s in range(2))
     alpha = make_alpha(6).float().requires_grad_()
-    grad = make((2, 6, 9, 10), True, 5).float()
+    grad = make_cuda((2, 6, 9, 10), True, 5).float()
     rev_coupling_forward(x, f, alpha, backend="cuda").backward(grad)
     assert torch.equal(f.grad, grad)
     torch.testing.assert_close(x.grad, alpha.detach().view(1, -1, 1, 1) * grad)
@@ -112,7 +99,7 @@ def test_autograd_through_cuda_backward():
 
 
 def test_results_are_deterministic():
-    x, f, g = (make((4, 48, 65, 63), True, s).float() for s in range(3))
+    x, f, g = (make_cuda((4, 48, 65, 63), True, s).float() for s in range(3))
     alpha = make_alpha(48).float()
     first = rev_coupling_invert(x, f, alpha, g, backend="cuda")
     second = rev_coupling_invert(x, f, alpha, g, backend="cuda")
@@ -121,7 +108,7 @@ def test_results_are_deterministic():
 
 def test_binding_contract():
     ext = cuda_extension()
-    x, f, g = (make((2, 4, 5, 6), False, s).float() for s in range(3))
+    x, f, g = (make_cuda((2, 4, 5, 6), False, s).float() for s in range(3))
     alpha = make_alpha(4).float()
     mixed = f.contiguous(memory_format=torch.channels_last)  # another layout: no copy, strided path
     torch.testing.assert_close(ext.rev_coupling_forward(x, mixed, alpha), alpha.view(1, -1, 1, 1) * x + f)

@@ -13,11 +13,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from torch.utils._python_dispatch import TorchDispatchMode
-
 from restorenet.ops import available_backends, slim_conv2d, slim_conv2d_reference, use_backend
 from restorenet.ops.slim_conv2d import SlimWidths, check_widths, widths_from_choices
 from restorenet.testing import assert_within_baseline_error
+
+from _host_reads import count_host_reads, sync_free_slim_reference
 
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FAST_BACKENDS = [b for b in available_backends(DEVICE, "slim_conv2d_forward") if b != "reference"]
@@ -212,6 +212,11 @@ def test_use_backend_switches_the_op(monkeypatch):
     (dict(backend="fast"), ValueError, "backend"),
 ])
 def test_bad_input_names_the_argument(change, exc, match):
+    _assert_rejected(change, exc, match)
+
+
+def _assert_rejected(change, exc, match):
+    """A good call of slim_conv2d with ``change`` applied raises ``exc`` matching ``match``."""
     args = dict(x=torch.randn(2, 4, 5, 5), weight=torch.randn(5, 4, 3, 3), bias=torch.randn(5),
                 in_width=2, out_width=3, stride=1, padding=1, backend="reference")
     args.update(change)
@@ -235,11 +240,7 @@ def _widths(values, lo, hi, dtype=torch.int32):
 ])
 def test_bad_widths_name_the_argument(change, exc, match):
     """Plain tensors and SlimWidths: width 0, width > max, wrong length, wrong dtype."""
-    args = dict(x=torch.randn(2, 4, 5, 5), weight=torch.randn(5, 4, 3, 3), bias=torch.randn(5),
-                in_width=2, out_width=3, stride=1, padding=1, backend="reference")
-    args.update(change)
-    with pytest.raises(exc, match=match):
-        slim_conv2d(**args)
+    _assert_rejected(change, exc, match)
 
 
 @pytest.mark.parametrize("width,kwargs,exc,match", [
@@ -256,49 +257,6 @@ def test_check_widths_rejects_bad_widths(width, kwargs, exc, match):
         check_widths(width, 2, "cpu", **kwargs)
 
 
-class _HostReads(TorchDispatchMode):
-    """Counts device-to-host value reads: ``.item()``/``bool()``/``int()`` (all
-    ``aten::_local_scalar_dense``) and ``.tolist()`` (not dispatched: patched)."""
-
-    def __init__(self):
-        super().__init__()
-        self.count = 0
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func is torch.ops.aten._local_scalar_dense.default:
-            self.count += 1
-        return func(*args, **(kwargs or {}))
-
-
-def count_host_reads(monkeypatch, fn):
-    reads = _HostReads()
-    tolist = torch.Tensor.tolist
-
-    def counted_tolist(t):
-        reads.count += 1
-        return tolist(t)
-
-    with monkeypatch.context() as m:
-        m.setattr(torch.Tensor, "tolist", counted_tolist)
-        with reads:
-            out = fn()
-    return out, reads.count
-
-
-def _sync_free_reference(monkeypatch):
-    """Route the reference backend to the masked full-width conv (same values,
-    no host read) so the count sees the checks only, not the per-sample loop."""
-    op = importlib.import_module("restorenet.ops.slim_conv2d")
-
-    def masked(x, weight, bias, in_width, out_width, stride, padding):
-        c_in, c_out = torch.arange(x.shape[1]), torch.arange(weight.shape[0])
-        m_in = (c_in[None] < in_width[:, None]).to(x.dtype)[:, :, None, None]
-        m_out = (c_out[None] < out_width[:, None]).to(x.dtype)[:, :, None, None]
-        return F.conv2d(x * m_in, weight, bias, stride, padding) * m_out
-
-    monkeypatch.setitem(op._FORWARD, "reference", masked)
-
-
 def test_checked_widths_are_range_checked_without_a_host_read(monkeypatch):
     torch.manual_seed(0)
     x, weight, bias = torch.randn(3, 6, 5, 5), torch.randn(7, 6, 3, 3), torch.randn(7)
@@ -308,7 +266,7 @@ def test_checked_widths_are_range_checked_without_a_host_read(monkeypatch):
     assert reads == 1 and (checked_in.lo, checked_in.hi) == (1, 6)
     assert checked_in.values.dtype == torch.int32 and checked_in.values.tolist() == [6, 1, 3]
     checked_out = check_widths(out_w, 3, x.device, name="out_width")
-    _sync_free_reference(monkeypatch)
+    sync_free_slim_reference(monkeypatch)
     got, reads = count_host_reads(monkeypatch, lambda: slim_conv2d(
         x, weight, bias, checked_in, checked_out, 1, 1, backend="reference"))
     assert reads == 0

@@ -23,14 +23,11 @@ import torch.nn.functional as F
 
 from restorenet.ops import slim_conv2d, slim_conv2d_reference
 from restorenet.ops._backend import cuda_extension
-from restorenet.testing import assert_within_baseline_error
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(cuda_extension() is None or not hasattr(cuda_extension(), "slim_conv2d_forward"),
-                       reason="restorenet._C (the CUDA extension) is not built with slim_conv2d"),
-]
+from _cuda_helpers import (as_leaves, assert_output_and_grads, assert_runs_equal, cuda_backend_marks,
+                           huge_fp16_input, spoiled)
+
+pytestmark = cuda_backend_marks("slim_conv2d_forward", "slim_conv2d")
 
 NAMES = ("x", "weight", "bias")
 
@@ -52,15 +49,7 @@ def mixed_widths(n, c_in, c_out):
 
 
 def as_dtype(inputs, dtype, channels_last=False):
-    out = []
-    for name, t in zip(NAMES, inputs):
-        if t is not None:
-            t = t.detach().to(dtype)
-            if name == "x" and channels_last:
-                t = t.contiguous(memory_format=torch.channels_last)
-            t.requires_grad_()
-        out.append(t)
-    return out
+    return as_leaves(inputs, NAMES, dtype, channels_last)
 
 
 def run(inputs, in_w, out_w, grad_out, stride, padding, backend):
@@ -76,21 +65,9 @@ def check_against_truth(inputs, in_w, out_w, dtype, channels_last, stride, paddi
     y_true.backward(grad_out)
     y_base, g_base = run(as_dtype(inputs, dtype, channels_last), in_w, out_w, grad_out, stride, padding, "reference")
     y_cuda, g_cuda = run(as_dtype(inputs, dtype, channels_last), in_w, out_w, grad_out, stride, padding, "cuda")
-
-    assert y_cuda.dtype == dtype
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    assert y_cuda.is_contiguous(memory_format=fmt)
-    assert_within_baseline_error("y", y_cuda, y_true, y_base, dtype)
+    assert_output_and_grads(NAMES, inputs, dtype, channels_last, y_cuda, g_cuda, y_true, truth_in, y_base, g_base)
     for n, m in enumerate(out_w.tolist()):
         assert torch.equal(y_cuda[n, m:], torch.zeros_like(y_cuda[n, m:])), "inactive outputs must be exact zeros"
-    for name, t_true, gb, gc in zip(NAMES, truth_in, g_base, g_cuda):
-        if t_true is None:
-            assert gc is None, name
-            continue
-        assert gc is not None and gc.dtype == gb.dtype, name
-        if name == "x":
-            assert gc.is_contiguous(memory_format=fmt)
-        assert_within_baseline_error(f"d{name}", gc, t_true.grad, gb, dtype)
 
 
 # dtype x layout x kernel x stride x padding x (batch, odd H, odd W)
@@ -139,9 +116,7 @@ def test_results_are_deterministic():
     grad_out = torch.randn(4, 48, 33, 31, device="cuda")
     first = run(as_dtype(inputs, torch.float32), in_w, out_w, grad_out, 1, 1, "cuda")
     second = run(as_dtype(inputs, torch.float32), in_w, out_w, grad_out, 1, 1, "cuda")
-    assert torch.equal(first[0], second[0])
-    for a, b in zip(first[1], second[1]):
-        assert torch.equal(a, b)
+    assert_runs_equal(first, second)
 
 
 # ------------------------------------------------------------------ the binding
@@ -191,10 +166,7 @@ def test_binding_accepts_non_contiguous_inputs():
     (dict(bias="short"), ValueError, "bias must have shape"),
 ])
 def test_binding_rejects_bad_arguments(change, error, match):
-    a = _args()
-    for name, how in change.items():
-        t = a[name]
-        a[name] = {"cpu": t.cpu(), "half": t.half(), "int64": t.long(), "short": t[:1]}[how]
+    a = spoiled(_args(), change)
     with pytest.raises(error, match=match):
         cuda_extension().slim_conv2d_forward(*a.values(), 1, 1)
 
@@ -213,13 +185,7 @@ def test_runs_on_the_current_stream():
 @pytest.mark.slow
 def test_more_than_2_pow_31_elements():
     """Offsets are 64-bit: float16 tensors of 2^31 + 65536 elements per channel pair."""
-    free, _ = torch.cuda.mem_get_info()
-    if free < 24 * 2**30:
-        pytest.skip("needs 24 GiB of free GPU memory")
-    x = torch.empty(2, 1, 32768, 32769, dtype=torch.float16, device="cuda")
-    assert x.numel() > 2**31
-    x[:, :, -4:].normal_()
-    x[:, :, :-4].zero_()
+    x = huge_fp16_input(24)
     weight = torch.tensor([0.5, 0.25], dtype=torch.float16, device="cuda").view(2, 1, 1, 1)
     in_w = torch.tensor([1, 1], dtype=torch.int32, device="cuda")
     out_w = torch.tensor([2, 1], dtype=torch.int32, device="cuda")

@@ -20,12 +20,9 @@ from restorenet.ops._backend import cuda_extension
 from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan
 from restorenet.testing import assert_within_baseline_error
 
-pytestmark = [
-    pytest.mark.gpu,
-    pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device"),
-    pytest.mark.skipif(not hasattr(cuda_extension(), "tile_gather_forward"),
-                       reason="restorenet._C (the CUDA extension) is not built with the tile kernels"),
-]
+from _cuda_helpers import cuda_backend_marks
+
+pytestmark = cuda_backend_marks("tile_gather_forward", "the tile kernels")
 
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 LAYOUTS = ["nchw", "nhwc", "view"]

@@ -1,0 +1,42 @@
+"""Host-side launch helpers shared by the Triton launchers.
+
+The memory-bound kernels take a tensor as (sample, channel, pixel) element
+strides of one canonical layout, NCHW or channels_last, which the op has
+already made its operands dense in; the launchers here pick that layout's
+strides, the accumulation dtype and the launch options, and know when the
+kernels run under Triton's CPU interpreter (which pays per program, so the
+launchers give it few, big tiles).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import triton.language as tl
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def launch_options() -> dict:
+    """Extra launch arguments: 4 warps on a GPU; the interpreter takes none."""
+    return {} if interpreting() else dict(num_warps=4)
+
+
+def compute_dtypes(dtype: torch.dtype):
+    """(Triton, torch) accumulation dtype: float64 for float64 data, float32 otherwise."""
+    return (tl.float64, torch.float64) if dtype == torch.float64 else (tl.float32, torch.float32)
+
+
+def canonical_strides(shape, channels_last: bool) -> tuple[int, int, int]:
+    """Element strides (sample, channel, pixel) of a dense [N, C, H, W] tensor in
+    the canonical layout. Computed, not read: size-1 dims may carry any stride."""
+    _, c, h, w = shape
+    return (h * w * c, 1, c) if channels_last else (h * w * c, h * w, 1)
+
+
+def layout_format(channels_last: bool) -> torch.memory_format:
+    """The torch memory format of the canonical layout."""
+    return torch.channels_last if channels_last else torch.contiguous_format
