@@ -24,18 +24,22 @@ Each update is invertible given the already-updated coarser state:
 ``c = (c' - L(...)) / a``, so training does not need to keep activations: with
 ``memory_efficient=True`` backward rebuilds the states column by column: the loop
 and its backward are the generic op ``restorenet.ops.reversible_columns``, which
-``ReversibleColumns`` calls with the ``DecoderColumn`` objects.
+``ReversibleColumns`` calls with the ``DecoderColumn`` objects. Inversion errors
+grow about (1 + Lip L)/|a| per column, so by default (``rev_anchor_every="auto"``)
+the forward also keeps the states entering every 2nd column when L_i runs in half
+precision, and every 4th in fp32 when K > 4: backward restarts from them.
 """
 from __future__ import annotations
 
 import operator
-from typing import Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
 
 from restorenet._checks import check_image
-from restorenet.models.blocks import LayerNorm2d, NAFBlock, downsample, pad_to_multiple, upsample
+from restorenet.models.blocks import (LayerNorm2d, NAFBlock, _scaled_residual, downsample, pad_to_multiple,
+                                      upsample)
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.ops.rev_columns import column_forward, reversible_columns
 from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan, tile_schedule
@@ -45,6 +49,12 @@ NUM_LEVELS = 4  # decoder states c0..c3; the encoder must have exactly 4 down st
 NUM_CLASSES = 6  # degradation classes of the patch-exit classifier
 PSNR_CUTS = (20.0, 25.0, 30.0, 35.0, 40.0)  # dB of blurry vs sharp crop -> class 0..5
 ALPHA_MIN = 1e-3  # |a| is kept above this so the coupling stays invertible
+# rev_anchor_every="auto" (measured: restorenet.ops.rev_columns's anchor table):
+# L_i in half precision (autocast or a half model): a state set every 2 columns;
+# fp32: every 4 columns, only when K > 4 (pure reversible is fine up to K = 4);
+# fp64: pure reversible.
+HALF_PRECISION_ANCHOR_EVERY = 2
+FP32_ANCHOR_EVERY = 4
 
 # Paper's per-class exit depth (class 0 = most blurred -> most columns), GoPro maps.
 DEFAULT_EXIT_IDX = {4: (4, 4, 3, 3, 2, 1), 8: (7, 6, 5, 2, 2, 2)}
@@ -98,12 +108,14 @@ class FCNAFBlock(NAFBlock):
         self.fourier2 = FourierUnit(channels)
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
+        # The same fused ops as NAFBlock: SCA(SG(.)) in one op (SG's output never
+        # stored) and the scaled residuals ``inp + beta * z`` in one pass each.
         u = self.norm1(inp)
-        mixed = self.project(self.sca(self.gate(self.dwconv(self.expand(u)))))
-        y = inp + self.beta * self.drop1(mixed + self.fourier1(u))
+        mixed = self.project(self.sca.gated(self.dwconv(self.expand(u))))
+        y = _scaled_residual(inp, self.beta, self.drop1(mixed + self.fourier1(u)))
         v = self.norm2(y)
         mlp = self.ffn_project(self.gate(self.ffn_expand(v)))
-        return y + self.gamma * self.drop2(mlp + self.fourier2(v))
+        return _scaled_residual(y, self.gamma, self.drop2(mlp + self.fourier2(v)))
 
 
 class LevelFunction(nn.Module):
@@ -207,9 +219,34 @@ class ReversibleColumns(nn.Module):
     def __len__(self) -> int:
         return len(self.columns)
 
-    def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor],
-                memory_efficient: bool = True) -> list[torch.Tensor]:
-        return reversible_columns(list(self.columns), x, states, memory_efficient=memory_efficient)
+    def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor], memory_efficient: bool = True,
+                anchor_every: Union[int, None, str] = "auto") -> list[torch.Tensor]:
+        """``anchor_every``: as ``reversible_columns``'s, or "auto" (see
+        ``resolve_anchor_every``)."""
+        if anchor_every == "auto":
+            anchor_every = self.resolve_anchor_every(x)
+        return reversible_columns(list(self.columns), x, states, memory_efficient=memory_efficient,
+                                  anchor_every=anchor_every)
+
+    def resolve_anchor_every(self, x: torch.Tensor) -> Optional[int]:
+        """The "auto" choice, decided per call (one model serves fp32 and autocast).
+        Gradient error vs plain autograd (relative, AdaRevD-like init, see
+        ``restorenet.ops.rev_columns``):
+
+        * L_i in half precision (autocast on for ``x``'s device, or fp16/bf16
+          weights): ``HALF_PRECISION_ANCHOR_EVERY`` = 2. Pure inversion is off by
+          4.5e-2 (bf16) at K = 4 and 0.3-0.4 at K = 8; anchored every 2 columns
+          4.6e-3 / 7.2e-3, the bf16 floor of the path (2.8e-3 at K = 2).
+        * fp32 weights, no autocast: pure reversible up to K = 4 (1.3e-5), else
+          ``FP32_ANCHOR_EVERY`` = 4 (K = 8: 3.6e-3 pure -> 3.3e-6).
+        * fp64: pure reversible (exact to ~1e-9).
+        """
+        weight_dtype = next(self.parameters()).dtype
+        if torch.is_autocast_enabled(x.device.type) or weight_dtype in (torch.float16, torch.bfloat16):
+            return HALF_PRECISION_ANCHOR_EVERY
+        if weight_dtype == torch.float32 and len(self.columns) > FP32_ANCHOR_EVERY:
+            return FP32_ANCHOR_EVERY
+        return None
 
 
 # ------------------------------------------------------------------ classifier
@@ -254,6 +291,18 @@ class AdaRevD(nn.Module):
         middle_blocks: NAFBlocks at the bottom of the encoder.
         num_decoders: K, the number of reversible columns (S/B/L: 2/4/8).
         memory_efficient: rebuild states in backward instead of storing activations.
+        rev_anchor_every: with ``memory_efficient``, keep the states entering every
+            ``rev_anchor_every``-th column so backward's inversion errors compound
+            over at most that many columns (``restorenet.ops.reversible_columns``).
+            Memory: ceil(K / a) extra sets of decoder states (each set = the four
+            states, 15w channels over H/8..H: 8w*(H/8)^2 + 4w*(H/4)^2 + 2w*(H/2)^2 +
+            w*H^2 floats, fp32) on top of x and the last states; activations of one
+            column are not kept either way. None: pure reversible (nothing that grows
+            with K). "auto" (default): every 2 columns when L_i runs in half
+            precision (autocast or a half model: K = 4 -> 2 sets, K = 8 -> 4);
+            in fp32 none up to K = 4 and every 4 columns beyond (K = 8 -> 2 sets);
+            none in fp64 -- see ``ReversibleColumns.resolve_anchor_every`` for the
+            measured errors.
         dropout: dropout rate inside the decoder's FCNAFBlocks (paper: 0).
         exit_idx: default class -> number of columns map for ``restore`` (6 ints in
             1..K); None picks the paper's GoPro map for K = 4 or 8, else all K.
@@ -262,7 +311,8 @@ class AdaRevD(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64,
                  enc_blocks: Sequence[int] = (1, 1, 1, 28), middle_blocks: int = 1,
                  num_decoders: int = 4, memory_efficient: bool = True,
-                 dropout: float = 0.0, exit_idx: Sequence[int] | None = None):
+                 dropout: float = 0.0, exit_idx: Sequence[int] | None = None,
+                 rev_anchor_every: Union[int, None, str] = "auto"):
         super().__init__()
         if len(enc_blocks) != NUM_LEVELS:
             raise ValueError(f"enc_blocks must have {NUM_LEVELS} entries (one per decoder "
@@ -272,6 +322,11 @@ class AdaRevD(nn.Module):
         self.in_channels = in_channels
         self.num_decoders = num_decoders
         self.memory_efficient = memory_efficient
+        if rev_anchor_every != "auto" and rev_anchor_every is not None and (
+                isinstance(rev_anchor_every, bool) or not isinstance(rev_anchor_every, int)
+                or rev_anchor_every < 1):
+            raise ValueError(f"rev_anchor_every must be 'auto', None or an int >= 1, got {rev_anchor_every!r}")
+        self.rev_anchor_every = rev_anchor_every
         self.encoder = NAFNetEncoder(in_channels, width, enc_blocks, middle_blocks)
         self.encoder.requires_grad_(False)  # inherited from a trained NAFNet, kept fixed
         self.feature_scales = nn.ParameterList(
@@ -317,7 +372,8 @@ class AdaRevD(nn.Module):
         h, w = img.shape[-2:]
         x = pad_to_multiple(img, self.size_multiple)
         e0, e1, e2, e3, e4 = self.encode(x)
-        finest = self.decoder(e4, (e3, e2, e1, e0), memory_efficient=self.memory_efficient)
+        finest = self.decoder(e4, (e3, e2, e1, e0), memory_efficient=self.memory_efficient,
+                              anchor_every=self.rev_anchor_every)
         if not self.training:
             return (self.heads[-1](finest[-1]) + x)[..., :h, :w]
         return [(head(c3) + x)[..., :h, :w] for head, c3 in zip(self.heads, finest)]

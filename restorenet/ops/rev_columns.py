@@ -69,10 +69,56 @@ here) and feeds the rebuilt states through L_i again, so an error grows by rough
 fp32 states are the guard (2x memory on the few saved states only). Under autocast
 even fp32 states do not save K >= 4: the ~1e-7 rebuild error flips some bf16/fp16
 roundings of L_i's input, and those ulp-sized changes of f are then amplified the
-same way. So: fp32 (or fp64) training is exact enough for K <= 4 and usable at
-K = 8; with autocast use the reversible path only for K <= 2, or plain autograd /
-checkpointing. (The AdaRevD authors train in fp32.) fp64 inputs stay fp64 (exact
-replay in tests, 1e-9 at K = 8).
+same way. fp64 inputs stay fp64 (exact replay in tests, 1e-9 at K = 8).
+
+Anchoring (the guard for long chains, issue #5). ``anchor_every=a`` also keeps the
+states entering columns 0, a, 2a, ... (ceil(K/a) state sets, fp32; column 0's are
+the op's inputs) and the backward walk recomputes those columns from the kept
+states (``_recompute_level``: f and the coupling forward again, one autograd call,
+no inversion), so errors compound over at most a columns; a = 1 is per-column
+checkpointing. Measured with ``anchor_table()`` (``python -m
+restorenet.ops.rev_columns anchors``; same decoder and gradient error as above,
+fp32 states; two inits of the blocks' residual scales beta/gamma: N(0, 0.5) as
+above, and N(0, 0.05), closer to a trained AdaRevD -- NAF blocks start at zero)::
+
+    beta/gamma     L_i runs in    anchor_every  grad K=2  K=4      K=8      state sets at K=8
+    N(0, 0.5)      fp32           None          1.3e-06  2.3e-05  3.9e-03  0
+                                  1             2.3e-07  2.8e-07  3.7e-07  8
+                                  2             5.6e-07  1.0e-06  8.0e-07  4
+                                  4             5.6e-07  1.2e-05  9.2e-06  2
+                   bf16 autocast  None          5.1e-03  4.7e-02  7.0e-01  0
+                                  1             5.1e-03  6.7e-03  9.0e-03  8
+                                  2             5.1e-03  6.7e-03  9.4e-03  4
+                                  4             5.1e-03  2.0e-02  1.3e-02  2
+                   fp16 autocast  None          1.7e-03  1.0e-02  6.9e-01  0
+                                  1             6.5e-04  8.7e-04  1.1e-03  8
+                                  2             7.8e-04  8.8e-04  1.1e-03  4
+                                  4             7.8e-04  4.3e-03  7.1e-03  2
+    N(0, 0.05)     fp32           None          1.1e-06  1.3e-05  3.6e-03  0
+                                  1             1.6e-07  2.4e-07  3.3e-07  8
+                                  2             3.5e-07  3.8e-07  4.3e-07  4
+                                  4             3.5e-07  3.5e-06  3.3e-06  2
+                   bf16 autocast  None          2.8e-03  4.5e-02  3.6e-01  0
+                                  1             2.8e-03  4.6e-03  7.2e-03  8
+                                  2             2.8e-03  4.6e-03  7.2e-03  4
+                                  4             2.8e-03  1.2e-02  7.5e-03  2
+                   fp16 autocast  None          5.1e-04  3.0e-03  3.3e-01  0
+                                  1             3.7e-04  5.7e-04  9.1e-04  8
+                                  2             3.8e-04  6.1e-04  9.3e-04  4
+                                  4             3.8e-04  9.8e-04  1.1e-03  2
+
+Read it as: the residual scale is not what drives the fp32 K = 8 error (N(0, 0.05)
+still gives 3.6e-3): the 1/|a| = 2 per column is. Under autocast the anchored rows
+level off at a floor that anchoring cannot remove (bf16: ~3e-3-5e-3 even with
+every column anchored, and at K = 2 where column 0 is anchored and column 1's
+inputs are the kept outputs): the recompute-and-``autograd.grad`` per level rounds
+the half-precision gradient flow differently from one plain graph. Anchoring
+every 2 columns keeps bf16 at the floor up to K = 8 (< 1e-2); every 4 does not at
+K = 4 (1.2e-2-2e-2). fp32 needs an anchor only beyond K = 4. These are AdaRevD's
+"auto" defaults (``restorenet.models.adarevd``). Memory: each state set is the n
+states in fp32 (AdaRevD: 1.875 * w * H^2 floats, a fraction of one column's
+recompute activations); the time cost is none (an anchored column skips the
+inversion pass and runs a coupling forward instead).
 """
 from __future__ import annotations
 
@@ -129,7 +175,7 @@ def coupling_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --------------------------------------------------------------- public functions
 def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: Sequence[Tensor], *,
-                       memory_efficient: bool = True) -> list[Tensor]:
+                       memory_efficient: bool = True, anchor_every: Optional[int] = None) -> list[Tensor]:
     """Run K reversible columns one after another; return each column's output.
 
     Args:
@@ -142,6 +188,13 @@ def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: S
             couplings instead of storing activations (see the module docstring);
             False: plain autograd through the same loop. Without gradients both
             run the plain loop.
+        anchor_every: None: pure reversible (keeps x and the last states only).
+            An int a >= 1: the forward also keeps the states entering every column
+            whose index is a multiple of a (column 0's are the inputs), and the
+            backward walk recomputes those columns from the kept states instead of
+            the rebuilt ones, so inversion errors compound over at most a columns;
+            costs ceil(K / a) extra state sets (see the module docstring). a = 1 is
+            per-column checkpointing. Ignored by the plain path.
     Returns:
         ``[c_{n-1}' of column 1, ..., of column K]`` in the states' (promoted)
         dtype. The states are kept in ``coupling_dtype`` (fp32 for half inputs).
@@ -149,12 +202,13 @@ def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: S
     columns = _check_columns(columns)
     num_levels = columns[0].num_levels
     _check_states(states, num_levels, x)
+    _check_anchor_every(anchor_every)
     dtype = functools.reduce(torch.promote_types, (s.dtype for s in states))
     states = tuple(s.to(coupling_dtype(dtype)) for s in states)
     params = [p for col in columns for i in range(num_levels) for p in col.level_parameters(i)]
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params))
     if memory_efficient and needs_grad:
-        outputs = _reversible_apply(columns, x, num_levels, *states, *params)
+        outputs = _reversible_apply(columns, x, num_levels, anchor_every, *states, *params)
     else:
         outputs = []
         for col in columns:
@@ -194,8 +248,8 @@ def column_forward(column: ReversibleColumn, x: Tensor, states: Sequence[Tensor]
 # forward with an eager recompute would give silently wrong gradients). The rest of
 # the model, and the plain path, compile as usual.
 @torch.compiler.disable
-def _reversible_apply(columns, x, num_levels, *tensors):
-    return _ReversibleColumnsFn.apply(columns, x, num_levels, *tensors)
+def _reversible_apply(columns, x, num_levels, anchor_every, *tensors):
+    return _ReversibleColumnsFn.apply(columns, x, num_levels, anchor_every, *tensors)
 
 
 class _ReversibleColumnsFn(torch.autograd.Function):
@@ -205,9 +259,13 @@ class _ReversibleColumnsFn(torch.autograd.Function):
     hooks, ``autograd.grad`` all work)."""
 
     @staticmethod
-    def forward(ctx, columns, x, num_levels, *tensors):
+    def forward(ctx, columns, x, num_levels, anchor_every, *tensors):
         states = tensors[:num_levels]
         ctx.columns = columns
+        ctx.num_levels = num_levels
+        # Column indices whose input states are kept (anchors), in column order.
+        ctx.anchored = [k for k in range(len(columns)) if anchor_every and k % anchor_every == 0]
+        anchors = []
         # Autocast cannot change inside one call: one record serves every level.
         ctx.autocast = _autocast_state(x.device.type)
         # Per column, per level: backward replays the levels in reverse order, so
@@ -215,18 +273,23 @@ class _ReversibleColumnsFn(torch.autograd.Function):
         ctx.rng = []
         outputs = []
         with nvtx_range(OP, "fwd", x.device):
-            for col in columns:
+            for k, col in enumerate(columns):
+                if k in ctx.anchored:
+                    anchors.extend(states)
                 tape: list = []
                 states = column_forward(col, x, states, rng_tape=tape)
                 ctx.rng.append(tape)
                 outputs.append(states[-1])
-        ctx.save_for_backward(x, *states)
+        ctx.save_for_backward(x, *states, *anchors)
         return tuple(outputs)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, *grad_outputs):
-        x, *states = ctx.saved_tensors
+        x, *saved = ctx.saved_tensors
+        n = ctx.num_levels
+        states = saved[:n]
+        anchors = {k: saved[n * (j + 1):n * (j + 2)] for j, k in enumerate(ctx.anchored)}
         grad_states = [torch.zeros_like(s) for s in states]
         grad_x = torch.zeros_like(x)
         param_grads: list = []
@@ -234,20 +297,23 @@ class _ReversibleColumnsFn(torch.autograd.Function):
             for k in reversed(range(len(ctx.columns))):
                 grad_states[-1] = grad_states[-1] + grad_outputs[k]  # from column k's output
                 states, grad_states, gx, grads = _column_backward(
-                    ctx.columns[k], x, states, grad_states, ctx.rng[k])
+                    ctx.columns[k], x, states, grad_states, ctx.rng[k], anchors.get(k))
                 if gx is not None:
                     grad_x = grad_x + gx
                 param_grads = grads + param_grads
         needs = ctx.needs_input_grad
-        grad_inputs = [g if needs[1 + j + (j > 0)] else None for j, g in enumerate([grad_x, *grad_states])]
-        return (None, grad_inputs[0], None, *grad_inputs[1:], *param_grads)
+        # needs_input_grad: (columns, x, num_levels, anchor_every, *states, *params)
+        grad_inputs = [g if needs[1 + j + 2 * (j > 0)] else None for j, g in enumerate([grad_x, *grad_states])]
+        return (None, grad_inputs[0], None, None, *grad_inputs[1:], *param_grads)
 
 
-def _column_backward(column, x, new_states, grad_new, rng_tape):
+def _column_backward(column, x, new_states, grad_new, rng_tape, anchor=None):
     """Walk one column's levels in reverse: rebuild (c_0..c_{n-1}) from
     (c_0'..c_{n-1}') and turn the gradients on the new states into gradients on
     the old states, x, and the level parameters (ordered like
-    ``column.level_parameters(0..n-1)``)."""
+    ``column.level_parameters(0..n-1)``). ``anchor``: the column's input states
+    as the forward kept them; then nothing is rebuilt, the kept states feed the
+    recompute (and come back as the old states)."""
     n = column.num_levels
     grad_new = list(grad_new)
     old: list = [None] * n
@@ -257,8 +323,13 @@ def _column_backward(column, x, new_states, grad_new, rng_tape):
     for i in reversed(range(n)):
         coarse = x if i == 0 else new_states[i - 1]
         finer = old[i + 1] if i + 1 < n else None
-        old[i], grad_old[i], g_coarse, g_finer, level_grads[i] = _invert_level(
-            column, i, coarse, finer, new_states[i], grad_new[i], rng_tape[i])
+        if anchor is None:
+            old[i], grad_old[i], g_coarse, g_finer, level_grads[i] = _invert_level(
+                column, i, coarse, finer, new_states[i], grad_new[i], rng_tape[i])
+        else:
+            old[i] = anchor[i]
+            grad_old[i], g_coarse, g_finer, level_grads[i] = _recompute_level(
+                column, i, coarse, finer, anchor[i], grad_new[i], rng_tape[i])
         if finer is not None and g_finer is not None:  # c_{i+1} fed L_i: finish its gradient
             grad_old[i + 1] = grad_old[i + 1] + g_finer
         if i == 0:
@@ -292,11 +363,40 @@ def _invert_level(column, i: int, coarse, finer, new_state, grad_new, rng_state)
             grad_outputs.append(g_alpha)
         wrt = [coarse] + ([finer] if finer is not None else []) + trainable
         grads = list(torch.autograd.grad(outputs, wrt, grad_outputs, allow_unused=True))
+    g_coarse, g_finer, g_params = _split_grads(grads, finer, params, trainable)
+    return old, g_old, g_coarse, g_finer, g_params
+
+
+def _recompute_level(column, i: int, coarse, finer, old_state, grad_new, rng_state):
+    """Backprop ``c_i' = a_i*c_i + f_i`` at an anchor, where c_i (``old_state``) was
+    kept: recompute f_i and the coupling forward with grad (as checkpointing would)
+    and take one autograd call into c_i, L_i's inputs and parameters, a_i. Nothing
+    is rebuilt, so no inversion error enters here; da_i uses the exact c_i."""
+    coarse = coarse.detach().requires_grad_()
+    finer = finer.detach().requires_grad_() if finer is not None else None
+    old_state = old_state.detach().requires_grad_()
+    params = list(column.level_parameters(i))
+    trainable = [p for p in params if p.requires_grad]
+    with _buffers_restored(column.level_buffers(i)):
+        with torch.enable_grad(), _replayed_rng(rng_state):
+            f = column.update_term(i, coarse, finer, old_state.dtype)
+            new = rev_coupling_forward(old_state, f, column.coupling_alpha(i, old_state.dtype))
+        wrt = [old_state, coarse] + ([finer] if finer is not None else []) + trainable
+        grads = list(torch.autograd.grad([new], wrt, [grad_new], allow_unused=True))
+    g_old = grads.pop(0)
+    g_old = torch.zeros_like(old_state) if g_old is None else g_old
+    g_coarse, g_finer, g_params = _split_grads(grads, finer, params, trainable)
+    return g_old, g_coarse, g_finer, g_params
+
+
+def _split_grads(grads, finer, params, trainable):
+    """``autograd.grad``'s answer for [coarse, (finer), *trainable] -> (g_coarse,
+    g_finer or None, one entry per parameter with None for frozen ones)."""
     g_coarse = grads[0]
     g_finer = grads[1] if finer is not None else None
-    g_trainable = iter(grads[len(wrt) - len(trainable):])
+    g_trainable = iter(grads[len(grads) - len(trainable):])
     g_params = [next(g_trainable) if p.requires_grad else None for p in params]
-    return old, g_old, g_coarse, g_finer, g_params
+    return g_coarse, g_finer, g_params
 
 
 # ------------------------------------------------------------- replay guards
@@ -366,6 +466,14 @@ def _check_columns(columns) -> list:
     return columns
 
 
+def _check_anchor_every(anchor_every) -> None:
+    if anchor_every is None:
+        return
+    if isinstance(anchor_every, bool) or not isinstance(anchor_every, int) or anchor_every < 1:
+        raise ValueError(f"anchor_every must be None or an int >= 1 (columns between kept state "
+                         f"sets), got {anchor_every!r}")
+
+
 def _check_states(states, num_levels: int, x) -> None:
     check_tensor("x", x)
     if isinstance(states, torch.Tensor) or not isinstance(states, Sequence) or len(states) != num_levels:
@@ -433,6 +541,53 @@ def precision_table(ks=(2, 4, 8), width: int = 4, size: int = 4, seed: int = 0) 
     return lines
 
 
+def anchor_table(ks=(2, 4, 8), anchors=(None, 1, 2, 4), residual_std: float = 0.5,
+                 width: int = 4, size: int = 4, seed: int = 0) -> list[str]:
+    """Gradient error of the memory-efficient path vs plain autograd (as in
+    ``precision_table``, fp32 coupling states) for each ``anchor_every``, with
+    L_i in fp32 and under bf16/fp16 autocast; beta/gamma ~ N(0, residual_std)
+    (0.5: every L_i strongly active; small values: closer to a trained AdaRevD,
+    whose NAF blocks start at beta = gamma = 0). Last column: saved state sets
+    at the largest K (x and the last states not counted)."""
+    from restorenet.models.adarevd import ReversibleColumns
+
+    lines = [f"{'L_i runs in':14} {'anchor_every':12} " + " ".join(f"K={k:<7}" for k in ks)
+             + f"  state sets kept at K={ks[-1]}"]
+    for label, amp in (("fp32", None), ("bf16 autocast", torch.bfloat16), ("fp16 autocast", torch.float16)):
+        errors = {a: [] for a in anchors}
+        for k in ks:
+            torch.manual_seed(seed)
+            decoder = ReversibleColumns(width, k)
+            with torch.no_grad():
+                for name, p in decoder.named_parameters():
+                    if name.endswith(("beta", "gamma")):
+                        p.normal_(0.0, residual_std)
+            x = torch.randn(2, 16 * width, size // 2, size // 2)
+            states = [torch.randn(2, width * 2 ** (3 - i), size * 2 ** i, size * 2 ** i) for i in range(4)]
+            ref = _gradients(decoder, x, states, amp, False, None)
+            for a in anchors:
+                got = _gradients(decoder, x, states, amp, True, a)
+                errors[a].append(((got - ref).norm() / ref.norm()).item())
+        for a in anchors:
+            sets = 0 if a is None else -(-ks[-1] // a)
+            lines.append(f"{label:14} {str(a):12} " + " ".join(f"{e:.1e}  " for e in errors[a]) + f"  {sets}")
+    return lines
+
+
+def _gradients(decoder, x, states, amp, memory_efficient, anchor_every) -> Tensor:
+    """Every parameter and input gradient of a fixed random projection of the outputs."""
+    torch.manual_seed(1)
+    weights = [torch.randn_like(states[-1]) for _ in decoder.columns]
+    xs = [t.detach().clone().requires_grad_() for t in (x, *states)]
+    decoder.zero_grad(set_to_none=True)
+    with _maybe_autocast(amp):
+        outs = reversible_columns(list(decoder.columns), xs[0], xs[1:], memory_efficient=memory_efficient,
+                                  anchor_every=anchor_every)
+    sum((o.float() * w).sum() for o, w in zip(outs, weights)).backward()
+    tensors = [t.grad for t in xs] + [p.grad for p in decoder.parameters()]
+    return torch.cat([g.double().flatten() for g in tensors if g is not None])
+
+
 def _maybe_autocast(dtype):
     return torch.autocast("cpu", dtype=dtype) if dtype is not None else contextlib.nullcontext()
 
@@ -457,5 +612,13 @@ def _gradient_error(decoder, x, states, amp, keep) -> float:
     return ((grads(True) - ref).norm() / ref.norm()).item()
 
 
-if __name__ == "__main__":  # python -m restorenet.ops.rev_columns
-    print("\n".join(precision_table()))
+if __name__ == "__main__":  # python -m restorenet.ops.rev_columns [precision|anchors]
+    import sys
+
+    which = sys.argv[1:] or ["precision", "anchors"]
+    if "precision" in which:
+        print("\n".join(precision_table()))
+    if "anchors" in which:
+        for std in (0.5, 0.05):
+            print(f"beta/gamma ~ N(0, {std})")
+            print("\n".join(anchor_table(residual_std=std)))

@@ -75,9 +75,11 @@ class Stack(nn.Module):
         self.columns = nn.ModuleList(TinyColumn(**cfg) for _ in range(k))
         self.to(dtype)
         self.memory_efficient = True
+        self.anchor_every = None
 
     def forward(self, x, states):
-        return reversible_columns(list(self.columns), x, states, memory_efficient=self.memory_efficient)
+        return reversible_columns(list(self.columns), x, states, memory_efficient=self.memory_efficient,
+                                  anchor_every=self.anchor_every)
 
 
 def inputs(dtype=torch.float64, batch=2, seed=1):
@@ -140,6 +142,33 @@ def test_matches_plain_autograd_float64(k):
     got = run(model, x, states, memory_efficient=True)
     assert len(got[0]) == k and all(g is not None for g in got[1].values())
     assert_same(got, ref)
+
+
+@pytest.mark.parametrize("k, anchor_every", [(1, 1), (5, 1), (5, 2), (5, 3), (4, 8)])
+def test_anchored_walk_matches_plain_autograd_float64(k, anchor_every):
+    torch.manual_seed(0)
+    model = Stack(k, dropout=0.2)  # dropout: the anchored recompute replays the masks too
+    model.anchor_every = anchor_every
+    x, states = inputs()
+    ref = run(model, x, states, memory_efficient=False)
+    got = run(model, x, states, memory_efficient=True)
+    assert_same(got, ref)
+
+
+@pytest.mark.parametrize("anchor_every, inverted", [(None, 5), (1, 0), (2, 2), (3, 3)])
+def test_anchored_columns_are_recomputed_not_inverted(monkeypatch, anchor_every, inverted):
+    # K = 5: anchors at columns 0, a, 2a, ... ; only the other columns invert.
+    # (The precision this buys is measured on AdaRevD: tests/models/test_adarevd.py.)
+    calls = []
+    original = rev_columns.rev_coupling_invert
+    monkeypatch.setattr(rev_columns, "rev_coupling_invert",
+                        lambda *a, **kw: calls.append(1) or original(*a, **kw))
+    torch.manual_seed(0)
+    model = Stack(5, dtype=torch.float32)
+    model.anchor_every = anchor_every
+    x, states = inputs(torch.float32)
+    run(model, x, states, memory_efficient=True)
+    assert len(calls) == inverted * len(WIDTHS)
 
 
 def test_only_the_inputs_that_need_gradients_get_them():
@@ -293,6 +322,18 @@ def test_saved_bytes_do_not_grow_with_the_number_of_columns():
     assert plain[8] > 3 * plain[2] > 3 * expected
 
 
+@pytest.mark.parametrize("k, anchor_every", [(8, 1), (8, 2), (8, 3), (8, 4), (8, 8), (2, 4)])
+def test_anchors_keep_ceil_k_over_a_state_sets(k, anchor_every):
+    x, states = inputs(torch.float32)
+    torch.manual_seed(0)
+    model = Stack(k, dtype=torch.float32)
+    model.anchor_every = anchor_every
+    state_set = sum(s.numel() * s.element_size() for s in states)
+    reversible = x.numel() * x.element_size() + state_set  # x and the last states
+    sets = -(-k // anchor_every)
+    assert saved_bytes(model, x, states) == reversible + sets * state_set
+
+
 # ------------------------------------------------------------ compile, backends
 class WithStemAndHeads(Stack):
     """Compiled parts around the op: a conv making x, a conv head on every output."""
@@ -361,6 +402,9 @@ def test_invalid_arguments_name_the_argument():
         reversible_columns(cols, x, [states[0], states[1], states[2].long()])
     with pytest.raises(TypeError, match="^x"):
         reversible_columns(cols, None, states)
+    for bad in (0, -1, 1.5, True, "2"):
+        with pytest.raises(ValueError, match="^anchor_every"):
+            reversible_columns(cols, x, states, anchor_every=bad)
 
 
 def test_reconstruction_error_probe():
