@@ -38,7 +38,7 @@ import torch
 import torch.nn as nn
 
 from restorenet._checks import check_image
-from restorenet.models.blocks import (LayerNorm2d, NAFBlock, _scaled_residual, downsample, pad_to_multiple,
+from restorenet.models.blocks import (LayerNorm2d, NAFBlock, scaled_residual_add, downsample, pad_to_multiple,
                                       upsample)
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.ops.rev_columns import column_forward, reversible_columns
@@ -112,10 +112,10 @@ class FCNAFBlock(NAFBlock):
         # stored) and the scaled residuals ``inp + beta * z`` in one pass each.
         u = self.norm1(inp)
         mixed = self.project(self.sca.gated(self.dwconv(self.expand(u))))
-        y = _scaled_residual(inp, self.beta, self.drop1(mixed + self.fourier1(u)))
+        y = scaled_residual_add(inp, self.beta, self.drop1(mixed + self.fourier1(u)))
         v = self.norm2(y)
         mlp = self.ffn_project(self.gate(self.ffn_expand(v)))
-        return _scaled_residual(y, self.gamma, self.drop2(mlp + self.fourier2(v)))
+        return scaled_residual_add(y, self.gamma, self.drop2(mlp + self.fourier2(v)))
 
 
 class LevelFunction(nn.Module):

@@ -90,8 +90,9 @@ class SimplifiedChannelAttention(nn.Module):
         return channel_attention(x, w, b, gated=gated)
 
 
-def _scaled_residual(inp: torch.Tensor, scale: nn.Parameter, z: torch.Tensor) -> torch.Tensor:
-    """inp + scale * z (scale [1, C, 1, 1]) through the fused op."""
+def scaled_residual_add(inp: torch.Tensor, scale: nn.Parameter, z: torch.Tensor) -> torch.Tensor:
+    """inp + scale * z (scale [1, C, 1, 1], e.g. NAFBlock's beta) through the fused op,
+    with fp32 master parameters matched to low-precision activations."""
     (inp, z), (scale,) = _fused_dtypes((inp, z), (scale,))
     return scaled_residual(inp, scale, z)
 
@@ -130,8 +131,8 @@ class NAFBlock(nn.Module):
         return self.drop2(self.ffn_project(self.gate(self.ffn_expand(self.norm2(y)))))
 
     def forward(self, inp: torch.Tensor) -> torch.Tensor:
-        y = _scaled_residual(inp, self.beta, self.spatial_mixer(inp))
-        return _scaled_residual(y, self.gamma, self.channel_mlp(y))
+        y = scaled_residual_add(inp, self.beta, self.spatial_mixer(inp))
+        return scaled_residual_add(y, self.gamma, self.channel_mlp(y))
 
 
 def downsample(channels: int) -> nn.Module:
