@@ -7,6 +7,8 @@ Ops and passes:
     simple_gate        fwd, fwd+bwd    x[:, :C/2] * x[:, C/2:]
     rev_coupling       fwd, fwd+bwd    c' = a * c + f (per-channel alpha)
     rev_coupling_invert  step          c = (c' - f)/a, dc = a dc', da = sum dc' c (one backward step)
+    gated_sca          fwd, fwd+bwd    SCA(SG(x)) = t * conv1x1(avgpool(t)), t = SG(x) (NAFBlock)
+    scaled_residual    fwd, fwd+bwd    inp + beta * z (per-channel beta)
 
 Strategies: ``eager`` (the composition of PyTorch ops a model would write, e.g.
 NAFNet's mean/var LayerNorm2d), ``layer_norm_permuted`` (LayerNorm2d as
@@ -34,7 +36,8 @@ import torch.nn.functional as F
 
 from bench import _util
 from bench._util import DEVICE, ON_GPU
-from restorenet.ops import layer_norm2d, rev_coupling_forward, rev_coupling_invert, simple_gate
+from restorenet.ops import (channel_attention, layer_norm2d, rev_coupling_forward, rev_coupling_invert,
+                            scaled_residual, simple_gate)
 from restorenet.ops._backend import available_backends
 
 if ON_GPU:
@@ -46,7 +49,8 @@ EPS = 1e-6
 
 # op -> the restorenet._C function that makes its cuda backend available
 CUDA_SYMBOLS = {"layer_norm2d": "layer_norm2d_forward", "simple_gate": "simple_gate_forward",
-                "rev_coupling": "rev_coupling_forward", "rev_coupling_invert": "rev_coupling_invert"}
+                "rev_coupling": "rev_coupling_forward", "rev_coupling_invert": "rev_coupling_invert",
+                "gated_sca": "channel_attention_apply", "scaled_residual": "scaled_residual_forward"}
 BACKENDS = ("reference", "triton", "cuda")
 
 
@@ -77,9 +81,21 @@ def rev_coupling_invert_eager(c_new, f, alpha, grad_c_new):
     return c, a * grad_c_new, (grad_c_new * c).float().sum((0, 2, 3))
 
 
-EAGER = {"layer_norm2d": layer_norm2d_eager, "simple_gate": simple_gate_eager,
+def gated_sca_eager(x, weight, bias):
+    t = simple_gate_eager(x)
+    s = F.conv2d(F.adaptive_avg_pool2d(t, 1), weight.to(t.dtype)[:, :, None, None], bias.to(t.dtype))
+    return t * s
+
+
+def scaled_residual_eager(inp, beta, z):
+    return inp + beta.to(inp.dtype).view(1, -1, 1, 1) * z
+
+
+EAGER = {"layer_norm2d": layer_norm2d_eager, "gated_sca": gated_sca_eager, "scaled_residual": scaled_residual_eager, "simple_gate": simple_gate_eager,
          "rev_coupling": rev_coupling_eager, "rev_coupling_invert": rev_coupling_invert_eager}
 FUSED = {"layer_norm2d": lambda b: functools.partial(_layer_norm2d_backend, backend=b),
+         "gated_sca": lambda b: functools.partial(channel_attention, gated=True, backend=b),
+         "scaled_residual": lambda b: functools.partial(scaled_residual, backend=b),
          "simple_gate": lambda b: functools.partial(simple_gate, backend=b),
          "rev_coupling": lambda b: functools.partial(rev_coupling_forward, backend=b),
          "rev_coupling_invert": lambda b: functools.partial(rev_coupling_invert, backend=b)}
@@ -129,6 +145,14 @@ def make_inputs(op: str, dtype, layout: str, requires_grad: bool) -> dict:
         return {"args": [_activation(C, dtype, layout, requires_grad), w, b]}
     if op == "simple_gate":
         return {"args": [_activation(2 * C, dtype, layout, requires_grad)]}
+    if op == "gated_sca":
+        w = (torch.randn(C, C, device=DEVICE) / C ** 0.5).requires_grad_(requires_grad)
+        b = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_(requires_grad)
+        return {"args": [_activation(2 * C, dtype, layout, requires_grad), w, b]}
+    if op == "scaled_residual":
+        beta = (0.1 * torch.randn(C, device=DEVICE)).requires_grad_(requires_grad)
+        return {"args": [_activation(C, dtype, layout, requires_grad), beta,
+                         _activation(C, dtype, layout, requires_grad)]}
     alpha = (0.25 + 0.75 * torch.rand(C, device=DEVICE)).requires_grad_(requires_grad and op == "rev_coupling")
     if op == "rev_coupling":
         return {"args": [_activation(C, dtype, layout, requires_grad), _activation(C, dtype, layout, requires_grad),
@@ -150,6 +174,12 @@ def compulsory_bytes(op: str, phase: str, dtype) -> int:
         ("rev_coupling", "fwd"): 3 * full + vec,                    # read c, f; write c'
         ("rev_coupling", "bwd"): 3 * full + 2 * vec,                # read dc', c; write dc (df = dc')
         ("rev_coupling_invert", "step"): 5 * full + 2 * vec,        # read c', f, dc'; write c, dc
+        # gated SCA: the pool needs all of SG(x) before any output, so the kernels read x
+        # twice (pool, then apply); compulsory is once: read 2C channels, write C.
+        ("gated_sca", "fwd"): 2 * full + full,
+        ("gated_sca", "bwd"): 2 * full + full + 2 * full,           # read x, du; write dx
+        ("scaled_residual", "fwd"): 3 * full + vec,                 # read inp, z; write y
+        ("scaled_residual", "bwd"): 3 * full + 2 * vec,             # read dy, z; write dz (d_inp = dy)
     }
     if phase == "fwd+bwd":
         return per_pass[(op, "fwd")] + per_pass[(op, "bwd")]
@@ -193,7 +223,8 @@ def check_against_spec(op: str, strategy: str, dtype, layout: str) -> None:
 
 # -------------------------------------------------------------------- cases
 STRATEGIES = ("eager", "compiled", "reference", "triton", "cuda")
-CASES = [(op, phase, s) for op in ("layer_norm2d", "simple_gate", "rev_coupling") for phase in ("fwd", "fwd+bwd")
+CASES = [(op, phase, s) for op in ("layer_norm2d", "simple_gate", "rev_coupling", "gated_sca", "scaled_residual")
+         for phase in ("fwd", "fwd+bwd")
          for s in STRATEGIES + (("layer_norm_permuted",) if op == "layer_norm2d" else ())]
 CASES += [("rev_coupling_invert", "step", s) for s in STRATEGIES]
 
@@ -207,7 +238,7 @@ def test_elementwise(benchmark, op, phase, dtype, layout, strategy):
         pytest.skip(reason)
     check_against_spec(op, strategy, dtype, layout)
     call = make_call(op, strategy, phase, dtype, layout)
-    shape = (N, 2 * C if op == "simple_gate" else C, SIZE, SIZE)
+    shape = (N, 2 * C if op in ("simple_gate", "gated_sca") else C, SIZE, SIZE)
     name = _util.dtype_name(dtype)
     _util.run_benchmark(
         benchmark, call, strategy=strategy,
