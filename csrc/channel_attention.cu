@@ -126,17 +126,6 @@ __global__ void __launch_bounds__(kThreads)
   if (static_cast<int>(threadIdx.x) < tile.tile_c && c_out < s.c) partial[(split * s.n + n) * s.c + c_out] = total;
 }
 
-// out[i] = sum over r < rows of partial[r * count + i], in order.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads)
-    sum_rows_kernel(const acc_t* partial, int64_t rows, int64_t count, acc_t* out) {
-  for (int64_t i = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
-    acc_t total = acc_t(0);
-    for (int64_t r = 0; r < rows; ++r) total += partial[r * count + i];
-    out[i] = total;
-  }
-}
-
 template <typename T, bool kGated>
 __global__ void __launch_bounds__(kThreads)
     ca_apply_kernel(ChannelAttentionShape s, const T* x, Strides4 xs, const typename AccType<T>::type* scale, T* u,
@@ -240,37 +229,58 @@ cudaError_t choose_splits(int64_t pixels, int64_t tiles, int64_t lanes, int64_t*
   return cudaSuccess;
 }
 
-// The reduction geometry of channel_attention_reduce; the layout of x decides
-// the tile (x and grad_u share it in every caller).
-struct CaReduceGeometry {
+// The geometry of a per-channel reduction over `pixels` pixels, done
+// separately for each of `samples` samples (the attention: samples = n, pixels
+// = h * w; the residual: one "sample" of n * h * w pixels). The layout decides
+// the tile; the partial sums fill splits x samples x channels accumulators.
+struct ReduceGeometry {
   bool inner;
   int64_t c_tiles, splits, chunk;
 };
 
-cudaError_t ca_reduce_geometry(const ChannelAttentionShape& s, bool inner, CaReduceGeometry* g) {
+cudaError_t reduce_geometry(int64_t channels, int64_t pixels, int64_t samples, bool inner, ReduceGeometry* g) {
   g->inner = inner;
   const int tile_c = tile_channels(inner);
-  g->c_tiles = ceil_div(s.c, tile_c);
-  return choose_splits(s.h * s.w, s.n * g->c_tiles, kThreads / tile_c, &g->splits, &g->chunk);
+  g->c_tiles = ceil_div(channels, tile_c);
+  return choose_splits(pixels, samples * g->c_tiles, kThreads / tile_c, &g->splits, &g->chunk);
 }
 
-size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+// The workspace of such a reduction under either layout's geometry (the
+// caller need not say which layout it will pass), rounded up to 256 bytes.
+cudaError_t reduce_workspace_size(DType dtype, int64_t channels, int64_t pixels, int64_t samples, size_t* bytes) {
+  size_t most = 0;
+  for (bool inner : {false, true}) {
+    ReduceGeometry g{};
+    const cudaError_t err = reduce_geometry(channels, pixels, samples, inner, &g);
+    if (err != cudaSuccess) return err;
+    const size_t need = size_t(g.splits * samples * channels) * acc_bytes(dtype);
+    most = most > need ? most : need;
+  }
+  *bytes = align256(most);
+  return cudaSuccess;
+}
+
+// Channel attention: a per-sample reduction over h * w pixels.
+cudaError_t ca_reduce_geometry(const ChannelAttentionShape& s, bool inner, ReduceGeometry* g) {
+  return reduce_geometry(s.c, s.h * s.w, s.n, inner, g);
+}
+
+// Scaled residual: one reduction over all n * h * w pixels.
+cudaError_t sr_geometry(const ScaledResidualShape& s, bool inner, ReduceGeometry* g) {
+  return reduce_geometry(s.c, s.n * s.h * s.w, 1, inner, g);
+}
+
+// Adds the splits' rows of partial sums in order (sum_partial_rows, common.cuh).
+template <typename acc_t>
+cudaError_t sum_splits(const acc_t* partial, int64_t splits, int64_t count, void* out, cudaStream_t stream) {
+  return sum_partial_rows<acc_t>(partial, splits, count, static_cast<acc_t*>(out), elementwise_blocks(count), stream);
+}
 
 }  // namespace
 
 cudaError_t channel_attention_reduce_workspace_size(DType dtype, const ChannelAttentionShape& s, size_t* bytes) {
   if (!valid(s.n, s.c, s.h, s.w) || bytes == nullptr) return cudaErrorInvalidValue;
-  // Both layouts' geometries: the caller need not say which it will pass.
-  size_t most = 0;
-  for (bool inner : {false, true}) {
-    CaReduceGeometry g{};
-    const cudaError_t err = ca_reduce_geometry(s, inner, &g);
-    if (err != cudaSuccess) return err;
-    const size_t elem = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-    most = most > size_t(g.splits * s.n * s.c) * elem ? most : size_t(g.splits * s.n * s.c) * elem;
-  }
-  *bytes = align256(most);
-  return cudaSuccess;
+  return reduce_workspace_size(dtype, s.c, s.h * s.w, s.n, bytes);
 }
 
 cudaError_t channel_attention_reduce(DType dtype, const ChannelAttentionShape& s, const void* x, Strides4 xs,
@@ -279,7 +289,7 @@ cudaError_t channel_attention_reduce(DType dtype, const ChannelAttentionShape& s
   if (!valid(s.n, s.c, s.h, s.w)) return cudaErrorInvalidValue;
   if (s.n == 0) return cudaSuccess;  // nothing to sum, nothing to write (empty tensors may be nullptr)
   if (x == nullptr || sums == nullptr) return cudaErrorInvalidValue;
-  CaReduceGeometry g{};
+  ReduceGeometry g{};
   cudaError_t err = ca_reduce_geometry(s, is_channels_inner(xs, s.gated ? 2 * s.c : s.c), &g);
   if (err != cudaSuccess) return err;
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
@@ -305,9 +315,7 @@ cudaError_t channel_attention_reduce(DType dtype, const ChannelAttentionShape& s
       e = launch(ca_reduce_kernel<T, false, false>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
     }
     if (e != cudaSuccess) return e;
-    const int64_t count = s.n * s.c;
-    return launch(sum_rows_kernel<acc_t>, dim3(elementwise_blocks(count)), block, stream,
-                  static_cast<const acc_t*>(partial), g.splits, count, static_cast<acc_t*>(sums));
+    return sum_splits<acc_t>(partial, g.splits, s.n * s.c, sums, stream);
   });
 }
 
@@ -371,32 +379,9 @@ cudaError_t scaled_residual_forward(DType dtype, const ScaledResidualShape& s, c
   });
 }
 
-namespace {
-struct SrGeometry {
-  bool inner;
-  int64_t c_tiles, splits, chunk;
-};
-
-cudaError_t sr_geometry(const ScaledResidualShape& s, bool inner, SrGeometry* g) {
-  g->inner = inner;
-  const int tile_c = tile_channels(inner);
-  g->c_tiles = ceil_div(s.c, tile_c);
-  return choose_splits(s.n * s.h * s.w, g->c_tiles, kThreads / tile_c, &g->splits, &g->chunk);
-}
-}  // namespace
-
 cudaError_t scaled_residual_backward_workspace_size(DType dtype, const ScaledResidualShape& s, size_t* bytes) {
   if (!valid(s.n, s.c, s.h, s.w) || bytes == nullptr) return cudaErrorInvalidValue;
-  size_t most = 0;
-  for (bool inner : {false, true}) {
-    SrGeometry g{};
-    const cudaError_t err = sr_geometry(s, inner, &g);
-    if (err != cudaSuccess) return err;
-    const size_t elem = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
-    most = most > size_t(g.splits * s.c) * elem ? most : size_t(g.splits * s.c) * elem;
-  }
-  *bytes = align256(most);
-  return cudaSuccess;
+  return reduce_workspace_size(dtype, s.c, s.n * s.h * s.w, 1, bytes);
 }
 
 cudaError_t scaled_residual_backward(DType dtype, const ScaledResidualShape& s, const void* grad_y, Strides4 gs,
@@ -405,7 +390,7 @@ cudaError_t scaled_residual_backward(DType dtype, const ScaledResidualShape& s, 
   if (!valid(s.n, s.c, s.h, s.w) || beta == nullptr) return cudaErrorInvalidValue;
   if (grad_z == nullptr && grad_beta == nullptr) return cudaSuccess;
   if (s.n > 0 && (grad_y == nullptr || z == nullptr)) return cudaErrorInvalidValue;  // empty ones may be nullptr
-  SrGeometry g{};
+  ReduceGeometry g{};
   cudaError_t err = sr_geometry(s, is_channels_inner(gs, s.c), &g);
   if (err != cudaSuccess) return err;
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
@@ -427,9 +412,7 @@ cudaError_t scaled_residual_backward(DType dtype, const ScaledResidualShape& s, 
     }
     if (grad_beta == nullptr) return cudaSuccess;
     // An empty batch sums zero rows: grad_beta = 0.
-    return launch(sum_rows_kernel<acc_t>, dim3(elementwise_blocks(s.c)), dim3(kThreads), stream,
-                  static_cast<const acc_t*>(partial), s.n > 0 ? g.splits : int64_t(0), s.c,
-                  static_cast<acc_t*>(grad_beta));
+    return sum_splits<acc_t>(partial, s.n > 0 ? g.splits : int64_t(0), s.c, grad_beta, stream);
   });
 }
 

@@ -9,6 +9,7 @@
 
 #include <cstddef>
 #include <cstdint>
+#include <cstdlib>
 #include <utility>
 
 #include <cuda_bf16.h>
@@ -52,10 +53,41 @@ inline cudaError_t dispatch_dtype(DType dtype, Body&& body) {
   return cudaErrorInvalidValue;
 }
 
-// ---------------------------------------------------------------- misc
+// Bytes of one accumulator element: fp64 for fp64 tensors, else fp32.
+inline size_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
+
+// ---------------------------------------------------------------- integer math
 __host__ __device__ __forceinline__ int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
 __host__ __device__ __forceinline__ int64_t min64(int64_t a, int64_t b) { return a < b ? a : b; }
 __host__ __device__ __forceinline__ int64_t max64(int64_t a, int64_t b) { return a > b ? a : b; }
+
+// Workspace regions start on 256-byte boundaries (the allocator's alignment),
+// so every region is aligned for any vector access.
+inline size_t align256(size_t bytes) { return (bytes + 255) / 256 * 256; }
+
+// q = a / b, r = a % b for a >= 0, b > 0; in 32 bits when both fit, because a
+// 64-bit division is many times slower than a 32-bit one on the GPU.
+__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
+  if (a <= 0xffffffffLL && b <= 0xffffffffLL) {
+    const uint32_t q32 = uint32_t(a) / uint32_t(b);
+    q = q32;
+    r = a - int64_t(q32) * b;
+  } else {
+    q = a / b;
+    r = a - q * b;
+  }
+}
+
+// ---------------------------------------------------------------- launches
+// A grid cap. An emulation build lowers it to RN_EMU_GRID_CAP when that is set,
+// so tests reach the grid-stride loops and multi-row partial sums with small
+// shapes; a CUDA build returns `cap` unchanged.
+inline int64_t grid_cap(int64_t cap) {
+#if defined(RN_CUDA_EMULATION)
+  if (const char* env = std::getenv("RN_EMU_GRID_CAP")) return min64(cap, max64(1, std::atoll(env)));
+#endif
+  return cap;
+}
 
 // Launches `kernel` on `stream` and returns the launch error (kernels report
 // nothing else). Under emulation the blocks run on CPU threads.
@@ -77,6 +109,48 @@ inline cudaError_t current_sm_count(int* count) {
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+}
+
+// ---------------------------------------------------------------- deterministic reductions
+// Sums without atomics: each block writes its own row of partial sums, then
+// sum_partial_rows adds the rows in a fixed order, so results are bitwise
+// reproducible run to run.
+
+// Fixed-shape tree sum of one value per thread over a block of kBlockThreads
+// (a power of two) threads; sums[0] holds the total after the last barrier.
+// Block-collective: every thread must call it.
+template <int kBlockThreads, typename acc_t>
+__device__ __forceinline__ void block_tree_sum(acc_t* sums, int tid, acc_t v) {
+  static_assert((kBlockThreads & (kBlockThreads - 1)) == 0, "a power of two");
+  sums[tid] = v;
+  __syncthreads();
+  for (int half = kBlockThreads / 2; half > 0; half /= 2) {
+    if (tid < half) sums[tid] += sums[tid + half];
+    __syncthreads();
+  }
+}
+
+constexpr int kSumRowsThreads = 256;
+
+// out[i] = sum_{r < rows} partial[r * count + i], r in increasing order; one
+// thread per output, grid-stride.
+template <typename acc_t>
+__global__ void __launch_bounds__(kSumRowsThreads)
+    sum_partial_rows_kernel(const acc_t* partial, int64_t rows, int64_t count, acc_t* out) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < count; i += int64_t(gridDim.x) * blockDim.x) {
+    acc_t total = acc_t(0);
+    for (int64_t r = 0; r < rows; ++r) total += partial[r * count + i];
+    out[i] = total;
+  }
+}
+
+// Launches sum_partial_rows_kernel on `blocks` blocks (any number >= 1: the
+// result does not depend on it). rows == 0 writes zeros.
+template <typename acc_t>
+inline cudaError_t sum_partial_rows(const acc_t* partial, int64_t rows, int64_t count, acc_t* out, int64_t blocks,
+                                    cudaStream_t stream) {
+  return launch(sum_partial_rows_kernel<acc_t>, dim3(unsigned(blocks), 1, 1), dim3(kSumRowsThreads), stream,
+                partial, rows, count, out);
 }
 
 }  // namespace restorenet

@@ -245,18 +245,6 @@ __device__ __forceinline__ void load_slot(int e, bool k_fastest, int& k, int& in
   }
 }
 
-// Fixed-shape tree sum of one value per thread (kThreads of them) into
-// partial[0]. Block-collective; partial[0] is final after the last barrier.
-template <typename acc_t>
-__device__ __forceinline__ void block_tree_sum(acc_t* partial, int tid, acc_t v) {
-  partial[tid] = v;
-  __syncthreads();
-  for (int half = kThreads / 2; half > 0; half /= 2) {
-    if (tid < half) partial[tid] += partial[tid + half];
-    __syncthreads();
-  }
-}
-
 // Convolution sizes as the kernels index them (full channel counts).
 struct Geometry {
   int c_in, c_out, kh, kw, h, w, h_out, w_out, stride, padding;
@@ -673,7 +661,7 @@ __global__ void __launch_bounds__(kThreads) reduce_per_sample_kernel(const acc_t
   for (int64_t n = blockIdx.x; n < batch; n += gridDim.x) {
     acc_t s = acc_t(0);
     for (int64_t i = tid; i < per_sample; i += kThreads) s += ws[n * per_sample + i];
-    block_tree_sum(partial, tid, s);
+    block_tree_sum<kThreads>(partial, tid, s);
     if (tid == 0) d_out[n] = partial[0];
     __syncthreads();
   }
@@ -760,15 +748,13 @@ struct ParamPlan {
   size_t off_scaled, off_plain, off_per_item, bytes;
 };
 
-inline size_t align_up(size_t v) { return (v + 255) / 256 * 256; }
-
 template <typename Shape>
 cudaError_t plan_param_grads(DType dtype, const Shape& s, bool scaled, bool plain, bool per_item, bool bias_column,
                              ParamPlan* plan) {
   cudaError_t err = check_conv_shape(s);
   if (err != cudaSuccess) return err;
   ParamPlan p{};
-  const size_t acc_bytes = dtype == DType::kFloat64 ? sizeof(double) : sizeof(float);
+  const size_t acc_size = acc_bytes(dtype);
   p.scaled = scaled;
   p.plain = plain;
   p.per_item = per_item;
@@ -791,17 +777,17 @@ cudaError_t plan_param_grads(DType dtype, const Shape& s, bool scaled, bool plai
   int64_t splits = tiles > 0 ? ceil_div(int64_t(4) * sms, tiles) : 1;
   splits = min64(splits, max64(p.items, 1));
   splits = min64(splits, 65535);
-  const size_t split_bytes = size_t(s.c_out) * p.cols * acc_bytes * ((p.scaled ? 1 : 0) + (p.plain ? 1 : 0));
+  const size_t split_bytes = size_t(s.c_out) * p.cols * acc_size * ((p.scaled ? 1 : 0) + (p.plain ? 1 : 0));
   if (split_bytes > 0) splits = min64(splits, max64(1, int64_t(kMaxSplitBytes / split_bytes)));
   p.splits = max64(splits, 1);
-  const size_t region = size_t(p.splits) * s.c_out * p.cols * acc_bytes;
+  const size_t region = size_t(p.splits) * s.c_out * p.cols * acc_size;
   size_t at = 0;
   p.off_scaled = at;
-  if (p.scaled) at += align_up(region);
+  if (p.scaled) at += align256(region);
   p.off_plain = at;
-  if (p.plain) at += align_up(region);
+  if (p.plain) at += align256(region);
   p.off_per_item = at;
-  if (p.per_item) at += align_up(size_t(p.items) * tiles * acc_bytes);
+  if (p.per_item) at += align256(size_t(p.items) * tiles * acc_size);
   p.bytes = at;
   *plan = p;
   return cudaSuccess;

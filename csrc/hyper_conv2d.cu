@@ -103,7 +103,7 @@ struct HyperPolicy {
           dot += grad[i][j] * w_ext[i][j];
         }
       if (p.ws_level != nullptr) {
-        block_tree_sum(partial, tid, dot);  // the block's 256 partial dot products
+        block_tree_sum<kThreads>(partial, tid, dot);  // the block's 256 partial dot products
         if (tid == 0) p.ws_level[item * tiles + tile] = partial[0];
         // partial[0] is rewritten only by thread 0, and not before the next
         // item's first __syncthreads, so no barrier is needed here.

@@ -22,75 +22,25 @@
 // dweight/dbias (sums over every pixel, per channel) are deterministic without
 // atomics: a block owns the pixel tiles blockIdx.x, + gridDim.x, ... and, for
 // each, thread c adds the tile's sum for channel c (fixed order over the tile's
-// pixels) into the block's own row of a partial buffer; sum_partials_kernel adds
-// the rows in order.
+// pixels) into the block's own row of a partial buffer; sum_partial_rows
+// (common.cuh) adds the rows in order.
 #include "naf_elementwise.h"
 
 #include <cmath>
-#include <cstdlib>
-#include <initializer_list>
-#include <utility>
 
 #include "common.cuh"
+#include "elementwise.cuh"
 
 namespace restorenet {
 namespace naf_detail {
 
-constexpr int kThreads = 256;
+// The rows x cols machinery of the simple gate, and the 256-thread blocks
+// (elementwise::kThreads) that the LayerNorm kernels use as well.
+using namespace elementwise;
+
 constexpr int kMaxPixels = 256;          // pixels per LayerNorm tile (a power of two)
 constexpr int kTileBytes = 32 * 1024;    // shared memory for the staged tile(s)
 constexpr int64_t kMaxChunks = 1024;     // LayerNorm grid cap = partial-sum rows
-constexpr int64_t kMaxBlocks = 8192;     // grid cap of the element-wise passes
-constexpr int64_t kMaxGridY = 65535;
-
-// A grid cap; an emulation build lowers it to RN_EMU_GRID_CAP when set, so the
-// tests reach the grid-stride loops and multi-tile partial rows with small shapes.
-inline int64_t grid_cap(int64_t cap) {
-#if defined(RN_CUDA_EMULATION)
-  if (const char* env = std::getenv("RN_EMU_GRID_CAP")) return min64(cap, max64(1, std::atoll(env)));
-#endif
-  return cap;
-}
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ void load_pack(const T* p, typename AccType<T>::type (&out)[V]) {
-  if constexpr (V == 1) {
-    out[0] = to_acc(*p);
-  } else {
-    const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = to_acc(pack.v[k]);
-  }
-}
-
-template <typename T, int V, typename A>
-__device__ __forceinline__ void store_pack(T* p, const A (&in)[V]) {
-  if constexpr (V == 1) {
-    store_as(p, in[0]);
-  } else {
-    Pack<T, V> pack;
-#pragma unroll
-    for (int k = 0; k < V; ++k) store_as(&pack.v[k], in[k]);
-    *reinterpret_cast<Pack<T, V>*>(p) = pack;
-  }
-}
-
-// q = a / b, r = a % b, in 32 bits when both fit (64-bit division is slow).
-__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
-  if (a <= 0xffffffffLL && b <= 0xffffffffLL) {
-    const uint32_t q32 = uint32_t(a) / uint32_t(b);
-    q = q32;
-    r = a - int64_t(q32) * b;
-  } else {
-    q = a / b;
-    r = a - q * b;
-  }
-}
 
 __device__ __forceinline__ float reciprocal_sqrt(float v) { return 1.0f / sqrtf(v); }
 __device__ __forceinline__ double reciprocal_sqrt(double v) { return 1.0 / sqrt(v); }
@@ -102,77 +52,22 @@ struct PixelView {
 
 bool pixel_view(const NafShape& s, const Strides4& st, PixelView& v) {
   int64_t pix = 0;
-  if (s.h * s.w <= 1) {
-    pix = 0;
-  } else if (s.w == 1) {
-    pix = st.h;
-  } else if (s.h == 1 || st.h == s.w * st.w) {
-    pix = st.w;
-  } else {
-    return false;
-  }
+  if (!merged_pixel_stride(s.h, s.w, st, pix)) return false;
   v = PixelView{s.n > 1 ? st.n : 0, s.c > 1 ? st.c : 0, pix};
   return true;
 }
 
 // ============================================================ simple_gate
-// Element strides as rows x cols: row r = (r / row_inner, r % row_inner).
-struct View {
-  int64_t outer, inner, col;
-};
-
-struct Plan {
-  int64_t rows, cols, row_inner;
-  int tpr, rpb;
-  int64_t col_tiles, row_groups;
-};
-
-__device__ __forceinline__ int64_t at(const View& v, int64_t outer, int64_t inner, int64_t col) {
-  return outer * v.outer + inner * v.inner + col * v.col;
+bool channels_along_cols(const NafShape& s, const PixelView& v) {
+  return elementwise::channels_along_cols(s.c, s.h * s.w, v.c);
 }
-
-// Channels along the columns when the channel is the unit-stride dimension.
-bool channels_along_cols(const NafShape& s, const PixelView& v) { return s.h * s.w == 1 || (s.c > 1 && v.c == 1); }
 
 View view_of(const PixelView& v, bool channel_is_col) {
   return channel_is_col ? View{v.n, v.p, v.c} : View{v.n, v.c, v.p};
 }
 
-Plan make_plan(const NafShape& s, bool channel_is_col, int vec) {
-  Plan p{};
-  const int64_t hw = s.h * s.w;
-  p.rows = channel_is_col ? s.n * hw : s.n * s.c;
-  p.cols = channel_is_col ? s.c : hw;
-  p.row_inner = channel_is_col ? hw : s.c;
-  const int64_t packs = ceil_div(p.cols, vec);
-  p.tpr = 1;
-  while (p.tpr < packs && p.tpr < kThreads) p.tpr *= 2;
-  p.rpb = kThreads / p.tpr;
-  p.col_tiles = ceil_div(packs, p.tpr);
-  p.row_groups = ceil_div(p.rows, p.rpb);
-  return p;
-}
-
-// 16-byte packs if every (view, pointer) pair allows them, else single elements.
-template <typename T>
-int vector_width(const Plan& p, std::initializer_list<std::pair<View, const void*>> tensors) {
-  constexpr int kVec = int(16 / sizeof(T));
-  if (p.cols % kVec != 0) return 1;
-  for (const auto& t : tensors) {
-    const View& v = t.first;
-    if (v.col != 1 || v.outer % kVec != 0 || v.inner % kVec != 0 ||
-        reinterpret_cast<uintptr_t>(t.second) % 16 != 0) {
-      return 1;
-    }
-  }
-  return kVec;
-}
-
-dim3 elementwise_grid(const Plan& p) {
-  const int64_t blocks = grid_cap(kMaxBlocks);
-  const int64_t x = min64(p.col_tiles, blocks);
-  const int64_t y = min64(min64(p.row_groups, max64(1, blocks / x)), grid_cap(kMaxGridY));
-  return dim3(unsigned(x), unsigned(y), 1);
+RowPlan make_plan(const NafShape& s, bool channel_is_col, int vec) {
+  return make_row_plan(s.n, s.c, s.h * s.w, channel_is_col, vec);
 }
 
 template <typename T>
@@ -183,7 +78,7 @@ struct GateArgs {
   T* y;         // forward: y; backward: dx[:, :C/2]
   T* y2;        // backward: dx[:, C/2:]
   View av, bv, dyv, yv, y2v;
-  Plan p;
+  RowPlan p;
 };
 
 // forward: y = a * b;  backward: dx_a = dy * b, dx_b = dy * a.
@@ -191,37 +86,27 @@ struct GateArgs {
 template <typename T, int V, bool kBackward>
 __global__ void __launch_bounds__(kThreads) gate_kernel(GateArgs<T> g) {
   using acc_t = typename AccType<T>::type;
-  const Plan& p = g.p;
-  const int lane = int(threadIdx.x) % p.tpr, sub = int(threadIdx.x) / p.tpr;
-  for (int64_t rg = blockIdx.y; rg < p.row_groups; rg += gridDim.y) {
-    const int64_t row = rg * p.rpb + sub;
-    if (row >= p.rows) continue;  // no barriers in this kernel
-    int64_t ro, ri;
-    divmod(row, p.row_inner, ro, ri);
-    for (int64_t ct = blockIdx.x; ct < p.col_tiles; ct += gridDim.x) {
-      const int64_t col = (ct * p.tpr + lane) * V;
-      if (col >= p.cols) continue;
-      acc_t a[V], b[V];
-      load_pack<T, V>(g.a + at(g.av, ro, ri, col), a);
-      load_pack<T, V>(g.b + at(g.bv, ro, ri, col), b);
-      if constexpr (kBackward) {
-        acc_t dy[V], da[V], db[V];
-        load_pack<T, V>(g.dy + at(g.dyv, ro, ri, col), dy);
+  for_each_pack<V>(g.p, [&](int64_t ro, int64_t ri, int64_t col) {
+    acc_t a[V], b[V];
+    load_pack<T, V>(g.a + at(g.av, ro, ri, col), a);
+    load_pack<T, V>(g.b + at(g.bv, ro, ri, col), b);
+    if constexpr (kBackward) {
+      acc_t dy[V], da[V], db[V];
+      load_pack<T, V>(g.dy + at(g.dyv, ro, ri, col), dy);
 #pragma unroll
-        for (int k = 0; k < V; ++k) {
-          da[k] = dy[k] * b[k];
-          db[k] = dy[k] * a[k];
-        }
-        store_pack<T, V>(g.y + at(g.yv, ro, ri, col), da);
-        store_pack<T, V>(g.y2 + at(g.y2v, ro, ri, col), db);
-      } else {
-        acc_t y[V];
-#pragma unroll
-        for (int k = 0; k < V; ++k) y[k] = a[k] * b[k];
-        store_pack<T, V>(g.y + at(g.yv, ro, ri, col), y);
+      for (int k = 0; k < V; ++k) {
+        da[k] = dy[k] * b[k];
+        db[k] = dy[k] * a[k];
       }
+      store_pack<T, V>(g.y + at(g.yv, ro, ri, col), da);
+      store_pack<T, V>(g.y2 + at(g.y2v, ro, ri, col), db);
+    } else {
+      acc_t y[V];
+#pragma unroll
+      for (int k = 0; k < V; ++k) y[k] = a[k] * b[k];
+      store_pack<T, V>(g.y + at(g.yv, ro, ri, col), y);
     }
-  }
+  });
 }
 
 template <typename T, bool kBackward>
@@ -248,7 +133,7 @@ cudaError_t gate_typed(const NafShape& s, const void* dy, Strides4 dys, const vo
     g.y = static_cast<T*>(out);
     g.yv = view_of(outv, channel_is_col);
   }
-  const Plan scalar = make_plan(hs, channel_is_col, 1);
+  const RowPlan scalar = make_plan(hs, channel_is_col, 1);
   const int vec = kBackward ? vector_width<T>(scalar, {{g.av, g.a}, {g.bv, g.b}, {g.dyv, g.dy}, {g.yv, g.y},
                                                        {g.y2v, g.y2}})
                             : vector_width<T>(scalar, {{g.av, g.a}, {g.bv, g.b}, {g.yv, g.y}});
@@ -299,17 +184,49 @@ __device__ __forceinline__ void tile_slot(const NormPlan& p, int e, int& c, int&
   }
 }
 
+// Calls body(c, pl) for each element of the C x P tile starting at pixel p0
+// that lies inside the image, spread over the block's threads in tile_slot
+// order (so the global-memory accesses coalesce). No barriers.
+template <typename Body>
+__device__ __forceinline__ void for_each_tile_element(const NormPlan& p, int64_t p0, Body&& body) {
+  const int count = int(p.c) * p.pixels;
+  for (int e = int(threadIdx.x); e < count; e += kThreads) {
+    int c, pl;
+    tile_slot(p, e, c, pl);
+    if (p0 + pl < p.hw) body(c, pl);
+  }
+}
+
 // tile[c * P + pl] = src[n, c, p0 + pl] for the pixels inside the image; the
 // others are left as they are (never read for an output).
 template <typename T>
 __device__ __forceinline__ void load_tile(T* tile, const T* src, const PixelView& v, const NormPlan& p, int64_t n,
                                           int64_t p0) {
-  const int count = int(p.c) * p.pixels;
-  for (int e = int(threadIdx.x); e < count; e += kThreads) {
-    int c, pl;
-    tile_slot(p, e, c, pl);
-    if (p0 + pl < p.hw) tile[c * p.pixels + pl] = src[n * v.n + int64_t(c) * v.c + (p0 + pl) * v.p];
-  }
+  for_each_tile_element(p, p0, [&](int c, int pl) {
+    tile[c * p.pixels + pl] = src[n * v.n + int64_t(c) * v.c + (p0 + pl) * v.p];
+  });
+}
+
+// A thread's role in the per-pixel reductions: pixel pl of the tile, and the
+// share `part` (of `parts`) of its channels, thread = part * P + pl.
+struct NormLane {
+  int tid, pl, part, parts;
+};
+
+__device__ __forceinline__ NormLane norm_lane(const NormPlan& p) {
+  const int tid = int(threadIdx.x);
+  return NormLane{tid, tid & (p.pixels - 1), tid >> p.log2_pixels, kThreads >> p.log2_pixels};
+}
+
+// Tile t of the plan: sample n, first pixel p0.
+struct TileOrigin {
+  int64_t n, p0;
+};
+
+__device__ __forceinline__ TileOrigin tile_origin(const NormPlan& p, int64_t t) {
+  int64_t n, tp;
+  divmod(t, p.tiles_per_sample, n, tp);
+  return TileOrigin{n, tp * p.pixels};
 }
 
 // red[tid] holds a thread's share of its pixel's sum (thread = part * P + pl);
@@ -347,12 +264,12 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(NormForwar
   __shared__ acc_t tile_mean[kMaxPixels], tile_rstd[kMaxPixels];
   T* xt = reinterpret_cast<T*>(raw);
   const NormPlan& p = a.p;
-  const int tid = int(threadIdx.x), pl = tid & (p.pixels - 1), part = tid >> p.log2_pixels;
-  const int parts = kThreads >> p.log2_pixels, P = p.pixels;
+  const NormLane lane = norm_lane(p);
+  const int tid = lane.tid, pl = lane.pl, part = lane.part, parts = lane.parts;
+  const int P = p.pixels;
   for (int64_t t = blockIdx.x; t < p.tiles; t += gridDim.x) {
-    int64_t n, tp;
-    divmod(t, p.tiles_per_sample, n, tp);
-    const int64_t p0 = tp * P;
+    const TileOrigin origin = tile_origin(p, t);
+    const int64_t n = origin.n, p0 = origin.p0;
     const bool pixel_ok = p0 + pl < p.hw;
     load_tile(xt, a.x, a.xv, p, n, p0);
     __syncthreads();
@@ -382,14 +299,10 @@ __global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(NormForwar
       }
     }
     __syncthreads();
-    const int count = int(p.c) * P;
-    for (int e = tid; e < count; e += kThreads) {
-      int c, q_pl;
-      tile_slot(p, e, c, q_pl);
-      if (p0 + q_pl >= p.hw) continue;
-      const acc_t v = (to_acc(xt[c * P + q_pl]) - tile_mean[q_pl]) * tile_rstd[q_pl] * a.weight[c] + a.bias[c];
-      store_as(a.y + n * a.yv.n + int64_t(c) * a.yv.c + (p0 + q_pl) * a.yv.p, v);
-    }
+    for_each_tile_element(p, p0, [&](int c, int q) {
+      const acc_t v = (to_acc(xt[c * P + q]) - tile_mean[q]) * tile_rstd[q] * a.weight[c] + a.bias[c];
+      store_as(a.y + n * a.yv.n + int64_t(c) * a.yv.c + (p0 + q) * a.yv.p, v);
+    });
     __syncthreads();  // the next tile overwrites xt, red and the tile statistics
   }
 }
@@ -416,16 +329,16 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(NormBackw
   __shared__ acc_t red[2][kThreads];
   __shared__ acc_t tile_mean[kMaxPixels], tile_rstd[kMaxPixels], tile_c1[kMaxPixels], tile_c2[kMaxPixels];
   const NormPlan& p = a.p;
-  const int tid = int(threadIdx.x), pl = tid & (p.pixels - 1), part = tid >> p.log2_pixels;
-  const int parts = kThreads >> p.log2_pixels, P = p.pixels;
+  const NormLane lane = norm_lane(p);
+  const int tid = lane.tid, pl = lane.pl, part = lane.part, parts = lane.parts;
+  const int P = p.pixels;
   T* xt = reinterpret_cast<T*>(raw);
   T* dyt = xt + p.c * P;
   acc_t* row_w = a.partial_w + int64_t(blockIdx.x) * p.c;
   acc_t* row_b = a.partial_b + int64_t(blockIdx.x) * p.c;
   for (int64_t t = blockIdx.x; t < p.tiles; t += gridDim.x) {
-    int64_t n, tp;
-    divmod(t, p.tiles_per_sample, n, tp);
-    const int64_t p0 = tp * P;
+    const TileOrigin origin = tile_origin(p, t);
+    const int64_t n = origin.n, p0 = origin.p0;
     const bool pixel_ok = p0 + pl < p.hw;
     load_tile(xt, a.x, a.xv, p, n, p0);
     load_tile(dyt, a.dy, a.dyv, p, n, p0);
@@ -453,17 +366,13 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(NormBackw
       tile_c2[pl] = red[1][pl] / acc_t(p.c);
     }
     __syncthreads();
-    const int count = int(p.c) * P;
-    for (int e = tid; e < count; e += kThreads) {
-      int c, q;
-      tile_slot(p, e, c, q);
-      if (p0 + q >= p.hw) continue;
+    for_each_tile_element(p, p0, [&](int c, int q) {
       const acc_t r = tile_rstd[q];
       const acc_t xhat = (to_acc(xt[c * P + q]) - tile_mean[q]) * r;
       const acc_t g = to_acc(dyt[c * P + q]) * a.weight[c];
       store_as(a.dx + n * a.dxv.n + int64_t(c) * a.dxv.c + (p0 + q) * a.dxv.p,
                r * (g - tile_c2[q] - xhat * tile_c1[q]));
-    }
+    });
     // Parameter gradients: thread c owns channel c of the block's partial rows.
     const bool first = t == int64_t(blockIdx.x);
     const int valid = int(min64(P, p.hw - p0));
@@ -478,18 +387,6 @@ __global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(NormBackw
       row_b[c] = first ? sb : row_b[c] + sb;
     }
     __syncthreads();  // the next tile overwrites the tiles and statistics
-  }
-}
-
-// out[c] = sum_{k < chunks} partial[k][c], k in increasing order.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const acc_t* partial, int64_t chunks,
-                                                                int64_t channels, acc_t* out) {
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < channels;
-       c += int64_t(gridDim.x) * blockDim.x) {
-    acc_t s = acc_t(0);
-    for (int64_t k = 0; k < chunks; ++k) s += partial[k * channels + c];
-    out[c] = s;
   }
 }
 
@@ -538,17 +435,14 @@ cudaError_t norm_backward_typed(const NafShape& s, const void* dy, Strides4 dys,
     if (err != cudaSuccess) return err;
   }
   // No pixels: chunks == 0 and the parameter gradients come out zero.
-  const dim3 grid(unsigned(min64(ceil_div(s.c, kThreads), grid_cap(kMaxBlocks))), 1, 1);
-  cudaError_t err = launch(sum_partials_kernel<acc_t>, grid, dim3(kThreads), stream,
-                           static_cast<const acc_t*>(a.partial_w), chunks, s.c, static_cast<acc_t*>(dweight));
+  const int64_t blocks = min64(ceil_div(s.c, kSumRowsThreads), grid_cap(kMaxBlocks));
+  const cudaError_t err = sum_partial_rows<acc_t>(a.partial_w, chunks, s.c, static_cast<acc_t*>(dweight), blocks,
+                                                  stream);
   if (err != cudaSuccess) return err;
-  return launch(sum_partials_kernel<acc_t>, grid, dim3(kThreads), stream, static_cast<const acc_t*>(a.partial_b),
-                chunks, s.c, static_cast<acc_t*>(dbias));
+  return sum_partial_rows<acc_t>(a.partial_b, chunks, s.c, static_cast<acc_t*>(dbias), blocks, stream);
 }
 
 bool valid_shape(const NafShape& s) { return s.n >= 0 && s.c >= 1 && s.h >= 0 && s.w >= 0; }
-
-size_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
 }  // namespace naf_detail
 

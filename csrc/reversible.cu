@@ -18,8 +18,8 @@
 //
 // grad_alpha needs a per-channel sum over all pixels; no atomics, no warp
 // shuffles: each block sums its share in registers, then in shared memory in
-// a fixed order, and writes one row of partial sums; sum_partials_kernel adds
-// the rows in order.
+// a fixed order, and writes one row of partial sums; sum_partial_rows
+// (common.cuh) adds the rows in order.
 //
 //   channels_last: a block owns a fixed channel tile (blockIdx.x) and a
 //     strided set of row groups (blockIdx.y); each thread keeps V sums.
@@ -27,86 +27,22 @@
 //     (sample group, pixel tile) items (blockIdx.x); one sum per thread.
 #include "reversible.h"
 
-#include <cstdlib>
-#include <initializer_list>
-#include <utility>
-
 #include "common.cuh"
+#include "elementwise.cuh"
 
 namespace restorenet {
 namespace reversible_detail {
 
-constexpr int kThreads = 256;
-constexpr int64_t kMaxChunks = 1024;   // partial-sum rows per channel (bounds the workspace)
-constexpr int64_t kMaxBlocks = 8192;   // grid cap of the element-wise pass
-constexpr int64_t kMaxGridY = 65535;
+// Views, vector packs, the thread tiling and the grid: elementwise.cuh.
+using namespace elementwise;
 
-// A grid cap; an emulation build lowers it to RN_EMU_GRID_CAP when set, so the
-// tests reach the grid-stride loops and multi-tile partial rows with small shapes.
-inline int64_t grid_cap(int64_t cap) {
-#if defined(RN_CUDA_EMULATION)
-  if (const char* env = std::getenv("RN_EMU_GRID_CAP")) return min64(cap, max64(1, std::atoll(env)));
-#endif
-  return cap;
-}
+constexpr int64_t kMaxChunks = 1024;  // partial-sum rows per channel (bounds the workspace)
 
-// Element strides of one tensor as rows x cols: row r = (outer, inner).
-struct View {
-  int64_t outer, inner, col;
-};
-
-// The rows x cols shape shared by every tensor of a call, and the thread tiling.
-struct Plan {
-  int64_t rows, cols, row_inner;  // row r -> (r / row_inner, r % row_inner)
+// The shared rows x cols plan plus what the kernels need of the [n, c, h, w] shape.
+struct Plan : RowPlan {
   int64_t samples, channels;
   bool channel_is_col;
-  int tpr, rpb;                   // lanes per row, rows per block (tpr * rpb == kThreads)
-  int64_t col_tiles, row_groups;  // tiles of tpr * V columns, groups of rpb rows
 };
-
-template <typename T, int V>
-struct alignas(sizeof(T) * V) Pack {
-  T v[V];
-};
-
-template <typename T, int V>
-__device__ __forceinline__ void load_pack(const T* p, typename AccType<T>::type (&out)[V]) {
-  if constexpr (V == 1) {
-    out[0] = to_acc(*p);
-  } else {
-    const Pack<T, V> pack = *reinterpret_cast<const Pack<T, V>*>(p);
-#pragma unroll
-    for (int k = 0; k < V; ++k) out[k] = to_acc(pack.v[k]);
-  }
-}
-
-template <typename T, int V, typename A>
-__device__ __forceinline__ void store_pack(T* p, const A (&in)[V]) {
-  if constexpr (V == 1) {
-    store_as(p, in[0]);
-  } else {
-    Pack<T, V> pack;
-#pragma unroll
-    for (int k = 0; k < V; ++k) store_as(&pack.v[k], in[k]);
-    *reinterpret_cast<Pack<T, V>*>(p) = pack;
-  }
-}
-
-__device__ __forceinline__ int64_t at(const View& v, int64_t outer, int64_t inner, int64_t col) {
-  return outer * v.outer + inner * v.inner + col * v.col;
-}
-
-// q = a / b, r = a % b, in 32 bits when both fit (64-bit division is slow).
-__device__ __forceinline__ void divmod(int64_t a, int64_t b, int64_t& q, int64_t& r) {
-  if (a <= 0xffffffffLL && b <= 0xffffffffLL) {
-    const uint32_t q32 = uint32_t(a) / uint32_t(b);
-    q = q32;
-    r = a - int64_t(q32) * b;
-  } else {
-    q = a / b;
-    r = a - q * b;
-  }
-}
 
 // ------------------------------------------------------------------ forward
 template <typename T>
@@ -124,24 +60,15 @@ struct ForwardArgs {
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<T> a) {
   using acc_t = typename AccType<T>::type;
-  const Plan& p = a.p;
-  const int lane = int(threadIdx.x) % p.tpr, sub = int(threadIdx.x) / p.tpr;
-  for (int64_t rg = blockIdx.y; rg < p.row_groups; rg += gridDim.y) {
-    const int64_t row = rg * p.rpb + sub;
-    if (row >= p.rows) continue;  // no barriers in this kernel
-    int64_t ro, ri;
-    divmod(row, p.row_inner, ro, ri);
-    for (int64_t ct = blockIdx.x; ct < p.col_tiles; ct += gridDim.x) {
-      const int64_t col = (ct * p.tpr + lane) * V;
-      if (col >= p.cols) continue;
-      acc_t x[V], f[V], y[V];
-      load_pack<T, V>(a.x + at(a.xv, ro, ri, col), x);
-      load_pack<T, V>(a.f + at(a.fv, ro, ri, col), f);
+  const bool channel_is_col = a.p.channel_is_col;
+  for_each_pack<V>(a.p, [&](int64_t ro, int64_t ri, int64_t col) {
+    acc_t x[V], f[V], y[V];
+    load_pack<T, V>(a.x + at(a.xv, ro, ri, col), x);
+    load_pack<T, V>(a.f + at(a.fv, ro, ri, col), f);
 #pragma unroll
-      for (int k = 0; k < V; ++k) y[k] = a.alpha[p.channel_is_col ? col + k : ri] * x[k] + f[k];
-      store_pack<T, V>(a.out + at(a.ov, ro, ri, col), y);
-    }
-  }
+    for (int k = 0; k < V; ++k) y[k] = a.alpha[channel_is_col ? col + k : ri] * x[k] + f[k];
+    store_pack<T, V>(a.out + at(a.ov, ro, ri, col), y);
+  });
 }
 
 // ------------------------------------------------------------------ invert
@@ -224,18 +151,6 @@ __global__ void __launch_bounds__(kThreads) invert_channels_last_kernel(InvertAr
   }
 }
 
-// Fixed-shape tree sum of one value per thread; the total is in sums[0] for
-// thread 0 after the call. Block-collective.
-template <typename acc_t>
-__device__ __forceinline__ void block_sum(acc_t* sums, int tid, acc_t v) {
-  sums[tid] = v;
-  __syncthreads();
-  for (int half = kThreads / 2; half > 0; half /= 2) {
-    if (tid < half) sums[tid] += sums[tid + half];
-    __syncthreads();
-  }
-}
-
 // NCHW: channels along the rows. blockIdx.y: channel (strided by gridDim.y),
 // blockIdx.x: chunk of (sample group, column tile) items.
 template <typename T, int V, bool kRebuild>
@@ -259,87 +174,31 @@ __global__ void __launch_bounds__(kThreads) invert_nchw_kernel(InvertArgs<T> a) 
 #pragma unroll
       for (int k = 0; k < V; ++k) acc += contrib[k];
     }
-    block_sum(sums, tid, acc);
+    block_tree_sum<kThreads>(sums, tid, acc);
     if (tid == 0) a.partial[int64_t(blockIdx.x) * p.channels + c] = sums[0];
   }
 }
 
-// out[c] = sum_{k < chunks} partial[k][c], k in increasing order.
-template <typename acc_t>
-__global__ void __launch_bounds__(kThreads) sum_partials_kernel(const acc_t* partial, int64_t chunks,
-                                                                int64_t channels, acc_t* out) {
-  for (int64_t c = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; c < channels;
-       c += int64_t(gridDim.x) * blockDim.x) {
-    acc_t s = acc_t(0);
-    for (int64_t k = 0; k < chunks; ++k) s += partial[k * channels + c];
-    out[c] = s;
-  }
-}
-
 // ------------------------------------------------------------------ host side
-// The pixel stride of a tensor whose h and w merge into one index, or false.
-bool pixel_stride(const RevCouplingShape& s, const Strides4& st, int64_t& stride) {
-  if (s.h * s.w <= 1) {
-    stride = 0;
-  } else if (s.w == 1) {
-    stride = st.h;
-  } else if (s.h == 1 || st.h == s.w * st.w) {
-    stride = st.w;
-  } else {
-    return false;
-  }
-  return true;
-}
-
 // Strides of size-1 dimensions are never multiplied by a non-zero index:
 // zero them so they cannot spoil the vector-alignment test.
 bool view_of(const RevCouplingShape& s, const Strides4& st, bool channel_is_col, View& v) {
   int64_t pix = 0;
-  if (!pixel_stride(s, st, pix)) return false;
+  if (!merged_pixel_stride(s.h, s.w, st, pix)) return false;
   const int64_t sn = s.n > 1 ? st.n : 0, sc = s.c > 1 ? st.c : 0;
   v = channel_is_col ? View{sn, pix, sc} : View{sn, sc, pix};
   return true;
 }
 
 Plan make_plan(const RevCouplingShape& s, const Strides4& primary, int vec) {
-  Plan p{};
   const int64_t hw = s.h * s.w;
+  const bool channel_is_col = channels_along_cols(s.c, hw, primary.c);
+  Plan p{};
+  static_cast<RowPlan&>(p) = make_row_plan(s.n, s.c, hw, channel_is_col, vec);
   p.samples = s.n;
   p.channels = s.c;
-  p.channel_is_col = hw == 1 || (s.c > 1 && primary.c == 1);
-  p.rows = p.channel_is_col ? s.n * hw : s.n * s.c;
-  p.cols = p.channel_is_col ? s.c : hw;
-  p.row_inner = p.channel_is_col ? hw : s.c;
-  const int64_t packs = ceil_div(p.cols, vec);
-  p.tpr = 1;
-  while (p.tpr < packs && p.tpr < kThreads) p.tpr *= 2;
-  p.rpb = kThreads / p.tpr;
-  p.col_tiles = ceil_div(packs, p.tpr);
-  p.row_groups = ceil_div(p.rows, p.rpb);
+  p.channel_is_col = channel_is_col;
   return p;
-}
-
-template <int V>
-bool vector_ok(const View& v, const void* ptr) {
-  return v.col == 1 && v.outer % V == 0 && v.inner % V == 0 && reinterpret_cast<uintptr_t>(ptr) % 16 == 0;
-}
-
-// 16-byte packs if every (view, pointer) pair allows them, else single elements.
-template <typename T>
-int vector_width(const Plan& p, std::initializer_list<std::pair<const View*, const void*>> tensors) {
-  constexpr int kVec = int(16 / sizeof(T));
-  if (p.cols % kVec != 0) return 1;
-  for (const auto& t : tensors) {
-    if (t.second != nullptr && !vector_ok<kVec>(*t.first, t.second)) return 1;
-  }
-  return kVec;
-}
-
-dim3 elementwise_grid(const Plan& p) {
-  const int64_t blocks = grid_cap(kMaxBlocks);
-  const int64_t x = min64(p.col_tiles, blocks);
-  const int64_t y = min64(min64(p.row_groups, max64(1, blocks / x)), grid_cap(kMaxGridY));
-  return dim3(unsigned(x), unsigned(y), 1);
 }
 
 bool valid_shape(const RevCouplingShape& s) { return s.n >= 0 && s.c >= 0 && s.h >= 0 && s.w >= 0; }
@@ -370,7 +229,7 @@ cudaError_t forward_typed(const RevCouplingShape& s, const void* x, Strides4 xs,
   a.xv = views[0];
   a.fv = views[1];
   a.ov = views[2];
-  const int vec = vector_width<T>(p, {{&a.xv, x}, {&a.fv, f}, {&a.ov, out}});
+  const int vec = vector_width<T>(p, {{a.xv, x}, {a.fv, f}, {a.ov, out}});
   a.p = make_plan(s, xs, vec);
   constexpr int kVec = int(16 / sizeof(T));
   return vec == kVec ? launch_forward<T, kVec>(a, stream) : launch_forward<T, 1>(a, stream);
@@ -421,7 +280,7 @@ cudaError_t invert_typed(const RevCouplingShape& s, const void* x, Strides4 xs, 
     a.gv = views[2];
     a.cv = views[3];
     a.gcv = views[4];
-    const int vec = vector_width<T>(p, {{&a.xv, x}, {&a.fv, f}, {&a.gv, g}, {&a.cv, c_out}, {&a.gcv, grad_c}});
+    const int vec = vector_width<T>(p, {{a.xv, x}, {a.fv, f}, {a.gv, g}, {a.cv, c_out}, {a.gcv, grad_c}});
     a.p = make_plan(s, xs, vec);
     constexpr int kVec = int(16 / sizeof(T));
     const cudaError_t err = vec == kVec ? launch_invert<T, kVec>(a, rebuild, chunks, stream)
@@ -429,12 +288,9 @@ cudaError_t invert_typed(const RevCouplingShape& s, const void* x, Strides4 xs, 
     if (err != cudaSuccess) return err;
   }
   // No pixels: chunks == 0 and grad_alpha comes out zero.
-  const dim3 grid(unsigned(min64(ceil_div(s.c, kThreads), grid_cap(kMaxBlocks))), 1, 1);
-  return launch(sum_partials_kernel<acc_t>, grid, dim3(kThreads), stream, static_cast<const acc_t*>(a.partial),
-                chunks, s.c, static_cast<acc_t*>(grad_alpha));
+  const int64_t blocks = min64(ceil_div(s.c, kSumRowsThreads), grid_cap(kMaxBlocks));
+  return sum_partial_rows<acc_t>(a.partial, chunks, s.c, static_cast<acc_t*>(grad_alpha), blocks, stream);
 }
-
-size_t acc_bytes(DType dtype) { return dtype == DType::kFloat64 ? sizeof(double) : sizeof(float); }
 
 }  // namespace reversible_detail
 

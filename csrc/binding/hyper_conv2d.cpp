@@ -18,8 +18,7 @@ struct Args {
 Args check_args(const Tensor& x_in, const Tensor& level, const Tensor& weight, const Tensor& weight_base,
                 const OptionalTensor& bias, const OptionalTensor& bias_base, int64_t stride, int64_t padding) {
   Args a;
-  a.x = activation(x_in, x_in, "x");
-  dtype_of(a.x);
+  a.x = primary_activation(x_in, "x");
   a.weight = parameter(weight, a.x, "weight", 4);
   a.weight_base = parameter(weight_base, a.x, "weight_base", 4);
   TORCH_CHECK_VALUE(a.weight_base.sizes() == a.weight.sizes(), "weight_base must have the shape of weight ",
@@ -33,7 +32,7 @@ Args check_args(const Tensor& x_in, const Tensor& level, const Tensor& weight, c
   TORCH_CHECK_VALUE(!a.bias_base.has_value() || a.bias_base->size(0) == c_out, "bias_base must have shape [",
                     c_out, "]");
 
-  const auto level_dtype = a.x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto level_dtype = acc_scalar_type(a.x);
   TORCH_CHECK_VALUE(level.is_cuda() && level.device() == a.x.device(), "level must be on ", a.x.device(),
                     ", got ", level.device());
   TORCH_CHECK_TYPE(level.scalar_type() == level_dtype, "level must have dtype ", level_dtype, ", got ",
@@ -42,21 +41,7 @@ Args check_args(const Tensor& x_in, const Tensor& level, const Tensor& weight, c
                     "], got ", level.sizes());
   a.level = level.contiguous();  // a broadcast scalar level arrives as an expanded view
 
-  TORCH_CHECK_VALUE(stride >= 1, "stride must be >= 1, got ", stride);
-  TORCH_CHECK_VALUE(padding >= 0, "padding must be >= 0, got ", padding);
-  auto& s = a.shape;
-  s.n = a.x.size(0);
-  s.c_in = a.x.size(1);
-  s.h = a.x.size(2);
-  s.w = a.x.size(3);
-  s.c_out = c_out;
-  s.kh = a.weight.size(2);
-  s.kw = a.weight.size(3);
-  TORCH_CHECK_VALUE(s.h + 2 * padding >= s.kh && s.w + 2 * padding >= s.kw, "x is too small for the kernel");
-  s.h_out = (s.h + 2 * padding - s.kh) / stride + 1;
-  s.w_out = (s.w + 2 * padding - s.kw) / stride + 1;
-  s.stride = stride;
-  s.padding = padding;
+  fill_conv_shape(a.shape, a.x, a.weight, c_out, stride, padding);
   return a;
 }
 
@@ -67,12 +52,12 @@ Tensor hyper_conv2d_forward(const Tensor& x, const Tensor& level, const Tensor& 
   const c10::cuda::CUDAGuard guard(x.device());
   const Args a = check_args(x, level, weight, weight_base, bias, bias_base, stride, padding);
   const auto& s = a.shape;
-  Tensor y = at::empty({s.n, s.c_out, s.h_out, s.w_out}, a.x.options().memory_format(layout_of(x)));
+  Tensor y = new_output({s.n, s.c_out, s.h_out, s.w_out}, a.x);
   if (y.numel() == 0) return y;
   check_cuda(restorenet::hyper_conv2d_forward(dtype_of(a.x), s, a.x.data_ptr(), strides_of(a.x), a.level.data_ptr(),
                                               a.weight.data_ptr(), a.weight_base.data_ptr(), data_or_null(a.bias),
                                               data_or_null(a.bias_base), y.data_ptr(), strides_of(y),
-                                              c10::cuda::getCurrentCUDAStream().stream()),
+                                              current_stream()),
              "hyper_conv2d_forward");
   return y;
 }
@@ -83,22 +68,18 @@ std::vector<OptionalTensor> hyper_conv2d_backward(const Tensor& grad_out_in, con
                                                   const Tensor& weight, const Tensor& weight_base,
                                                   const OptionalTensor& bias, const OptionalTensor& bias_base,
                                                   int64_t stride, int64_t padding, std::vector<bool> needs) {
-  TORCH_CHECK_VALUE(needs.size() == 6, "needs must have 6 entries, got ", needs.size());
+  check_needs(needs, 6);
   check_is_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const Args a = check_args(x, level, weight, weight_base, bias, bias_base, stride, padding);
   const auto& s = a.shape;
-  const Tensor grad_out = activation(grad_out_in, a.x, "grad_out");
-  const std::vector<int64_t> out_sizes{s.n, s.c_out, s.h_out, s.w_out};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_sizes),
-                    "grad_out must have the output's shape [", s.n, ", ", s.c_out, ", ", s.h_out, ", ", s.w_out,
-                    "], got ", grad_out.sizes());
+  const Tensor grad_out = conv_grad_out(grad_out_in, a.x, s);
   const auto dtype = dtype_of(a.x);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
+  const cudaStream_t stream = current_stream();
 
   std::vector<OptionalTensor> grads(6);
   if (needs[0]) {
-    Tensor dx = at::empty(a.x.sizes(), a.x.options().memory_format(layout_of(x)));
+    Tensor dx = new_output(a.x.sizes(), a.x);
     if (dx.numel() > 0) {
       check_cuda(restorenet::hyper_conv2d_backward_input(dtype, s, grad_out.data_ptr(), strides_of(grad_out),
                                                          a.level.data_ptr(), a.weight.data_ptr(),
@@ -115,16 +96,16 @@ std::vector<OptionalTensor> hyper_conv2d_backward(const Tensor& grad_out_in, con
   if (needs[3]) grads[3] = at::empty(a.weight.sizes(), a.weight.options());
   if (needs[4] && a.bias.has_value()) grads[4] = at::empty({s.c_out}, a.x.options());
   if (needs[5] && a.bias_base.has_value()) grads[5] = at::empty({s.c_out}, a.x.options());
-  out.level = grads[1].has_value() ? grads[1]->data_ptr() : nullptr;
-  out.weight = grads[2].has_value() ? grads[2]->data_ptr() : nullptr;
-  out.weight_base = grads[3].has_value() ? grads[3]->data_ptr() : nullptr;
-  out.bias = grads[4].has_value() ? grads[4]->data_ptr() : nullptr;
-  out.bias_base = grads[5].has_value() ? grads[5]->data_ptr() : nullptr;
+  out.level = data_or_null(grads[1]);
+  out.weight = data_or_null(grads[2]);
+  out.weight_base = data_or_null(grads[3]);
+  out.bias = data_or_null(grads[4]);
+  out.bias_base = data_or_null(grads[5]);
   if (out.level || out.weight || out.weight_base || out.bias || out.bias_base) {
     size_t bytes = 0;
     check_cuda(restorenet::hyper_conv2d_backward_params_workspace_size(dtype, s, out, data_or_null(a.bias), &bytes),
                "hyper_conv2d_backward_params_workspace_size");
-    Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, a.x.options().dtype(at::kByte));
+    Tensor workspace = new_workspace(bytes, a.x);
     check_cuda(restorenet::hyper_conv2d_backward_params(dtype, s, grad_out.data_ptr(), strides_of(grad_out),
                                                         a.x.data_ptr(), strides_of(a.x), a.level.data_ptr(),
                                                         a.weight.data_ptr(), data_or_null(a.bias), out,

@@ -8,52 +8,33 @@
 namespace restorenet::binding {
 namespace {
 
-at::ScalarType compute_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-Tensor primary(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-d [N, C, H, W], got ", t.dim(), "-d");
-  dtype_of(t);
-  return activation(t, t, name);
-}
-
-// A [C] parameter in the kernels' compute type (float32, float64 for float64 x), contiguous.
+// A [C] parameter in the kernels' accumulation type, contiguous.
 Tensor per_channel(const Tensor& p, const Tensor& x, const char* name) {
-  TORCH_CHECK_VALUE(p.is_cuda() && p.device() == x.device(), name, " must be on ", x.device(), ", got ", p.device());
-  TORCH_CHECK_TYPE(at::isFloatingType(p.scalar_type()), name, " must be floating point, got ", p.scalar_type());
-  TORCH_CHECK_VALUE(p.dim() == 1 && p.size(0) == x.size(1), name, " must have shape [", x.size(1), "], got ",
-                    p.sizes());
-  return p.to(compute_type(x)).contiguous();
+  return acc_parameter(p, x, name, {x.size(1)});
 }
 
-// Per-pixel statistics [N, H, W] in the compute type, contiguous.
+// Per-pixel statistics [N, H, W] in the accumulation type, contiguous.
 Tensor per_pixel(const Tensor& s, const Tensor& x, const char* name) {
   TORCH_CHECK_VALUE(s.is_cuda() && s.device() == x.device(), name, " must be on ", x.device(), ", got ", s.device());
-  TORCH_CHECK_TYPE(s.scalar_type() == compute_type(x), name, " must have dtype ", compute_type(x), ", got ",
+  TORCH_CHECK_TYPE(s.scalar_type() == acc_scalar_type(x), name, " must have dtype ", acc_scalar_type(x), ", got ",
                    s.scalar_type());
   TORCH_CHECK_VALUE(s.dim() == 3 && s.size(0) == x.size(0) && s.size(1) == x.size(2) && s.size(2) == x.size(3),
                     name, " must have shape [", x.size(0), ", ", x.size(2), ", ", x.size(3), "], got ", s.sizes());
   return s.contiguous();
 }
 
-Tensor shaped(const Tensor& t, const Tensor& x, at::IntArrayRef sizes, const char* name) {
-  Tensor a = activation(t, x, name);
-  TORCH_CHECK_VALUE(a.sizes() == sizes, name, " must have the shape ", sizes, ", got ", a.sizes());
-  return a;
-}
-
 restorenet::NafShape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.size(3)}; }
 
 std::tuple<Tensor, Tensor, Tensor> layer_norm2d_forward(const Tensor& x_in, const Tensor& weight_in,
                                                         const Tensor& bias_in, double eps) {
-  const Tensor x = primary(x_in, "x");
+  const Tensor x = primary_activation(x_in, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   TORCH_CHECK_VALUE(x.size(1) >= 1, "x must have at least one channel, got shape ", x.sizes());
   TORCH_CHECK_VALUE(eps >= 0.0, "eps must be >= 0, got ", eps);
   const Tensor weight = per_channel(weight_in, x, "weight");
   const Tensor bias = per_channel(bias_in, x, "bias");
-  Tensor y = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
-  const auto stats = x.options().dtype(compute_type(x));
+  Tensor y = new_output(x.sizes(), x);
+  const auto stats = x.options().dtype(acc_scalar_type(x));
   Tensor mean = at::empty({x.size(0), x.size(2), x.size(3)}, stats);
   Tensor rstd = at::empty({x.size(0), x.size(2), x.size(3)}, stats);
   check_cuda(restorenet::layer_norm2d_forward(dtype_of(x), shape_of(x), x.data_ptr(), strides_of(x),
@@ -67,18 +48,18 @@ std::tuple<Tensor, Tensor, Tensor> layer_norm2d_forward(const Tensor& x_in, cons
 std::tuple<Tensor, Tensor, Tensor> layer_norm2d_backward(const Tensor& dy_in, const Tensor& x_in,
                                                          const Tensor& weight_in, const Tensor& mean_in,
                                                          const Tensor& rstd_in) {
-  const Tensor x = primary(x_in, "x");
+  const Tensor x = primary_activation(x_in, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  const Tensor dy = shaped(dy_in, x, x.sizes(), "grad_y");
+  const Tensor dy = activation_of_shape(dy_in, x, x.sizes(), "grad_y");
   const Tensor weight = per_channel(weight_in, x, "weight");
   const Tensor mean = per_pixel(mean_in, x, "mean");
   const Tensor rstd = per_pixel(rstd_in, x, "rstd");
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
+  Tensor dx = new_output(x.sizes(), x);
   Tensor dweight = at::empty({x.size(1)}, weight.options());
   Tensor dbias = at::empty({x.size(1)}, weight.options());
   const auto dtype = dtype_of(x);
   const size_t bytes = restorenet::layer_norm2d_backward_workspace_size(dtype, x.size(1));
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  Tensor workspace = new_workspace(bytes, x);
   check_cuda(restorenet::layer_norm2d_backward(dtype, shape_of(x), dy.data_ptr(), strides_of(dy), x.data_ptr(),
                                                strides_of(x), weight.data_ptr(), mean.data_ptr(), rstd.data_ptr(),
                                                dx.data_ptr(), strides_of(dx), dweight.data_ptr(), dbias.data_ptr(),
@@ -93,10 +74,10 @@ void check_gate_channels(const Tensor& x) {
 }
 
 Tensor simple_gate_forward(const Tensor& x_in) {
-  const Tensor x = primary(x_in, "x");
+  const Tensor x = primary_activation(x_in, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   check_gate_channels(x);
-  Tensor y = at::empty({x.size(0), x.size(1) / 2, x.size(2), x.size(3)}, x.options().memory_format(layout_of(x)));
+  Tensor y = new_output({x.size(0), x.size(1) / 2, x.size(2), x.size(3)}, x);
   check_cuda(restorenet::simple_gate_forward(dtype_of(x), shape_of(x), x.data_ptr(), strides_of(x), y.data_ptr(),
                                              strides_of(y), current_stream()),
              "simple_gate_forward");
@@ -104,12 +85,12 @@ Tensor simple_gate_forward(const Tensor& x_in) {
 }
 
 Tensor simple_gate_backward(const Tensor& dy_in, const Tensor& x_in) {
-  const Tensor x = primary(x_in, "x");
+  const Tensor x = primary_activation(x_in, "x");
   const c10::cuda::CUDAGuard guard(x.device());
   check_gate_channels(x);
   const std::vector<int64_t> half{x.size(0), x.size(1) / 2, x.size(2), x.size(3)};
-  const Tensor dy = shaped(dy_in, x, half, "grad_y");
-  Tensor dx = at::empty(x.sizes(), x.options().memory_format(layout_of(x)));
+  const Tensor dy = activation_of_shape(dy_in, x, half, "grad_y");
+  Tensor dx = new_output(x.sizes(), x);
   check_cuda(restorenet::simple_gate_backward(dtype_of(x), shape_of(x), dy.data_ptr(), strides_of(dy),
                                               x.data_ptr(), strides_of(x), dx.data_ptr(), strides_of(dx),
                                               current_stream()),

@@ -8,17 +8,7 @@
 namespace restorenet::binding {
 namespace {
 
-at::ScalarType compute_type(const Tensor& x) { return x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
-// The primary activation: a 4-d CUDA tensor of a supported dtype.
-Tensor primary(const Tensor& t, const char* name) {
-  TORCH_CHECK_VALUE(t.is_cuda(), name, " must be a CUDA tensor, got one on ", t.device());
-  TORCH_CHECK_VALUE(t.dim() == 4, name, " must be 4-d [N, C, H, W], got ", t.dim(), "-d");
-  dtype_of(t);
-  return activation(t, t, name);
-}
-
-// A per-channel alpha in the kernels' compute type (float32, float64 for float64 x), contiguous.
+// A per-channel alpha (float32 or float64) in the kernels' accumulation type, contiguous.
 Tensor per_channel(const Tensor& alpha, const Tensor& x) {
   TORCH_CHECK_VALUE(alpha.is_cuda() && alpha.device() == x.device(), "alpha must be on ", x.device(), ", got ",
                     alpha.device());
@@ -26,23 +16,19 @@ Tensor per_channel(const Tensor& alpha, const Tensor& x) {
                    "alpha must be float32 or float64, got ", alpha.scalar_type());
   TORCH_CHECK_VALUE(alpha.dim() == 1 && alpha.size(0) == x.size(1), "alpha must have shape [", x.size(1),
                     "], got ", alpha.sizes());
-  return alpha.to(compute_type(x)).contiguous();
+  return alpha.to(acc_scalar_type(x)).contiguous();
 }
 
-Tensor like(const Tensor& t, const Tensor& x, const char* name) {
-  Tensor a = activation(t, x, name);
-  TORCH_CHECK_VALUE(a.sizes() == x.sizes(), name, " must have the shape ", x.sizes(), ", got ", a.sizes());
-  return a;
-}
+Tensor like(const Tensor& t, const Tensor& x, const char* name) { return activation_of_shape(t, x, x.sizes(), name); }
 
 restorenet::RevCouplingShape shape_of(const Tensor& x) { return {x.size(0), x.size(1), x.size(2), x.size(3)}; }
 
 Tensor rev_coupling_forward(const Tensor& c_in, const Tensor& f_in, const Tensor& alpha_in) {
-  const Tensor c = primary(c_in, "c");
+  const Tensor c = primary_activation(c_in, "c");
   const c10::cuda::CUDAGuard guard(c.device());
   const Tensor f = like(f_in, c, "f");
   const Tensor alpha = per_channel(alpha_in, c);
-  Tensor out = at::empty(c.sizes(), c.options().memory_format(layout_of(c)));
+  Tensor out = new_output(c.sizes(), c);
   check_cuda(restorenet::rev_coupling_forward(dtype_of(c), shape_of(c), c.data_ptr(), strides_of(c), f.data_ptr(),
                                               strides_of(f), alpha.data_ptr(), out.data_ptr(), strides_of(out),
                                               current_stream()),
@@ -56,13 +42,12 @@ std::tuple<Tensor, Tensor, Tensor> invert(const Tensor& x, const Tensor* f, cons
   const c10::cuda::CUDAGuard guard(x.device());
   const Tensor g = like(g_in, x, "grad_c_new");
   const Tensor alpha = per_channel(alpha_in, x);
-  const auto fmt = layout_of(x);
-  Tensor c_out = f != nullptr ? at::empty(x.sizes(), x.options().memory_format(fmt)) : Tensor();
-  Tensor grad_c = at::empty(x.sizes(), x.options().memory_format(fmt));
+  Tensor c_out = f != nullptr ? new_output(x.sizes(), x) : Tensor();
+  Tensor grad_c = new_output(x.sizes(), x);
   Tensor grad_alpha = at::empty({x.size(1)}, alpha.options());
   const auto dtype = dtype_of(x);
   const size_t bytes = restorenet::rev_coupling_invert_workspace_size(dtype, x.size(1));
-  Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, x.options().dtype(at::kByte));
+  Tensor workspace = new_workspace(bytes, x);
   const Strides4 none{0, 0, 0, 0};
   check_cuda(restorenet::rev_coupling_invert(dtype, shape_of(x), x.data_ptr(), strides_of(x),
                                              f != nullptr ? f->data_ptr() : nullptr,
@@ -76,14 +61,14 @@ std::tuple<Tensor, Tensor, Tensor> invert(const Tensor& x, const Tensor* f, cons
 }
 
 std::tuple<Tensor, Tensor> rev_coupling_backward(const Tensor& g, const Tensor& c_in, const Tensor& alpha) {
-  const Tensor c = primary(c_in, "c");
+  const Tensor c = primary_activation(c_in, "c");
   auto [unused, grad_c, grad_alpha] = invert(c, nullptr, alpha, g);
   return {grad_c, grad_alpha};
 }
 
 std::tuple<Tensor, Tensor, Tensor> rev_coupling_invert(const Tensor& c_new_in, const Tensor& f_in,
                                                        const Tensor& alpha, const Tensor& g) {
-  const Tensor c_new = primary(c_new_in, "c_new");
+  const Tensor c_new = primary_activation(c_new_in, "c_new");
   const Tensor f = like(f_in, c_new, "f");
   return invert(c_new, &f, alpha, g);
 }

@@ -30,8 +30,7 @@ Tensor width_arg(const Tensor& width, const Tensor& x, const char* name) {
 Args check_args(const Tensor& x_in, const Tensor& weight, const OptionalTensor& bias, const Tensor& in_width,
                 const Tensor& out_width, int64_t stride, int64_t padding) {
   Args a;
-  a.x = activation(x_in, x_in, "x");
-  dtype_of(a.x);
+  a.x = primary_activation(x_in, "x");
   a.weight = parameter(weight, a.x, "weight", 4);
   TORCH_CHECK_VALUE(a.weight.size(1) == a.x.size(1), "weight must have Cin_max = ", a.x.size(1),
                     " input channels, got shape ", a.weight.sizes());
@@ -41,21 +40,7 @@ Args check_args(const Tensor& x_in, const Tensor& weight, const OptionalTensor& 
   a.in_width = width_arg(in_width, a.x, "in_width");
   a.out_width = width_arg(out_width, a.x, "out_width");
 
-  TORCH_CHECK_VALUE(stride >= 1, "stride must be >= 1, got ", stride);
-  TORCH_CHECK_VALUE(padding >= 0, "padding must be >= 0, got ", padding);
-  auto& s = a.shape;
-  s.n = a.x.size(0);
-  s.c_in = a.x.size(1);
-  s.h = a.x.size(2);
-  s.w = a.x.size(3);
-  s.c_out = c_out;
-  s.kh = a.weight.size(2);
-  s.kw = a.weight.size(3);
-  TORCH_CHECK_VALUE(s.h + 2 * padding >= s.kh && s.w + 2 * padding >= s.kw, "x is too small for the kernel");
-  s.h_out = (s.h + 2 * padding - s.kh) / stride + 1;
-  s.w_out = (s.w + 2 * padding - s.kw) / stride + 1;
-  s.stride = stride;
-  s.padding = padding;
+  fill_conv_shape(a.shape, a.x, a.weight, c_out, stride, padding);
   return a;
 }
 
@@ -67,7 +52,7 @@ Tensor slim_conv2d_forward(const Tensor& x, const Tensor& weight, const Optional
   const c10::cuda::CUDAGuard guard(x.device());
   const Args a = check_args(x, weight, bias, in_width, out_width, stride, padding);
   const auto& s = a.shape;
-  Tensor y = at::empty({s.n, s.c_out, s.h_out, s.w_out}, a.x.options().memory_format(layout_of(x)));
+  Tensor y = new_output({s.n, s.c_out, s.h_out, s.w_out}, a.x);
   if (y.numel() == 0) return y;
   check_cuda(restorenet::slim_conv2d_forward(dtype_of(a.x), s, a.x.data_ptr(), strides_of(a.x), a.weight.data_ptr(),
                                              data_or_null(a.bias), widths(a.in_width), widths(a.out_width),
@@ -81,22 +66,18 @@ std::vector<OptionalTensor> slim_conv2d_backward(const Tensor& grad_out_in, cons
                                                  const OptionalTensor& bias, const Tensor& in_width,
                                                  const Tensor& out_width, int64_t stride, int64_t padding,
                                                  std::vector<bool> needs) {
-  TORCH_CHECK_VALUE(needs.size() == 3, "needs must have 3 entries, got ", needs.size());
+  check_needs(needs, 3);
   check_is_cuda(x);
   const c10::cuda::CUDAGuard guard(x.device());
   const Args a = check_args(x, weight, bias, in_width, out_width, stride, padding);
   const auto& s = a.shape;
-  const Tensor grad_out = activation(grad_out_in, a.x, "grad_out");
-  const std::vector<int64_t> out_sizes{s.n, s.c_out, s.h_out, s.w_out};
-  TORCH_CHECK_VALUE(grad_out.sizes() == at::IntArrayRef(out_sizes),
-                    "grad_out must have the output's shape [", s.n, ", ", s.c_out, ", ", s.h_out, ", ", s.w_out,
-                    "], got ", grad_out.sizes());
+  const Tensor grad_out = conv_grad_out(grad_out_in, a.x, s);
   const auto dtype = dtype_of(a.x);
   const cudaStream_t stream = current_stream();
 
   std::vector<OptionalTensor> grads(3);
   if (needs[0]) {
-    Tensor dx = at::empty(a.x.sizes(), a.x.options().memory_format(layout_of(x)));
+    Tensor dx = new_output(a.x.sizes(), a.x);
     if (dx.numel() > 0) {
       check_cuda(restorenet::slim_conv2d_backward_input(dtype, s, grad_out.data_ptr(), strides_of(grad_out),
                                                         a.weight.data_ptr(), widths(a.in_width),
@@ -109,13 +90,13 @@ std::vector<OptionalTensor> slim_conv2d_backward(const Tensor& grad_out_in, cons
   if (needs[1]) grads[1] = at::empty(a.weight.sizes(), a.weight.options());
   if (needs[2] && a.bias.has_value()) grads[2] = at::empty({s.c_out}, a.x.options());
   restorenet::SlimConv2dParamGrads out{};
-  out.weight = grads[1].has_value() ? grads[1]->data_ptr() : nullptr;
-  out.bias = grads[2].has_value() ? grads[2]->data_ptr() : nullptr;
+  out.weight = data_or_null(grads[1]);
+  out.bias = data_or_null(grads[2]);
   if (out.weight != nullptr || out.bias != nullptr) {
     size_t bytes = 0;
     check_cuda(restorenet::slim_conv2d_backward_params_workspace_size(dtype, s, out, &bytes),
                "slim_conv2d_backward_params_workspace_size");
-    Tensor workspace = at::empty({static_cast<int64_t>(bytes)}, a.x.options().dtype(at::kByte));
+    Tensor workspace = new_workspace(bytes, a.x);
     check_cuda(restorenet::slim_conv2d_backward_params(dtype, s, grad_out.data_ptr(), strides_of(grad_out),
                                                        a.x.data_ptr(), strides_of(a.x), widths(a.in_width),
                                                        widths(a.out_width), out, workspace.data_ptr(), bytes, stream),

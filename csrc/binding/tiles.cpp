@@ -97,7 +97,7 @@ Tensor tile_blend_forward(const Tensor& tiles, const Tensor& slots_in, const Ten
   TORCH_CHECK_VALUE(layout.size(0) == n && layout.size(1) == restorenet::kTileLayoutColumns, "layout must have shape [",
                     n, ", ", int(restorenet::kTileLayoutColumns), "], got ", layout.sizes());
 
-  const auto weight_dtype = tiles.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto weight_dtype = acc_scalar_type(tiles);
   const Tensor* weights[2] = {&row_weight_in, &col_weight_in};
   const char* names[2] = {"row_weight", "col_weight"};
   Tensor contiguous[2];

@@ -4,17 +4,19 @@
 // extern "C" API that ctypes calls on host memory (CPU torch tensors).
 //
 // The launchers of these ops call no CUDA runtime function on the emulated
-// path (no device queries: their grids depend on the shape only), so no
-// runtime stubs are needed here.
+// path (no device queries: their grids depend on the shape only); the stubs
+// are linked in like every harness's, so a future query still links.
 #include "naf_elementwise.cu"
 #include "reversible.cu"
 
+#include "harness_args.h"
+#include "runtime_stubs.h"
+
 namespace {
-using restorenet::Strides4;
+using rn_harness::dtype_of;
+using rn_harness::strides_of;
 
 // shape: n, c, h, w; strides: one [n, c, h, w] quadruple per tensor.
-Strides4 strides_of(const int64_t* s) { return Strides4{s[0], s[1], s[2], s[3]}; }
-restorenet::DType dtype_of(int d) { return static_cast<restorenet::DType>(d); }
 restorenet::RevCouplingShape rev_shape(const int64_t* s) { return {s[0], s[1], s[2], s[3]}; }
 restorenet::NafShape naf_shape(const int64_t* s) { return {s[0], s[1], s[2], s[3]}; }
 }  // namespace

@@ -1,8 +1,8 @@
 // The few CUDA runtime functions the kernels' launchers call, for a pretend
 // device with RN_EMU_SM_COUNT (default 2) multiprocessors and compute
 // capability RN_EMU_CC_MAJOR (default 8: tensor-core kernels for 16-bit
-// types). Included once by each emulation harness (harness.cpp,
-// slim_conv2d_harness.cpp): each builds its own shared library.
+// types). Included once by every emulation harness (*_harness.cpp): each
+// builds its own shared library.
 #pragma once
 
 #include <cstdlib>

@@ -4,18 +4,17 @@
 // memory (CPU torch tensors). Same conventions as harness.cpp (hyper_conv2d).
 #include "slim_conv2d.cu"
 
+#include "harness_args.h"
 #include "runtime_stubs.h"
 
 namespace {
-using restorenet::SlimConv2dShape;
-using restorenet::Strides4;
+using rn_harness::dtype_of;
+using rn_harness::strides_of;
 
 // shape: n, c_in, h, w, c_out, kh, kw, h_out, w_out, stride, padding
-SlimConv2dShape shape_of(const int64_t* s) {
-  return SlimConv2dShape{s[0], s[1], s[2], s[3], s[4], s[5], s[6], s[7], s[8], s[9], s[10]};
+restorenet::SlimConv2dShape shape_of(const int64_t* s) {
+  return rn_harness::conv_shape_of<restorenet::SlimConv2dShape>(s);
 }
-Strides4 strides_of(const int64_t* s) { return Strides4{s[0], s[1], s[2], s[3]}; }
-restorenet::DType dtype_of(int d) { return static_cast<restorenet::DType>(d); }
 }  // namespace
 
 extern "C" {

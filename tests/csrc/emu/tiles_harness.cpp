@@ -5,10 +5,12 @@
 #include <cstring>
 
 #include "tiles.cu"
+#include "harness_args.h"
 #include "runtime_stubs.h"  // the launchers call none today; kept like every harness
 
 namespace {
-restorenet::DType dtype_of(int d) { return static_cast<restorenet::DType>(d); }
+using rn_harness::dtype_of;
+using rn_harness::strides_of;
 }  // namespace
 
 extern "C" {
@@ -26,9 +28,8 @@ int emu_tile_blend_forward(int dtype, const int64_t* shape, const void* tiles, c
                            const int64_t* slots, const int64_t* layout, const void* row_weight,
                            const void* col_weight, void* out) {
   const restorenet::TileBlendShape s{shape[0], shape[1], shape[2], shape[3], shape[4], shape[5], shape[6]};
-  const restorenet::Strides4 st{tiles_strides[0], tiles_strides[1], tiles_strides[2], tiles_strides[3]};
-  return restorenet::tile_blend_forward(dtype_of(dtype), s, tiles, st, slots, layout, row_weight, col_weight, out,
-                                        nullptr);
+  return restorenet::tile_blend_forward(dtype_of(dtype), s, tiles, strides_of(tiles_strides), slots, layout,
+                                        row_weight, col_weight, out, nullptr);
 }
 
 // The C layout column called `name` (restorenet.ops.tiles.LAYOUT_COLUMNS), -1
