@@ -102,7 +102,7 @@ __device__ __forceinline__ typename AccType<T>::type gate_value(const T* x, Stri
 // Block b: split b % splits, channel tile (b / splits) % c_tiles, sample b / (splits * c_tiles).
 template <typename T, bool kGated, bool kWithGrad>
 __global__ void __launch_bounds__(kThreads)
-    ca_reduce_kernel(ChannelAttentionShape s, const T* x, Strides4 xs, const T* du, Strides4 dus,
+    channel_attention_reduce_kernel(ChannelAttentionShape s, const T* x, Strides4 xs, const T* du, Strides4 dus,
                      typename AccType<T>::type* partial, int64_t splits, int64_t chunk, bool channels_inner) {
   using acc_t = typename AccType<T>::type;
   const ReduceTile tile(channels_inner);
@@ -128,7 +128,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, bool kGated>
 __global__ void __launch_bounds__(kThreads)
-    ca_apply_kernel(ChannelAttentionShape s, const T* x, Strides4 xs, const typename AccType<T>::type* scale, T* u,
+    channel_attention_apply_kernel(ChannelAttentionShape s, const T* x, Strides4 xs, const typename AccType<T>::type* scale, T* u,
                     Strides4 us, bool channels_inner) {
   const int64_t total = s.n * s.c * s.h * s.w;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
@@ -140,7 +140,7 @@ __global__ void __launch_bounds__(kThreads)
 
 template <typename T, bool kGated>
 __global__ void __launch_bounds__(kThreads)
-    ca_backward_input_kernel(ChannelAttentionShape s, const T* du, Strides4 dus, const T* x, Strides4 xs,
+    channel_attention_backward_input_kernel(ChannelAttentionShape s, const T* du, Strides4 dus, const T* x, Strides4 xs,
                              const typename AccType<T>::type* scale, const typename AccType<T>::type* q, T* dx,
                              Strides4 dxs, bool channels_inner) {
   const int64_t total = s.n * s.c * s.h * s.w;
@@ -162,7 +162,7 @@ __global__ void __launch_bounds__(kThreads)
 // ------------------------------------------------------------- scaled residual
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    sr_forward_kernel(ScaledResidualShape s, const T* inp, Strides4 is, const typename AccType<T>::type* beta,
+    scaled_residual_forward_kernel(ScaledResidualShape s, const T* inp, Strides4 is, const typename AccType<T>::type* beta,
                       const T* z, Strides4 zs, T* y, Strides4 ys, bool channels_inner) {
   const int64_t total = s.n * s.c * s.h * s.w;
   for (int64_t e = blockIdx.x * int64_t(blockDim.x) + threadIdx.x; e < total; e += int64_t(gridDim.x) * blockDim.x) {
@@ -176,7 +176,7 @@ __global__ void __launch_bounds__(kThreads)
 // partial == nullptr: dz only; dz == nullptr: the reduction only.
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-    sr_backward_kernel(ScaledResidualShape s, const T* g, Strides4 gs, const typename AccType<T>::type* beta,
+    scaled_residual_backward_kernel(ScaledResidualShape s, const T* g, Strides4 gs, const typename AccType<T>::type* beta,
                        const T* z, Strides4 zs, T* dz, Strides4 dzs, typename AccType<T>::type* partial,
                        int64_t splits, int64_t chunk, bool channels_inner) {
   using acc_t = typename AccType<T>::type;
@@ -306,13 +306,13 @@ cudaError_t channel_attention_reduce(DType dtype, const ChannelAttentionShape& s
     const dim3 grid(static_cast<unsigned>(blocks)), block(kThreads);
     cudaError_t e;
     if (s.gated && grad_u != nullptr) {
-      e = launch(ca_reduce_kernel<T, true, true>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
+      e = launch(channel_attention_reduce_kernel<T, true, true>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
     } else if (s.gated) {
-      e = launch(ca_reduce_kernel<T, true, false>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
+      e = launch(channel_attention_reduce_kernel<T, true, false>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
     } else if (grad_u != nullptr) {
-      e = launch(ca_reduce_kernel<T, false, true>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
+      e = launch(channel_attention_reduce_kernel<T, false, true>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
     } else {
-      e = launch(ca_reduce_kernel<T, false, false>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
+      e = launch(channel_attention_reduce_kernel<T, false, false>, grid, block, stream, s, xt, xs, dut, dus, partial, g.splits, g.chunk, g.inner);
     }
     if (e != cudaSuccess) return e;
     return sum_splits<acc_t>(partial, g.splits, s.n * s.c, sums, stream);
@@ -333,8 +333,8 @@ cudaError_t channel_attention_apply(DType dtype, const ChannelAttentionShape& s,
     const auto* xt = static_cast<const T*>(x);
     const auto* sc = static_cast<const acc_t*>(scale);
     auto* ut = static_cast<T*>(u);
-    return s.gated ? launch(ca_apply_kernel<T, true>, grid, block, stream, s, xt, xs, sc, ut, us, inner)
-                   : launch(ca_apply_kernel<T, false>, grid, block, stream, s, xt, xs, sc, ut, us, inner);
+    return s.gated ? launch(channel_attention_apply_kernel<T, true>, grid, block, stream, s, xt, xs, sc, ut, us, inner)
+                   : launch(channel_attention_apply_kernel<T, false>, grid, block, stream, s, xt, xs, sc, ut, us, inner);
   });
 }
 
@@ -358,8 +358,8 @@ cudaError_t channel_attention_backward_input(DType dtype, const ChannelAttention
     const auto* qt = static_cast<const acc_t*>(q);
     auto* dxt = static_cast<T*>(grad_x);
     return s.gated
-               ? launch(ca_backward_input_kernel<T, true>, grid, block, stream, s, dut, dus, xt, xs, sc, qt, dxt, dxs, inner)
-               : launch(ca_backward_input_kernel<T, false>, grid, block, stream, s, dut, dus, xt, xs, sc, qt, dxt, dxs, inner);
+               ? launch(channel_attention_backward_input_kernel<T, true>, grid, block, stream, s, dut, dus, xt, xs, sc, qt, dxt, dxs, inner)
+               : launch(channel_attention_backward_input_kernel<T, false>, grid, block, stream, s, dut, dus, xt, xs, sc, qt, dxt, dxs, inner);
   });
 }
 
@@ -373,7 +373,7 @@ cudaError_t scaled_residual_forward(DType dtype, const ScaledResidualShape& s, c
   return dispatch_dtype(dtype, [&](auto tag) -> cudaError_t {
     using T = decltype(tag);
     using acc_t = typename AccType<T>::type;
-    return launch(sr_forward_kernel<T>, dim3(elementwise_blocks(total)), dim3(kThreads), stream, s,
+    return launch(scaled_residual_forward_kernel<T>, dim3(elementwise_blocks(total)), dim3(kThreads), stream, s,
                   static_cast<const T*>(inp), is, static_cast<const acc_t*>(beta), static_cast<const T*>(z), zs,
                   static_cast<T*>(y), ys, is_channels_inner(ys, s.c));
   });
@@ -404,7 +404,7 @@ cudaError_t scaled_residual_backward(DType dtype, const ScaledResidualShape& s, 
     const int64_t blocks = g.splits * g.c_tiles;
     if (blocks > INT32_MAX) return cudaErrorInvalidValue;
     if (s.n > 0) {
-      const cudaError_t e = launch(sr_backward_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), stream,
+      const cudaError_t e = launch(scaled_residual_backward_kernel<T>, dim3(static_cast<unsigned>(blocks)), dim3(kThreads), stream,
                                    s, static_cast<const T*>(grad_y), gs, static_cast<const acc_t*>(beta),
                                    static_cast<const T*>(z), zs, static_cast<T*>(grad_z), dzs, partial, g.splits,
                                    g.chunk, g.inner);

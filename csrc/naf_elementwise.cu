@@ -84,7 +84,7 @@ struct GateArgs {
 // forward: y = a * b;  backward: dx_a = dy * b, dx_b = dy * a.
 // blockIdx.x: column tiles, blockIdx.y: row groups (both grid-strided).
 template <typename T, int V, bool kBackward>
-__global__ void __launch_bounds__(kThreads) gate_kernel(GateArgs<T> g) {
+__global__ void __launch_bounds__(kThreads) simple_gate_kernel(GateArgs<T> g) {
   using acc_t = typename AccType<T>::type;
   for_each_pack<V>(g.p, [&](int64_t ro, int64_t ri, int64_t col) {
     acc_t a[V], b[V];
@@ -140,8 +140,8 @@ cudaError_t gate_typed(const NafShape& s, const void* dy, Strides4 dys, const vo
   g.p = make_plan(hs, channel_is_col, vec);
   constexpr int kVec = int(16 / sizeof(T));
   const dim3 grid = elementwise_grid(g.p);
-  return vec == kVec ? launch(gate_kernel<T, kVec, kBackward>, grid, dim3(kThreads), stream, g)
-                     : launch(gate_kernel<T, 1, kBackward>, grid, dim3(kThreads), stream, g);
+  return vec == kVec ? launch(simple_gate_kernel<T, kVec, kBackward>, grid, dim3(kThreads), stream, g)
+                     : launch(simple_gate_kernel<T, 1, kBackward>, grid, dim3(kThreads), stream, g);
 }
 
 // ============================================================ layer_norm2d
@@ -257,7 +257,7 @@ struct NormForwardArgs {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) layer_norm_forward_kernel(NormForwardArgs<T> a) {
+__global__ void __launch_bounds__(kThreads) layer_norm2d_forward_kernel(NormForwardArgs<T> a) {
   using acc_t = typename AccType<T>::type;
   __shared__ __align__(16) unsigned char raw[kTileBytes];
   __shared__ acc_t red[2][kThreads];
@@ -323,7 +323,7 @@ struct NormBackwardArgs {
 };
 
 template <typename T>
-__global__ void __launch_bounds__(kThreads) layer_norm_backward_kernel(NormBackwardArgs<T> a) {
+__global__ void __launch_bounds__(kThreads) layer_norm2d_backward_kernel(NormBackwardArgs<T> a) {
   using acc_t = typename AccType<T>::type;
   __shared__ __align__(16) unsigned char raw[kTileBytes];
   __shared__ acc_t red[2][kThreads];
@@ -407,7 +407,7 @@ cudaError_t norm_forward_typed(const NafShape& s, const void* x, Strides4 xs, co
   a.eps = acc_t(eps);
   if (a.p.tiles == 0) return cudaSuccess;
   const dim3 grid(unsigned(min64(a.p.tiles, grid_cap(kMaxBlocks))), 1, 1);
-  return launch(layer_norm_forward_kernel<T>, grid, dim3(kThreads), stream, a);
+  return launch(layer_norm2d_forward_kernel<T>, grid, dim3(kThreads), stream, a);
 }
 
 template <typename T>
@@ -430,7 +430,7 @@ cudaError_t norm_backward_typed(const NafShape& s, const void* dy, Strides4 dys,
   a.partial_b = a.partial_w + kMaxChunks * s.c;
   const int64_t chunks = min64(a.p.tiles, grid_cap(kMaxChunks));
   if (chunks > 0) {
-    const cudaError_t err = launch(layer_norm_backward_kernel<T>, dim3(unsigned(chunks), 1, 1), dim3(kThreads),
+    const cudaError_t err = launch(layer_norm2d_backward_kernel<T>, dim3(unsigned(chunks), 1, 1), dim3(kThreads),
                                    stream, a);
     if (err != cudaSuccess) return err;
   }

@@ -58,7 +58,7 @@ struct ForwardArgs {
 
 // out = alpha[channel] * x + f. blockIdx.x: column tiles, blockIdx.y: row groups.
 template <typename T, int V>
-__global__ void __launch_bounds__(kThreads) forward_kernel(ForwardArgs<T> a) {
+__global__ void __launch_bounds__(kThreads) rev_coupling_forward_kernel(ForwardArgs<T> a) {
   using acc_t = typename AccType<T>::type;
   const bool channel_is_col = a.p.channel_is_col;
   for_each_pack<V>(a.p, [&](int64_t ro, int64_t ri, int64_t col) {
@@ -114,7 +114,7 @@ __device__ __forceinline__ void invert_pack(const InvertArgs<T>& a, int64_t ro, 
 // channels_last: channels along the columns. blockIdx.x: a fixed channel
 // tile, blockIdx.y: chunk (row groups blockIdx.y, + gridDim.y, ...).
 template <typename T, int V, bool kRebuild>
-__global__ void __launch_bounds__(kThreads) invert_channels_last_kernel(InvertArgs<T> a) {
+__global__ void __launch_bounds__(kThreads) rev_coupling_invert_channels_last_kernel(InvertArgs<T> a) {
   using acc_t = typename AccType<T>::type;
   __shared__ acc_t sums[kThreads * V];
   const Plan& p = a.p;
@@ -154,7 +154,7 @@ __global__ void __launch_bounds__(kThreads) invert_channels_last_kernel(InvertAr
 // NCHW: channels along the rows. blockIdx.y: channel (strided by gridDim.y),
 // blockIdx.x: chunk of (sample group, column tile) items.
 template <typename T, int V, bool kRebuild>
-__global__ void __launch_bounds__(kThreads) invert_nchw_kernel(InvertArgs<T> a) {
+__global__ void __launch_bounds__(kThreads) rev_coupling_invert_nchw_kernel(InvertArgs<T> a) {
   using acc_t = typename AccType<T>::type;
   __shared__ acc_t sums[kThreads];
   const Plan& p = a.p;
@@ -213,7 +213,7 @@ bool views_for(const RevCouplingShape& s, const Strides4* strides, View* views, 
 
 template <typename T, int V>
 cudaError_t launch_forward(const ForwardArgs<T>& a, cudaStream_t stream) {
-  return launch(forward_kernel<T, V>, elementwise_grid(a.p), dim3(kThreads), stream, a);
+  return launch(rev_coupling_forward_kernel<T, V>, elementwise_grid(a.p), dim3(kThreads), stream, a);
 }
 
 template <typename T>
@@ -242,11 +242,11 @@ cudaError_t launch_invert(const InvertArgs<T>& a, int64_t& chunks, cudaStream_t 
     chunks = min64(p.row_groups, grid_cap(kMaxChunks));
     if (p.col_tiles > kMaxGridY) return cudaErrorInvalidValue;  // > 500k channels
     const dim3 grid(unsigned(p.col_tiles), unsigned(chunks), 1);
-    return launch(invert_channels_last_kernel<T, V, kRebuild>, grid, dim3(kThreads), stream, a);
+    return launch(rev_coupling_invert_channels_last_kernel<T, V, kRebuild>, grid, dim3(kThreads), stream, a);
   }
   chunks = min64(ceil_div(p.samples, p.rpb) * p.col_tiles, grid_cap(kMaxChunks));
   const dim3 grid(unsigned(chunks), unsigned(min64(p.channels, grid_cap(kMaxGridY))), 1);
-  return launch(invert_nchw_kernel<T, V, kRebuild>, grid, dim3(kThreads), stream, a);
+  return launch(rev_coupling_invert_nchw_kernel<T, V, kRebuild>, grid, dim3(kThreads), stream, a);
 }
 
 template <typename T, int V>

@@ -7,15 +7,15 @@ channel, pixel) of its canonical layout: one kernel serves NCHW and
 channels_last. With GATED, channel c of t = SG(x) is x[c] * x[c + C], read from
 an x of 2C channels; t itself is never stored.
 
-* ``ca_reduce_kernel``          partial[split, n, c] = sum over the split's pixels
+* ``channel_attention_reduce_kernel``          partial[split, n, c] = sum over the split's pixels
                                 of t (pool) or du * t (gradient of the scale).
                                 Programs own (sample, pixel split, channel block);
                                 the launcher adds the split rows in order.
-* ``ca_apply_kernel``           u = t * s[n, c]
-* ``ca_backward_input_kernel``  dt = du * s[n, c] + q[n, c]; dx = (dt * x2, dt * x1)
+* ``channel_attention_apply_kernel``           u = t * s[n, c]
+* ``channel_attention_backward_input_kernel``  dt = du * s[n, c] + q[n, c]; dx = (dt * x2, dt * x1)
                                 when gated, else dt
-* ``sr_forward_kernel``         y = inp + beta[c] * z
-* ``sr_backward_kernel``        dz = beta[c] * g, partial[program, c] = sum of g * z
+* ``scaled_residual_forward_kernel``         y = inp + beta[c] * z
+* ``scaled_residual_backward_kernel``        dz = beta[c] * g, partial[program, c] = sum of g * z
                                 over the program's pixels (no atomics; rows added
                                 in order by the launcher).
 
@@ -56,7 +56,7 @@ def _gated_tile(x_ptr, offs_c, offs_m, C, HW, M, s_n, s_c, s_p, GATED: tl.conste
 
 
 @triton.jit
-def ca_reduce_kernel(x_ptr, du_ptr, partial_ptr, N, C, HW, xs_n, xs_c, xs_p, ts_n, ts_c, ts_p, iters,
+def channel_attention_reduce_kernel(x_ptr, du_ptr, partial_ptr, N, C, HW, xs_n, xs_c, xs_p, ts_n, ts_c, ts_p, iters,
                      WITH_GRAD: tl.constexpr, GATED: tl.constexpr, COMPUTE: tl.constexpr,
                      BLOCK_C: tl.constexpr, BLOCK_P: tl.constexpr):
     pid_ns, pid_c = tl.program_id(0), tl.program_id(1)
@@ -86,7 +86,7 @@ def _per_sample_channel(ptr, offs_c, offs_m, C, HW, mask):
 
 
 @triton.jit
-def ca_apply_kernel(x_ptr, s_ptr, u_ptr, C, HW, M, xs_n, xs_c, xs_p, ts_n, ts_c, ts_p,
+def channel_attention_apply_kernel(x_ptr, s_ptr, u_ptr, C, HW, M, xs_n, xs_c, xs_p, ts_n, ts_c, ts_p,
                     GATED: tl.constexpr, COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -98,7 +98,7 @@ def ca_apply_kernel(x_ptr, s_ptr, u_ptr, C, HW, M, xs_n, xs_c, xs_p, ts_n, ts_c,
 
 
 @triton.jit
-def ca_backward_input_kernel(du_ptr, x_ptr, s_ptr, q_ptr, dx_ptr, C, HW, M, xs_n, xs_c, xs_p, ts_n, ts_c, ts_p,
+def channel_attention_backward_input_kernel(du_ptr, x_ptr, s_ptr, q_ptr, dx_ptr, C, HW, M, xs_n, xs_c, xs_p, ts_n, ts_c, ts_p,
                              GATED: tl.constexpr, COMPUTE: tl.constexpr,
                              BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
@@ -118,7 +118,7 @@ def ca_backward_input_kernel(du_ptr, x_ptr, s_ptr, q_ptr, dx_ptr, C, HW, M, xs_n
 
 
 @triton.jit
-def sr_forward_kernel(inp_ptr, beta_ptr, z_ptr, y_ptr, C, HW, M, s_n, s_c, s_p,
+def scaled_residual_forward_kernel(inp_ptr, beta_ptr, z_ptr, y_ptr, C, HW, M, s_n, s_c, s_p,
                       COMPUTE: tl.constexpr, BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
     offs_c = pid_c * BLOCK_C + tl.arange(0, BLOCK_C)
@@ -131,7 +131,7 @@ def sr_forward_kernel(inp_ptr, beta_ptr, z_ptr, y_ptr, C, HW, M, s_n, s_c, s_p,
 
 
 @triton.jit
-def sr_backward_kernel(g_ptr, beta_ptr, z_ptr, dz_ptr, partial_ptr, C, HW, M, s_n, s_c, s_p, iters,
+def scaled_residual_backward_kernel(g_ptr, beta_ptr, z_ptr, dz_ptr, partial_ptr, C, HW, M, s_n, s_c, s_p, iters,
                        NEED_Z: tl.constexpr, NEED_BETA: tl.constexpr, COMPUTE: tl.constexpr,
                        BLOCK_C: tl.constexpr, BLOCK_M: tl.constexpr):
     pid_m, pid_c = tl.program_id(0), tl.program_id(1)
@@ -190,7 +190,7 @@ def channel_attention_reduce(x: torch.Tensor, du, gated: bool, channels_last: bo
         return torch.zeros((n, c), dtype=torch_dtype, device=x.device)
     grid, splits, iters, blocks = _reduce_geometry(n, c, h * w, channels_last)
     partial = torch.empty((splits, n, c), dtype=torch_dtype, device=x.device)
-    ca_reduce_kernel[grid](x, x if du is None else du, partial, n, c, h * w, *canonical_strides(x.shape, channels_last),
+    channel_attention_reduce_kernel[grid](x, x if du is None else du, partial, n, c, h * w, *canonical_strides(x.shape, channels_last),
                            *canonical_strides((n, c, h, w), channels_last), iters, WITH_GRAD=du is not None,
                            GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options())
     return partial.sum(0)  # split rows added in order: a fixed reduction order
@@ -204,7 +204,7 @@ def channel_attention_apply(x: torch.Tensor, scale: torch.Tensor, gated: bool, c
         return u
     tl_dtype, _ = compute_dtypes(x.dtype)
     grid, blocks = _elementwise_grid(c, n * h * w, channels_last)
-    ca_apply_kernel[grid](x, scale.contiguous(), u, c, h * w, n * h * w, *canonical_strides(x.shape, channels_last),
+    channel_attention_apply_kernel[grid](x, scale.contiguous(), u, c, h * w, n * h * w, *canonical_strides(x.shape, channels_last),
                           *canonical_strides(u.shape, channels_last), GATED=gated, COMPUTE=tl_dtype, **blocks,
                           **launch_options())
     return u
@@ -219,7 +219,7 @@ def channel_attention_backward_input(du: torch.Tensor, x: torch.Tensor, scale: t
         return dx
     tl_dtype, _ = compute_dtypes(x.dtype)
     grid, blocks = _elementwise_grid(c, n * h * w, channels_last)
-    ca_backward_input_kernel[grid](du, x, scale.contiguous(), q.contiguous(), dx, c, h * w, n * h * w,
+    channel_attention_backward_input_kernel[grid](du, x, scale.contiguous(), q.contiguous(), dx, c, h * w, n * h * w,
                                    *canonical_strides(x.shape, channels_last),
                                    *canonical_strides(du.shape, channels_last),
                                    GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options())
@@ -235,7 +235,7 @@ def scaled_residual_forward(inp: torch.Tensor, beta: torch.Tensor, z: torch.Tens
         return y
     tl_dtype, _ = compute_dtypes(inp.dtype)
     grid, blocks = _elementwise_grid(c, n * h * w, channels_last)
-    sr_forward_kernel[grid](inp, beta.contiguous(), z, y, c, h * w, n * h * w,
+    scaled_residual_forward_kernel[grid](inp, beta.contiguous(), z, y, c, h * w, n * h * w,
                             *canonical_strides(inp.shape, channels_last), COMPUTE=tl_dtype, **blocks,
                             **launch_options())
     return y
@@ -257,7 +257,7 @@ def scaled_residual_backward(g: torch.Tensor, beta: torch.Tensor, z: torch.Tenso
     iters = triton.cdiv(m_blocks, programs)
     programs = triton.cdiv(m_blocks, iters)
     partial = torch.empty((programs, c), dtype=torch_dtype, device=z.device)
-    sr_backward_kernel[(programs, triton.cdiv(c, block_c))](
+    scaled_residual_backward_kernel[(programs, triton.cdiv(c, block_c))](
         g, beta.contiguous(), z, dz if need_z else g, partial, c, h * w, m, *canonical_strides(z.shape, channels_last),
         iters, NEED_Z=need_z, NEED_BETA=need_beta, COMPUTE=tl_dtype, BLOCK_C=block_c, BLOCK_M=block_m,
         **launch_options())
