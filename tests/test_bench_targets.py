@@ -52,11 +52,11 @@ def adarevd_step(k, strategy, mean, mem, dtype="bf16"):
                  strategy=strategy, K=k, dtype=dtype, peak_mem_bytes=mem)
 
 
-def test_reversible_targets_compare_with_k1_plain_and_checkpoint():
-    benches = [adarevd_step(1, "reversible", 1.0, 100), adarevd_step(1, "plain", 0.9, 100)]
+def test_reversible_targets_compare_with_k1_autograd_and_checkpoint():
+    benches = [adarevd_step(1, "reversible", 1.0, 100), adarevd_step(1, "autograd", 0.9, 100)]
     for k in (2, 8):
         benches += [adarevd_step(k, "reversible", 1.2 * k, 110 + k),
-                    adarevd_step(k, "plain", 1.0 * k, 100 * k),
+                    adarevd_step(k, "autograd", 1.0 * k, 100 * k),
                     adarevd_step(k, "checkpoint", 1.5 * k, 105 + k)]
     r = results_by_key(benches)
     assert r["5.memory"].measured == 1 and abs(r["5.memory"].worst - 1.18) < 1e-12
