@@ -75,3 +75,29 @@ def test_every_target_gets_a_report_row_even_when_unmeasured():
     md = bench_report.render_markdown(data)
     assert "## Targets" in md and "not measured (no benchmark matched)" in md
     assert "plain-conv floor" in md
+
+
+# The benchmark file that defines each strategy a target refers to.
+STRATEGY_HOME = {
+    "floor": "strategies.py", "grouped": "strategies.py", "linearity": "strategies.py",
+    "compiled_grouped": "strategies.py", "compiled_linearity": "strategies.py", "triton": "strategies.py",
+    "cuda": "strategies.py", "group_by_width": "strategies.py", "dense_at_width": "strategies.py",
+    "autograd": "test_bench_models.py", "checkpoint": "test_bench_models.py", "reversible": "test_bench_models.py",
+    "batched": "test_bench_restore.py",
+}
+
+
+def test_every_strategy_a_target_names_is_one_its_benchmark_defines():
+    """A renamed benchmark strategy must not silently turn a target into 'not measured'."""
+    import re
+    from pathlib import Path
+
+    source = Path(bench_targets.__file__).read_text()
+    found = re.findall(r'peer_ratio\("(\w+)"\)|_memory_vs_peer\(m, "(\w+)"\)|strategy"\) == "(\w+)"', source)
+    named = {n for group in found for n in group if n}
+    named |= set(bench_targets.FAST_BACKENDS) | set(bench_targets.HYPER_COMPOSITIONS) | {bench_targets._REVERSIBLE}
+    assert named == set(STRATEGY_HOME), f"update STRATEGY_HOME: targets name {sorted(named)}"
+    bench_dir = Path(bench_targets.__file__).resolve().parents[1] / "bench"
+    missing = [f"{name} (in {home})" for name, home in STRATEGY_HOME.items()
+               if f'"{name}"' not in (bench_dir / home).read_text()]
+    assert not missing, f"bench_targets names strategies their benchmark does not define: {missing}"
