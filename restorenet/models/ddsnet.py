@@ -176,6 +176,8 @@ class DDSNet(nn.Module):
             raise ValueError(f"depth must be an int >= 0, got {depth!r}")
         self.in_channels, self.width, self.gate_tau = in_channels, width, gate_tau
         self.choices = width_choices(width, num_choices)
+        # The choices on the model's device, so no forward copies them from the host.
+        self.register_buffer("choice_table", torch.tensor(self.choices, dtype=torch.int32), persistent=False)
         self.head = SlimConv2d(in_channels, width, 3, padding=1)
         self.blocks = nn.ModuleList([SlimResBlock(width) for _ in range(depth)])
         self.tail = SlimConv2d(width, in_channels, 3, padding=1)
@@ -200,12 +202,12 @@ class DDSNet(nn.Module):
         else:
             onehot, index = None, logits.argmax(-1)
         # Picks are choices by construction: their range is known without a host read.
-        return widths_from_choices(self.choices, index), onehot
+        return widths_from_choices(self.choices, index, table=self.choice_table), onehot
 
     def _channel_mask(self, onehot: Tensor) -> Tensor:
         """m[n, c] = sum_i onehot[n, i] * [c < choices[i]], as [N, C, 1, 1]."""
         c = torch.arange(self.width, device=onehot.device)
-        prefix = (c[None, :] < torch.tensor(self.choices, device=onehot.device)[:, None])
+        prefix = c[None, :] < self.choice_table[:, None]
         return (onehot @ prefix.to(onehot.dtype))[:, :, None, None]
 
     def _forced_widths(self, width, n: int, device: torch.device) -> SlimWidths:
@@ -223,7 +225,7 @@ class DDSNet(nn.Module):
                              f"got shape {tuple(width.shape)}")
         if width.device != device:
             raise ValueError(f"width must be on the device of x ({device}), got {width.device}")
-        valid = torch.isin(width, torch.tensor(self.choices, device=device))
+        valid = torch.isin(width, self.choice_table.to(width.dtype))
         if not bool(valid.all()):  # the forward's one host sync
             raise ValueError(f"width must hold values from {self.choices}, got "
                              f"{sorted(set(width.tolist()))}")
@@ -259,7 +261,7 @@ class DDSNet(nn.Module):
         check_image("x", x, self.in_channels)
         n, k = x.shape[0], len(self.choices)
         index = torch.arange(k, device=x.device).repeat_interleave(n)
-        widths = widths_from_choices(self.choices, index)
+        widths = widths_from_choices(self.choices, index, table=self.choice_table)
         return self._backbone(x.repeat(k, 1, 1, 1), widths, None).view(k, *x.shape)
 
     @torch.no_grad()

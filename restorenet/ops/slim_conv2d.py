@@ -200,17 +200,23 @@ def check_widths(width: Union[int, Tensor], batch: int, device: Union[str, torch
     return SlimWidths(values, lo, hi)
 
 
-def widths_from_choices(choices: Sequence[int], index: Tensor) -> SlimWidths:
+def widths_from_choices(choices: Sequence[int], index: Tensor, *, table: Optional[Tensor] = None) -> SlimWidths:
     """``choices[index[n]]`` per sample, with no host sync: every value is one
     of ``choices`` (positive ints), so the range is ``min..max(choices)``.
-    For a gate that picks a choice per image (``index``: integer tensor [N])."""
+    For a gate that picks a choice per image (``index``: integer tensor [N]).
+    ``table``: the choices as an int32 tensor on ``index``'s device, kept by the
+    caller (e.g. a module buffer) so that no host-to-device copy is made per call."""
     if not choices or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
                               for c in choices):
         raise ValueError(f"choices must be a non-empty sequence of ints >= 1, got {choices!r}")
     if not isinstance(index, Tensor) or index.dtype not in INT_DTYPES or index.dim() != 1:
         raise TypeError(f"index must be an integer tensor [N], got "
                         f"{index.dtype if isinstance(index, Tensor) else type(index).__name__}")
-    table = torch.tensor(list(choices), dtype=torch.int32, device=index.device)
+    if table is None:
+        table = torch.tensor(list(choices), dtype=torch.int32, device=index.device)
+    elif table.dtype != torch.int32 or table.shape != (len(choices),) or table.device != index.device:
+        raise ValueError(f"table must be the {len(choices)} choices as int32 on {index.device}, got "
+                         f"{table.dtype} {tuple(table.shape)} on {table.device}")
     return SlimWidths(table[index.long()], min(choices), max(choices))
 
 

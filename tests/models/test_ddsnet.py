@@ -35,6 +35,13 @@ def test_default_config_and_choices():
     assert all(k % 8 == 0 for k in width_choices(96, 3))
 
 
+def test_choice_table_follows_the_model_and_stays_out_of_the_state_dict():
+    model = DDSNet(width=32, depth=1)
+    assert model.choice_table.tolist() == model.choices and model.choice_table.dtype == torch.int32
+    assert "choice_table" not in model.state_dict()
+    assert model.to(torch.float64).choice_table.dtype == torch.int32  # integer buffers keep their dtype
+
+
 def test_mixed_width_batch_equals_each_image_alone():
     model = small_model().eval()
     x = torch.randn(4, 3, 9, 11)

@@ -288,6 +288,16 @@ def test_widths_from_choices_needs_no_host_read(monkeypatch):
         widths_from_choices([8, 16], index.float())
 
 
+def test_widths_from_choices_uses_a_table_the_caller_keeps():
+    index = torch.tensor([1, 0, 1])
+    table = torch.tensor([8, 16], dtype=torch.int32)
+    widths = widths_from_choices([8, 16], index, table=table)
+    assert widths.values.tolist() == [16, 8, 16] and (widths.lo, widths.hi) == (8, 16)
+    for bad in (table.long(), table[:1], torch.tensor([8, 16, 24], dtype=torch.int32)):
+        with pytest.raises(ValueError, match="^table"):
+            widths_from_choices([8, 16], index, table=bad)
+
+
 # ---------------------------------------------------------------------- DDS-Net
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_ddsnet_same_outputs_and_gradients_with_every_backend(backend):
