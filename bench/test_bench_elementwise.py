@@ -21,8 +21,8 @@ are the compulsory traffic: every input tensor read once and every output
 written once, per-channel vectors and per-pixel statistics included; issue #7's
 target is >= 80% of the copy bandwidth for the fused kernels.
 
-GPU: N=8, C=64, 256x256 (33.5 M elements per tensor), bf16 and fp32, NCHW and
-channels_last. CPU: a 2x8x24x24 smoke test of the harness in fp32 (no numbers
+GPU: N=8, C=64, 256x256 (33.5 M elements per tensor), bf16 in NCHW and
+channels_last, fp32 in NCHW. CPU: a 2x8x24x24 smoke test of the harness in fp32 (no numbers
 worth reading; triton runs only in the interpreter there and is not timed).
 """
 from __future__ import annotations
@@ -236,6 +236,8 @@ def test_elementwise(benchmark, op, phase, dtype, layout, strategy):
     reason = unavailable_reason(op, strategy)
     if reason:
         pytest.skip(reason)
+    if ON_GPU and dtype == torch.float32 and layout == "channels_last":
+        pytest.skip("fp32 runs in NCHW only: keeps the GPU run (one torch.compile per case) short")
     check_against_spec(op, strategy, dtype, layout)
     call = make_call(op, strategy, phase, dtype, layout)
     shape = (N, 2 * C if op in ("simple_gate", "gated_sca") else C, SIZE, SIZE)
