@@ -2,6 +2,7 @@
 into a markdown report and plots::
 
     python -m restorenet.bench_report R.json [--out DIR]
+    python -m restorenet.bench_report PART1.json PART2.json --stem NAME   # a split run
 
 Writes ``DIR/<stem>.md`` (DIR defaults to the JSON's folder) with a header
 naming the device, driver, torch, triton and commit, one table row per
@@ -29,7 +30,7 @@ from typing import Any, Optional, Sequence
 
 from restorenet import bench_targets
 
-__all__ = ["load", "add_ratios", "table_rows", "render_markdown", "write_plots", "write_report", "main"]
+__all__ = ["load", "merge", "add_ratios", "table_rows", "render_markdown", "write_plots", "write_report", "main"]
 
 
 def load(path: str | os.PathLike) -> dict:
@@ -347,15 +348,36 @@ def write_plots(data: dict, out_dir: str | os.PathLike, stem: str) -> list[Path]
     return written
 
 
-def write_report(json_path: str | os.PathLike, out_dir: str | os.PathLike | None = None,
-                 title: Optional[str] = None) -> Path:
-    """Write ``<out_dir>/<stem>.md`` and its plots; return the markdown path."""
-    json_path = Path(json_path)
-    data = load(json_path)
+def merge(paths: Sequence[str | os.PathLike]) -> dict:
+    """One result from the JSONs of a benchmark run split into parts (e.g. by
+    ``scripts/gpu_check.sh`` with BENCH_PART): the benchmarks of all of them, the
+    machine and commit info of the first. Parts from another device or commit
+    are refused: their ratios and targets would mix."""
+    parts = [load(p) for p in paths]
+    for path, part in zip(paths[1:], parts[1:]):
+        if _origin(part) != _origin(parts[0]):
+            raise ValueError(f"paths: {str(path)!r} comes from {_origin(part)} (device, commit), not "
+                             f"{_origin(parts[0])}; merge only the parts of one run")
+    return dict(parts[0], benchmarks=[b for part in parts for b in part["benchmarks"]])
+
+
+def _origin(data: dict) -> tuple[Optional[str], Optional[str]]:
+    device = ((data.get("machine_info") or {}).get("restorenet") or {}).get("device")
+    return device, (data.get("commit_info") or {}).get("id")
+
+
+def write_report(json_paths: str | os.PathLike | Sequence[str | os.PathLike],
+                 out_dir: str | os.PathLike | None = None, title: Optional[str] = None,
+                 stem: Optional[str] = None) -> Path:
+    """Write ``<out_dir>/<stem>.md`` and its plots for one JSON, or for the parts
+    of one run merged (``stem`` then defaults to the first part's); return the
+    markdown path."""
+    paths = [Path(json_paths)] if isinstance(json_paths, (str, os.PathLike)) else [Path(p) for p in json_paths]
+    data = merge(paths)
     add_ratios(data["benchmarks"])
-    out_dir = Path(out_dir) if out_dir is not None else json_path.parent
+    out_dir = Path(out_dir) if out_dir is not None else paths[0].parent
     out_dir.mkdir(parents=True, exist_ok=True)
-    stem = json_path.stem
+    stem = stem or paths[0].stem
     plots = write_plots(data, out_dir, stem)
     md = out_dir / f"{stem}.md"
     md.write_text(render_markdown(data, plots, title))
@@ -364,11 +386,13 @@ def write_report(json_path: str | os.PathLike, out_dir: str | os.PathLike | None
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m restorenet.bench_report", description=__doc__.split("\n\n")[0])
-    parser.add_argument("results", help="pytest-benchmark JSON (--benchmark-json)")
-    parser.add_argument("--out", default=None, help="output folder (default: the JSON's folder)")
+    parser.add_argument("results", nargs="+",
+                        help="pytest-benchmark JSON (--benchmark-json); several: the parts of one split run")
+    parser.add_argument("--out", default=None, help="output folder (default: the first JSON's folder)")
     parser.add_argument("--title", default=None, help="report title")
+    parser.add_argument("--stem", default=None, help="name of the report files (default: the first JSON's)")
     args = parser.parse_args(argv)
-    md = write_report(args.results, args.out, args.title)
+    md = write_report(args.results, args.out, args.title, args.stem)
     print(md)
     return 0
 

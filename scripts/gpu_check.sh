@@ -17,7 +17,12 @@
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the
 #   device's capability, 9.0 -> 9.0a), BENCH_ARGS (extra pytest args for the
 #   benchmarks, e.g. "-k hyper_conv2d"), BENCH_TARGET_S (seconds of timed work
-#   per benchmark).
+#   per benchmark), BENCH_PART (names a part of a split benchmark run: its files
+#   are <date>-<gpu>-<part>.*; the whole run takes longer than one 10-minute call,
+#   e.g. parts conv (-k "hyper or slim"), memory (-k "elementwise or restore or tile"),
+#   models (-k "model or adarevd or ddsnet"), each with --no-build --no-tests after
+#   the first call on a warm machine; then one report of the whole run:
+#   python -m restorenet.bench_report bench/results/<date>-<gpu>-*.json --stem <date>-<gpu>).
 # Exit status: 0 when every phase that ran passed; non-zero otherwise (later
 # phases still run after a test failure, so a benchmark report is still made).
 set -euo pipefail
@@ -29,7 +34,7 @@ for arg in "$@"; do
     --no-build) DO_BUILD=0 ;;
     --no-tests) DO_TESTS=0 ;;
     --no-bench) DO_BENCH=0 ;;
-    -h|--help) sed -n '2,22p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -80,6 +85,9 @@ import re, torch
 name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))')"
 STEM="$(date +%F)-${SLUG}"
+# A benchmark run split over several calls (each under the device's 10-minute
+# limit) names its part: BENCH_PART=conv BENCH_ARGS="-k 'hyper or slim'" ...
+BSTEM="$STEM${BENCH_PART:+-$BENCH_PART}"
 RESULTS="$REPO/bench/results"
 mkdir -p "$RESULTS"
 echo "artifacts: $RESULTS/$STEM.*"
@@ -159,13 +167,13 @@ section "benchmarks"
 if [[ "$DO_BENCH" == 1 ]]; then
   set +e
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of pytest arguments
-  "$PY" -m pytest bench/ --benchmark-only --benchmark-json="$RESULTS/$STEM.json" \
-      -p no:cacheprovider ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/$STEM-bench.log"
+  "$PY" -m pytest bench/ --benchmark-only --benchmark-json="$RESULTS/$BSTEM.json" \
+      -p no:cacheprovider ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/$BSTEM-bench.log"
   rc=${PIPESTATUS[0]}
   set -e
   [[ $rc == 0 ]] || FAILED+=("benchmarks (exit $rc)")
-  if [[ -s "$RESULTS/$STEM.json" ]]; then
-    "$PY" -m restorenet.bench_report "$RESULTS/$STEM.json" --out "$RESULTS" \
+  if [[ -s "$RESULTS/$BSTEM.json" ]]; then
+    "$PY" -m restorenet.bench_report "$RESULTS/$BSTEM.json" --out "$RESULTS" \
         --title "restorenet benchmarks $(date +%F)"
   else
     echo "gpu_check.sh: error: no benchmark JSON was written" >&2
@@ -178,19 +186,19 @@ fi
 if [[ -n "${OUT:-}" ]]; then
   section "copy to \$OUT"
   mkdir -p "$OUT"
-  for f in "$RESULTS/$STEM.json" "$RESULTS/$STEM.md" "$RESULTS/$STEM-tests.log" \
-           "$RESULTS/$STEM-bench.log" "$RESULTS/$STEM-build.log" "$RESULTS/$STEM-restore-trace.md"; do
+  for f in "$RESULTS/$BSTEM.json" "$RESULTS/$BSTEM.md" "$RESULTS/$STEM-tests.log" \
+           "$RESULTS/$BSTEM-bench.log" "$RESULTS/$STEM-build.log" "$RESULTS/$BSTEM-restore-trace.md"; do
     [[ -f "$f" ]] && cp "$f" "$OUT/"
   done
-  if compgen -G "$RESULTS/$STEM-*.png" >/dev/null; then
-    tar -czf "$OUT/$STEM-plots.tar.gz" -C "$RESULTS" $(cd "$RESULTS" && ls "$STEM"-*.png)
+  if compgen -G "$RESULTS/$BSTEM-*.png" >/dev/null; then
+    tar -czf "$OUT/$BSTEM-plots.tar.gz" -C "$RESULTS" $(cd "$RESULTS" && ls "$BSTEM"-*.png)
   fi
   ls -l "$OUT"
 fi
 
 section "summary"
-if [[ -f "$RESULTS/$STEM.md" ]]; then
-  echo "report: $RESULTS/$STEM.md"
+if [[ -f "$RESULTS/$BSTEM.md" ]]; then
+  echo "report: $RESULTS/$BSTEM.md"
 fi
 if (( ${#FAILED[@]} )); then
   echo "FAILED: ${FAILED[*]}" >&2

@@ -117,3 +117,17 @@ def test_report_rejects_a_file_that_is_not_benchmark_json(tmp_path):
     path = write(tmp_path, {"hello": 1}, "bad.json")
     with pytest.raises(ValueError, match="path"):
         bench_report.write_report(path)
+
+
+def test_report_merges_the_parts_of_a_split_run(tmp_path):
+    data = synthetic_results()
+    hyper = [b for b in data["benchmarks"] if b["group"].startswith("hyper_conv2d")]
+    rest = [b for b in data["benchmarks"] if not b["group"].startswith("hyper_conv2d")]
+    part1 = write(tmp_path, dict(data, benchmarks=hyper), "run-conv.json")
+    part2 = write(tmp_path, dict(data, benchmarks=rest), "run-models.json")
+    md = bench_report.write_report([part1, part2], tmp_path / "out", stem="run").read_text()
+    assert "conv[96-grouped]" in md and "rev[4-reversible]" in md and "dds[widest]" in md
+    assert (tmp_path / "out" / "run-memory-vs-K.png").exists()
+    other = dict(data, benchmarks=rest, commit_info={"id": "another"})
+    with pytest.raises(ValueError, match="^paths"):
+        bench_report.merge([part1, write(tmp_path, other, "other.json")])
