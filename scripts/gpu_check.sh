@@ -34,7 +34,7 @@ for arg in "$@"; do
     --no-build) DO_BUILD=0 ;;
     --no-tests) DO_TESTS=0 ;;
     --no-bench) DO_BENCH=0 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
