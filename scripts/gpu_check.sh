@@ -15,12 +15,13 @@
 #   network, so carry their wheels in .whl/ (pip download --no-deps -d .whl
 #   revlib==1.7.2); they are installed from there when present.
 # Environment: PYTHON (default python3), TORCH_CUDA_ARCH_LIST (default: the
-#   device's capability, 9.0 -> 9.0a), BENCH_ARGS (extra pytest args for the
-#   benchmarks, e.g. "-k hyper_conv2d"), BENCH_TARGET_S (seconds of timed work
+#   device's capability, 9.0 -> 9.0a), BENCH_K (a pytest -k expression choosing
+#   benchmarks, e.g. "hyper or slim"), BENCH_ARGS (further pytest args, split on
+#   spaces, e.g. "-x --maxfail=3"), BENCH_TARGET_S (seconds of timed work
 #   per benchmark), BENCH_PART (names a part of a split benchmark run: its files
 #   are <date>-<gpu>-<part>.*; the whole run takes longer than one 10-minute call,
-#   e.g. parts conv (-k "hyper or slim"), memory (-k "elementwise or restore or tile"),
-#   models (-k "model or adarevd or ddsnet"), each with --no-build --no-tests after
+#   e.g. parts conv (BENCH_K="hyper or slim"), memory (BENCH_K="elementwise or restore
+#   or tile"), models (BENCH_K="model or adarevd or ddsnet"), each with --no-build --no-tests after
 #   the first call on a warm machine; then one report of the whole run:
 #   python -m restorenet.bench_report bench/results/<date>-<gpu>-*.json --stem <date>-<gpu>).
 # Exit status: 0 when every phase that ran passed; non-zero otherwise (later
@@ -34,7 +35,7 @@ for arg in "$@"; do
     --no-build) DO_BUILD=0 ;;
     --no-tests) DO_TESTS=0 ;;
     --no-bench) DO_BENCH=0 ;;
-    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -86,7 +87,7 @@ name = torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu"
 print(re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-"))')"
 STEM="$(date +%F)-${SLUG}"
 # A benchmark run split over several calls (each under the device's 10-minute
-# limit) names its part: BENCH_PART=conv BENCH_ARGS="-k 'hyper or slim'" ...
+# limit) names its part: BENCH_PART=conv BENCH_K="hyper or slim" ...
 BSTEM="$STEM${BENCH_PART:+-$BENCH_PART}"
 RESULTS="$REPO/bench/results"
 mkdir -p "$RESULTS"
@@ -166,9 +167,11 @@ fi
 section "benchmarks"
 if [[ "$DO_BENCH" == 1 ]]; then
   set +e
+  SELECT=()
+  [[ -n "${BENCH_K:-}" ]] && SELECT=(-k "$BENCH_K")
   # shellcheck disable=SC2086  # BENCH_ARGS is a list of pytest arguments
   "$PY" -m pytest bench/ --benchmark-only --benchmark-json="$RESULTS/$BSTEM.json" \
-      -p no:cacheprovider ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/$BSTEM-bench.log"
+      -p no:cacheprovider "${SELECT[@]}" ${BENCH_ARGS:-} 2>&1 | tee "$RESULTS/$BSTEM-bench.log"
   rc=${PIPESTATUS[0]}
   set -e
   [[ $rc == 0 ]] || FAILED+=("benchmarks (exit $rc)")
