@@ -24,6 +24,7 @@ import torch
 
 from bench import _util, strategies
 from bench._util import DEVICE, ON_GPU
+from restorenet.registry import count_parameters
 
 if ON_GPU:
     N, CHANNELS, SIZES, DTYPES = 16, 64, (96, 256), (torch.bfloat16, torch.float32)
@@ -138,6 +139,6 @@ def test_hyperres_train_step(benchmark, dtype, backend):
             benchmark, step, strategy=backend, baselines=["reference"] if backend != "reference" else [],
             group=f"hyperres train step {_util.dtype_name(dtype)} B{STEP_BATCH} {STEP_CROP}px",
             flops=flops, dtype=dtype, shape=(STEP_BATCH, 3, STEP_CROP, STEP_CROP),
-            model_config=STEP_MODEL or "paper", params=sum(p.numel() for p in model.parameters()),
+            model_config=STEP_MODEL or "paper", params=count_parameters(model),
             flops_note=flop_note or "executed conv/matmul FLOPs (torch.utils.flop_counter formulas) of one step",
             **{"pass": "train step (fwd+bwd+AdamW)"})

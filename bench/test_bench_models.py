@@ -25,6 +25,7 @@ import torch
 
 from bench import _util
 from bench._util import DEVICE, ON_GPU
+from restorenet.registry import count_parameters
 
 MODELS = ("hyperres", "adarevd", "mhnet", "constyle_nafnet", "ddsnet", "nafnet")
 LEVELS = (15.0, 35.0, 55.0, 75.0)  # HyperRes denoising sigmas (raw levels)
@@ -104,10 +105,6 @@ def inference(name: str, model, x, dtype):
     return infer
 
 
-def _params(model) -> int:
-    return sum(p.numel() for p in model.parameters())
-
-
 @pytest.mark.parametrize("dtype", DTYPES, ids=_util.dtype_name)
 @pytest.mark.parametrize("mode", ("train", "infer"))
 @pytest.mark.parametrize("name", MODELS)
@@ -133,7 +130,7 @@ def _bench_model(benchmark, name, mode, dtype):
     _util.run_benchmark(
         benchmark, fn, strategy=name, group=f"model {mode} {_util.dtype_name(dtype)}",
         flops=flops, dtype=dtype, shape=(batch, 3, crop, crop),
-        model_config=cfg or "paper", params=_params(model),
+        model_config=cfg or "paper", params=count_parameters(model),
         flops_note=flop_note or "executed conv/matmul FLOPs (torch.utils.flop_counter formulas) of one call",
         **{"pass": what})
 
@@ -238,7 +235,7 @@ def test_adarevd_columns(benchmark, dtype, K, strategy):
             group=f"adarevd train step K{K} {_util.dtype_name(dtype)}", K=K,
             series=f"adarevd train step vs K {_util.dtype_name(dtype)}",
             dtype=dtype, shape=(ADAREVD_BATCH, 3, ADAREVD_CROP, ADAREVD_CROP), rounds=ADAREVD_ROUNDS,
-            model_config=dict(cfg, decoder=strategy), params=_params(model),
+            model_config=dict(cfg, decoder=strategy), params=count_parameters(model),
             rev_anchor_every=cfg["rev_anchor_every"], **{"pass": "train step (fwd+loss+bwd+AdamW)"})
     info = benchmark.extra_info
     _PEAKS[(dtype, K, strategy)] = (info.get("peak_mem_bytes"), info.get("peak_mem_above_start_bytes"))

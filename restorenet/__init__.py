@@ -1,6 +1,6 @@
 """restorenet: fused-kernel backend and reference models for adaptive image restoration."""
-from restorenet.registry import create_model, list_models, register_model
+from restorenet.registry import count_parameters, create_model, list_models, register_model
 from restorenet import ops
 
 __version__ = "0.1.0"
-__all__ = ["create_model", "list_models", "register_model", "ops", "__version__"]
+__all__ = ["count_parameters", "create_model", "list_models", "register_model", "ops", "__version__"]

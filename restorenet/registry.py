@@ -43,6 +43,11 @@ def create_model(name: str, **cfg) -> nn.Module:
     return factory(**cfg)
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameter elements (works on the meta device: no memory needed)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def _import_models() -> None:
     # Importing the package runs every model file's @register_model.
     import restorenet.models  # noqa: F401

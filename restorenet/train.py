@@ -44,7 +44,7 @@ from tqdm.auto import tqdm
 
 from restorenet.data import RandomCropSampler, Task, get_task, heldout_images
 from restorenet.metrics import psnr, ssim
-from restorenet.registry import create_model, list_models
+from restorenet.registry import count_parameters, create_model, list_models
 
 __all__ = ["SMALL_CONFIGS", "train", "evaluate", "save_plot", "main"]
 
@@ -303,7 +303,7 @@ def train(model: str = "hyperres", task: str = "denoise", steps: int = 300, *,
                        eval_every=eval_every, eval_size=eval_size, seed=seed, device=device,
                        model_kwargs={k: list(v) if isinstance(v, tuple) else v
                                      for k, v in kwargs.items()},
-                       parameters=sum(p.numel() for p in net.parameters())),
+                       parameters=count_parameters(net)),
         "levels": list(task_obj.levels),
         "level_name": task_obj.level_name,
         "train": {"step": [], "loss": [], "lr": []},

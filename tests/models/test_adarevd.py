@@ -5,13 +5,9 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from restorenet.models.adarevd import AdaRevD, psnr_class, signed_clamp
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.ops import available_backends, rev_coupling_forward, rev_coupling_invert, use_backend
-from restorenet.registry import create_model
+from restorenet.registry import count_parameters, create_model
 
 TINY = dict(width=4, enc_blocks=(1, 1, 1, 1), middle_blocks=1)
-
-
-def count(module):
-    return sum(p.numel() for p in module.parameters())
 
 
 def tiny_model(num_decoders=2, dtype=torch.float32, seed=0, **cfg):
@@ -42,12 +38,12 @@ def test_paper_size_builds_on_meta():
         model = create_model("adarevd")
         nafnet_encoder = NAFNetEncoder(width=64, enc_blocks=(1, 1, 1, 28), middle_blocks=1)
     assert model.num_decoders == 4 and len(model.decoder.columns) == 4 and len(model.heads) == 4
-    enc = count(model.encoder)
-    assert enc == count(nafnet_encoder)
+    enc = count_parameters(model.encoder)
+    assert enc == count_parameters(nafnet_encoder)
     assert 55e6 < enc < 70e6  # NAFNet-width64's encoder: 28 blocks at 512 channels
-    columns = [count(c) for c in model.decoder.columns]
+    columns = [count_parameters(c) for c in model.decoder.columns]
     assert len(set(columns)) == 1 and 5e6 < columns[0] < 40e6
-    assert count(model) > enc + 4 * columns[0]
+    assert count_parameters(model) > enc + 4 * columns[0]
     assert all(not p.requires_grad for p in model.encoder.parameters())
     assert model.exit_idx == (4, 4, 3, 3, 2, 1)
     assert create_model("adarevd", num_decoders=8, **TINY).exit_idx == (7, 6, 5, 2, 2, 2)

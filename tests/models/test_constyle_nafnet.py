@@ -3,13 +3,9 @@ import torch
 
 from restorenet.models.constyle_nafnet import (
     ConStyleEncoder, ConStyleMoCoLoss, ConStyleNAFNet, StyleCode, gram_matrix)
-from restorenet.registry import create_model, list_models
+from restorenet.registry import count_parameters, create_model, list_models
 
 TINY = dict(width=8, enc_blocks=(1, 1, 1), middle_blocks=1, dec_blocks=(1, 1, 1))
-
-
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 def tiny_model():
@@ -25,7 +21,7 @@ def test_registered():
 def test_paper_size_parameter_count():
     with torch.device("meta"):
         m = create_model("constyle_nafnet")
-    assert n_params(m) == pytest.approx(12.7e6, rel=0.05)
+    assert count_parameters(m) == pytest.approx(12.7e6, rel=0.05)
     # Levels grow by the injected width: 48, 96, 144, bottom 192; decoder 192, 144, 96.
     assert [s[0].norm1.weight.numel() for s in m.enc_stages] == [48, 96, 144]
     assert m.middle[0].norm1.weight.numel() == 192

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from restorenet.models.ddsnet import DDSNet, SlimConv2d, hard_gumbel_straight_through, width_choices
 from restorenet.ops import use_backend
-from restorenet.registry import create_model
+from restorenet.registry import count_parameters, create_model
 
 from _host_reads import count_host_reads, sync_free_slim_reference
 
@@ -30,7 +30,7 @@ def test_default_config_and_choices():
         model = create_model("ddsnet")
     assert isinstance(model, DDSNet)
     assert model.choices == [16, 32, 48, 64]
-    assert sum(p.numel() for p in model.parameters()) > 0
+    assert count_parameters(model) > 0
     assert width_choices(32, 4) == [8, 16, 24, 32]
     assert all(k % 8 == 0 for k in width_choices(96, 3))
 

@@ -5,7 +5,7 @@ import torch
 import restorenet.ops
 from restorenet.models.hyperres import (BlindLevelEstimator, HyperConv2d, HyperRes,
                                         level_to_condition)
-from restorenet.registry import create_model
+from restorenet.registry import count_parameters, create_model
 
 
 def small_model(seed=0, **cfg):
@@ -22,15 +22,11 @@ def randomise_meta_bias(model):
                 m.meta.bias.normal_(0, 0.02)
 
 
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
-
-
 @pytest.mark.parametrize("num_blocks,expected", [(16, 2_588_483), (1, 372_803)])
 def test_parameter_count_matches_paper(num_blocks, expected):
     with torch.device("meta"):
         model = create_model("hyperres", num_blocks=num_blocks)
-    assert n_params(model) == expected
+    assert count_parameters(model) == expected
 
 
 def test_meta_block_layout_and_init():

@@ -2,13 +2,9 @@ import pytest
 import torch
 
 from restorenet.models.mhnet import AFFM, MHNet, TopKChannelAttention, tap_upsampler
-from restorenet.registry import create_model, list_models
+from restorenet.registry import count_parameters, create_model, list_models
 
 TINY = dict(width=8, enc_blocks=(1, 1, 1, 1), dec_blocks=(1, 1, 1, 1), cabg_blocks=1)
-
-
-def n_params(m):
-    return sum(p.numel() for p in m.parameters())
 
 
 def tiny_model():
@@ -24,7 +20,7 @@ def test_registered():
 def test_paper_size_parameter_count():
     with torch.device("meta"):
         m = create_model("mhnet")
-    assert n_params(m) == pytest.approx(67.5e6, rel=0.05)
+    assert count_parameters(m) == pytest.approx(67.5e6, rel=0.05)
     # The paper-size middle block is the 8-head top-k attention over 1024 channels.
     assert m.stage1.middle.heads == 8
     assert m.stage1.middle.qkv.in_channels == 1024
