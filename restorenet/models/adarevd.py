@@ -168,6 +168,16 @@ class DecoderColumn(nn.Module):
             nn.Parameter(torch.full((1, c, 1, 1), 0.5)) for c in channels
         )
 
+    @property
+    def state_channels(self) -> list[int]:
+        """Channels of c0..c3 (8w, 4w, 2w, w): ``reversible_columns`` checks the states."""
+        return [a.shape[1] for a in self.alphas]
+
+    def may_draw_random(self) -> bool:
+        """Whether an update can draw random numbers now (dropout in training mode):
+        if not, ``reversible_columns`` keeps no RNG states for the replay."""
+        return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
+
     def alpha(self, i: int) -> torch.Tensor:
         return signed_clamp(self.alphas[i])
 
@@ -220,12 +230,14 @@ class ReversibleColumns(nn.Module):
         return len(self.columns)
 
     def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor], memory_efficient: bool = True,
-                anchor_every: Union[int, None, str] = "auto") -> list[torch.Tensor]:
+                anchor_every: Union[int, None, str] = "auto",
+                heads: Optional[Sequence[nn.Module]] = None) -> list[torch.Tensor]:
         """``anchor_every``: as ``reversible_columns``'s, or "auto" (see
-        ``resolve_anchor_every``)."""
+        ``resolve_anchor_every``). ``heads``: one module per column applied to its
+        c3' inside the op (so their inputs are not kept for backward either)."""
         if anchor_every == "auto":
             anchor_every = self.resolve_anchor_every(x)
-        return reversible_columns(list(self.columns), x, states, memory_efficient=memory_efficient,
+        return reversible_columns(list(self.columns), x, states, heads=heads, memory_efficient=memory_efficient,
                                   anchor_every=anchor_every)
 
     def resolve_anchor_every(self, x: torch.Tensor) -> Optional[int]:
@@ -372,11 +384,16 @@ class AdaRevD(nn.Module):
         h, w = img.shape[-2:]
         x = pad_to_multiple(img, self.size_multiple)
         e0, e1, e2, e3, e4 = self.encode(x)
-        finest = self.decoder(e4, (e3, e2, e1, e0), memory_efficient=self.memory_efficient,
-                              anchor_every=self.rev_anchor_every)
+        states = (e3, e2, e1, e0)
         if not self.training:
+            finest = self.decoder(e4, states, memory_efficient=self.memory_efficient,
+                                  anchor_every=self.rev_anchor_every)
             return (self.heads[-1](finest[-1]) + x)[..., :h, :w]
-        return [(head(c3) + x)[..., :h, :w] for head, c3 in zip(self.heads, finest)]
+        # The heads run inside the reversible op: their full-resolution inputs c3' of
+        # every column are then not kept for backward (memory flat in K).
+        residuals = self.decoder(e4, states, memory_efficient=self.memory_efficient,
+                                 anchor_every=self.rev_anchor_every, heads=self.heads)
+        return [(r + x)[..., :h, :w] for r in residuals]
 
     # -- adaptive tiled inference
 

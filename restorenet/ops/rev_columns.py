@@ -129,11 +129,13 @@ from __future__ import annotations
 
 import contextlib
 import functools
-from typing import Optional, Protocol, Sequence, runtime_checkable
+import itertools
+import weakref
+from typing import NamedTuple, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
+import torch.nn as nn
 from torch import Tensor
-from torch.autograd.function import once_differentiable
 
 from restorenet._checks import check_tensor
 from restorenet.ops._nvtx import nvtx_range
@@ -158,6 +160,13 @@ class ReversibleColumn(Protocol):
     autograd as in the plain path).
     ``level_buffers(i)``: the buffers ``update_term(i)`` may update in place
     (running statistics); restored after the recompute. ``()`` if none.
+
+    Optional: ``state_channels``: the channels of c_0..c_{n-1}, checked against the
+    given states (a wrong one then names its argument instead of failing in a conv).
+    ``may_draw_random() -> bool``: False when no update term can draw
+    random numbers now (e.g. dropout 0 or eval mode); the op then keeps no RNG
+    states. Without it a column counts as drawing (the safe side: K * n RNG
+    states, ~5 KiB each on CPU, are kept for the replay).
     """
 
     num_levels: int
@@ -180,7 +189,8 @@ def coupling_dtype(dtype: torch.dtype) -> torch.dtype:
 
 # --------------------------------------------------------------- public functions
 def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: Sequence[Tensor], *,
-                       memory_efficient: bool = True, anchor_every: Optional[int] = None) -> list[Tensor]:
+                       heads: Optional[Sequence[nn.Module]] = None, memory_efficient: bool = True,
+                       anchor_every: Optional[int] = None) -> list[Tensor]:
     """Run K reversible columns one after another; return each column's output.
 
     Args:
@@ -188,7 +198,13 @@ def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: S
             ``num_levels`` n.
         x: the input every column's coarsest update reads (``L_0(x, c_1)``).
         states: the n initial states ``c_0..c_{n-1}`` (coarse to fine), each
-            [N, C_i, H_i, W_i], float16/bfloat16/float32/float64, on ``x``'s device.
+            [N, C_i, H_i, W_i], float16/bfloat16/float32/float64, on ``x``'s device,
+            with the batch size of ``x``.
+        heads: None, or K modules: column k's output is then ``heads[k](c_{n-1}')``
+            (AdaRevD's per-column conv heads). Run inside the op, so with
+            ``memory_efficient`` a head's input is not kept either: backward
+            recomputes it from the rebuilt state (see "Memory" in the module
+            docstring). The head sees ``c_{n-1}'`` in the states' (promoted) dtype.
         memory_efficient: True: backward rebuilds the states by inverting the
             couplings instead of storing activations (see the module docstring);
             False: plain autograd through the same loop. Without gradients both
@@ -202,24 +218,30 @@ def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: S
             per-column checkpointing. Ignored by the plain path.
     Returns:
         ``[c_{n-1}' of column 1, ..., of column K]`` in the states' (promoted)
-        dtype. The states are kept in ``coupling_dtype`` (fp32 for half inputs).
+        dtype, or the heads' outputs. The states are kept in ``coupling_dtype``
+        (fp32 for half inputs).
     """
     columns = _check_columns(columns)
     num_levels = columns[0].num_levels
-    _check_states(states, num_levels, x)
+    _check_states(states, num_levels, x, getattr(columns[0], "state_channels", None))
+    heads = _check_heads(heads, len(columns))
     _check_anchor_every(anchor_every)
     dtype = functools.reduce(torch.promote_types, (s.dtype for s in states))
-    states = tuple(s.to(coupling_dtype(dtype)) for s in states)
-    params = [p for col in columns for i in range(num_levels) for p in col.level_parameters(i)]
+    states = [s.to(coupling_dtype(dtype)) for s in states]
+    params = _chain_parameters(columns, heads)
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params))
     if memory_efficient and needs_grad:
-        outputs = _reversible_apply(columns, x, num_levels, anchor_every, *states, *params)
-    else:
-        outputs = []
-        for col in columns:
-            states = column_forward(col, x, states)
-            outputs.append(states[-1])
-    return [o.to(dtype) for o in outputs]
+        handle = _chain_handle(columns, heads)
+        amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        record_rng = any(_may_draw_random(c) for c in columns)
+        out = torch.ops.restorenet.reversible_columns.default(
+            handle, x, states, params, anchor_every or 0, dtype, amp, record_rng)
+        return list(out[:len(columns)])
+    outputs = []
+    for k, col in enumerate(columns):
+        states = column_forward(col, x, states)
+        outputs.append(_column_output(heads, k, states[-1], dtype))
+    return outputs
 
 
 def column_forward(column: ReversibleColumn, x: Tensor, states: Sequence[Tensor],
@@ -246,70 +268,269 @@ def column_forward(column: ReversibleColumn, x: Tensor, states: Sequence[Tensor]
     return tuple(s.to(dtype) for s in new)
 
 
-# ------------------------------------------------------------------- autograd
-# Under torch.compile the memory-efficient path is one graph break and runs eagerly:
-# the forward and its recompute in backward must draw the same dropout masks and
-# round the same way, and Inductor's RNG and fusions differ from eager's (a compiled
-# forward with an eager recompute would give silently wrong gradients). The rest of
-# the model, and the plain path, compile as usual.
-@torch.compiler.disable
-def _reversible_apply(columns, x, num_levels, anchor_every, *tensors):
-    return _ReversibleColumnsFn.apply(columns, x, num_levels, anchor_every, *tensors)
+def _column_output(heads, k: int, last_state: Tensor, dtype: torch.dtype) -> Tensor:
+    """Column k's output: its finest new state in the states' dtype, through its head."""
+    out = last_state.to(dtype)
+    return heads[k](out) if heads is not None else out
 
 
-class _ReversibleColumnsFn(torch.autograd.Function):
-    """Forward: the column loop without a graph, keeping x and the last states.
-    Backward: the reversed walk. Parameters enter as explicit inputs so their
-    gradients flow through autograd exactly as in the plain path (optimizers,
-    hooks, ``autograd.grad`` all work)."""
+def _chain_parameters(columns, heads) -> list[Tensor]:
+    """Every tensor the chain may need gradients for, in the order backward returns
+    them: each column's level parameters (level by level), then each head's."""
+    params = [p for col in columns for i in range(col.num_levels) for p in col.level_parameters(i)]
+    return params + [p for head in heads or () for p in head.parameters()]
 
-    @staticmethod
-    def forward(ctx, columns, x, num_levels, anchor_every, *tensors):
-        states = tensors[:num_levels]
-        ctx.columns = columns
-        ctx.num_levels = num_levels
-        # Column indices whose input states are kept (anchors), in column order.
-        ctx.anchored = [k for k in range(len(columns)) if anchor_every and k % anchor_every == 0]
-        anchors = []
-        # Autocast cannot change inside one call: one record serves every level.
-        ctx.autocast = _autocast_state(x.device.type)
-        # Per column, per level: backward replays the levels in reverse order, so
-        # one RNG snapshot per column would not do.
-        ctx.rng = []
-        outputs = []
-        with nvtx_range(OP, "fwd", x.device):
-            for k, col in enumerate(columns):
-                if k in ctx.anchored:
-                    anchors.extend(states)
-                tape: list = []
-                states = column_forward(col, x, states, rng_tape=tape)
-                ctx.rng.append(tape)
-                outputs.append(states[-1])
-        ctx.save_for_backward(x, *states, *anchors)
-        return tuple(outputs)
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, *grad_outputs):
-        x, *saved = ctx.saved_tensors
-        n = ctx.num_levels
-        states = saved[:n]
-        anchors = {k: saved[n * (j + 1):n * (j + 2)] for j, k in enumerate(ctx.anchored)}
-        grad_states = [torch.zeros_like(s) for s in states]
-        grad_x = torch.zeros_like(x)
-        param_grads: list = []
-        with nvtx_range(OP, "bwd", x.device), _autocast(ctx.autocast):
-            for k in reversed(range(len(ctx.columns))):
-                grad_states[-1] = grad_states[-1] + grad_outputs[k]  # from column k's output
-                states, grad_states, gx, grads = _column_backward(
-                    ctx.columns[k], x, states, grad_states, ctx.rng[k], anchors.get(k))
-                if gx is not None:
-                    grad_x = grad_x + gx
-                param_grads = grads + param_grads
-        needs = ctx.needs_input_grad
-        # needs_input_grad: (columns, x, num_levels, anchor_every, *states, *params)
-        grad_inputs = [g if needs[1 + j + 2 * (j > 0)] else None for j, g in enumerate([grad_x, *grad_states])]
-        return (None, grad_inputs[0], None, None, *grad_inputs[1:], *param_grads)
+def _may_draw_random(column) -> bool:
+    probe = getattr(column, "may_draw_random", None)
+    return True if probe is None else bool(probe())
+
+
+# ------------------------------------------------------------------- the op
+# The memory-efficient path is one custom op (``torch.ops.restorenet.reversible_columns``)
+# with a custom op for its backward, both opaque to torch.compile: Dynamo and
+# Inductor put them in the graph as calls (fullgraph works) and never trace into
+# them, so the forward and its recompute in backward run the same eager code: the
+# same dropout masks (the RNG is recorded and replayed around each level) and the
+# same roundings. A compiled forward with an eager recompute would instead draw
+# Inductor's random numbers in one and eager's in the other -- silently wrong
+# gradients.
+#
+# Columns and heads are Python objects, which an op schema cannot carry: the op
+# takes an int handle into a registry of weak references (``_chain_handle``), one
+# per distinct chain, and reads the modules' own parameters; the ``params`` list
+# links those parameters into autograd (and gives the fake impl their shapes).
+_CHAINS: dict[int, tuple] = {}  # handle -> (weakrefs to the columns, to the heads or None)
+_HANDLES: dict[tuple, int] = {}  # ids of (columns, heads) -> handle
+_NEXT_HANDLE = itertools.count(1)
+
+
+def _chain_handle(columns, heads) -> int:
+    """The registry handle of this chain of columns (and heads), registered on first
+    use. Entries hold weak references, so a model is freed as usual; an id reused
+    by a new object is told apart by the dead reference."""
+    return _chain_handle_of(len(columns), heads is not None, *columns, *(heads or ()))
+
+
+# Under torch.compile Dynamo calls this at trace time and bakes the handle into the
+# graph as a constant (guarded by the modules' identity): a registration traced as
+# a side effect would happen only after the graph, too late for the op's fake impl.
+# The modules go in as separate arguments: Dynamo turns those into constants, not a list.
+@torch._dynamo.assume_constant_result
+def _chain_handle_of(num_columns: int, has_heads: bool, *objs) -> int:
+    key = (num_columns, *map(id, objs))
+    handle = _HANDLES.get(key)
+    if handle is not None and all(r() is o for r, o in zip(_chain_refs(handle), objs)):
+        return handle
+    _forget_freed_chains()
+    handle = next(_NEXT_HANDLE)  # never reused: a stale handle fails loudly in _chain
+    refs = tuple(weakref.ref(o) for o in objs)
+    _CHAINS[handle] = (refs[:num_columns], refs[num_columns:] if has_heads else None)
+    _HANDLES[key] = handle
+    return handle
+
+
+def _forget_freed_chains() -> None:
+    """Drop the entries of chains with a freed module (a new registration is rare)."""
+    dead = {h for h, (cols, heads) in _CHAINS.items() if any(r() is None for r in (*cols, *(heads or ())))}
+    for key in [key for key, h in _HANDLES.items() if h in dead]:
+        del _HANDLES[key]
+    for h in dead:
+        del _CHAINS[h]
+
+
+def _chain_refs(handle: int) -> tuple:
+    cols, heads = _CHAINS[handle]
+    return (*cols, *(heads or ()))
+
+
+def _chain(handle: int) -> tuple[list, Optional[list]]:
+    """The live columns and heads behind a handle."""
+    refs = _CHAINS.get(handle)
+    columns = [r() for r in refs[0]] if refs else [None]
+    heads = None if not refs or refs[1] is None else [r() for r in refs[1]]
+    if any(o is None for o in (*columns, *(heads or ()))):
+        raise RuntimeError(f"reversible_columns: chain {handle} was freed before its backward ran")
+    return columns, heads
+
+
+class _Spec(NamedTuple):
+    """How the op's outputs are laid out (all known before it runs). Outputs: the K
+    column outputs, then the kept state sets -- the last states, then one set per
+    anchored column k > 0 (column 0's are the op's inputs) -- then the RNG record.
+    An op may not return one tensor twice, so where a column output *is* a state
+    (no heads, states already in the output dtype) that state is left out of its
+    set and read back from the outputs."""
+    num_columns: int
+    num_levels: int
+    anchor_every: int
+    has_heads: bool
+    states_are_outputs: bool
+
+    @property
+    def anchored(self) -> list[int]:
+        a = self.anchor_every
+        return [k for k in range(self.num_columns) if a and k % a == 0]
+
+    @property
+    def set_size(self) -> int:  # tensors per kept state set among the outputs
+        return self.num_levels - (not self.has_heads and self.states_are_outputs)
+
+    @property
+    def num_kept_sets(self) -> int:  # the last states + anchors after column 0
+        return 1 + sum(1 for k in self.anchored if k > 0)
+
+
+def _spec_of(handle: int, states, anchor_every: int, out_dtype: torch.dtype) -> _Spec:
+    columns, heads = _chain(handle)
+    return _Spec(len(columns), len(states), anchor_every, heads is not None, states[0].dtype == out_dtype)
+
+
+@torch.library.custom_op("restorenet::reversible_columns", mutates_args=())
+def _forward_op(chain: int, x: Tensor, states: list[Tensor], params: list[Tensor], anchor_every: int,
+                out_dtype: torch.dtype, autocast_dtype: Optional[torch.dtype], record_rng: bool) -> list[Tensor]:
+    columns, heads = _chain(chain)
+    spec = _spec_of(chain, states, anchor_every, out_dtype)
+    outputs, kept_sets, rng = [], [], []
+    with nvtx_range(OP, "fwd", x.device), _dispatch_as_eager(), torch.no_grad(), \
+            _autocast(x.device.type, autocast_dtype):
+        for k, col in enumerate(columns):
+            if k in spec.anchored and k > 0:
+                kept_sets.append(states)
+            tape: Optional[list] = [] if record_rng else None
+            states = column_forward(col, x, states, rng_tape=tape)
+            rng.append(tape)
+            outputs.append(_column_output(heads, k, states[-1], out_dtype))
+    kept_sets.insert(0, states)
+    kept = [s for kept_set in kept_sets for s in kept_set[:spec.set_size]]
+    return outputs + kept + ([_pack_rng(rng, x.device)] if record_rng else [])
+
+
+@_forward_op.register_fake
+def _(chain, x, states, params, anchor_every, out_dtype, autocast_dtype, record_rng):
+    columns, heads = _chain(chain)
+    spec = _spec_of(chain, states, anchor_every, out_dtype)
+    last = states[-1].to(out_dtype)
+    if heads is None:
+        outputs = [torch.empty_like(last) for _ in columns]
+    else:  # shapes and dtypes of the heads' outputs: run them on fakes (the fake parameters)
+        named = _head_parameter_names(heads)
+        head_params = params[len(params) - len(named):]
+        with _autocast(x.device.type, autocast_dtype):
+            outputs = [torch.func.functional_call(head, dict(zip(names, head_params[a:b])), (last,))
+                       for head, (names, a, b) in zip(heads, _head_slices(named, heads))]
+    kept = [torch.empty_like(s) for _ in range(spec.num_kept_sets) for s in states[:spec.set_size]]
+    rng = [x.new_empty(len(columns), spec.num_levels, _rng_bytes(x.device), dtype=torch.uint8,
+                       device="cpu")] if record_rng else []
+    return outputs + kept + rng
+
+
+def _head_parameter_names(heads) -> list[str]:
+    return [name for head in heads for name, _ in head.named_parameters()]
+
+
+def _head_slices(named, heads):
+    """Per head: (its parameter names, start, end) in the flat head-parameter list."""
+    start = 0
+    for head in heads:
+        names = [name for name, _ in head.named_parameters()]
+        yield names, start, start + len(names)
+        start += len(names)
+
+
+def _setup_context(ctx, inputs, output):
+    chain, x, states, params, anchor_every, out_dtype, autocast_dtype, record_rng = inputs
+    spec = _spec_of(chain, states, anchor_every, out_dtype)
+    k, n = spec.num_columns, spec.num_levels
+    kept = list(output[k:k + spec.num_kept_sets * spec.set_size])
+    sets = [kept[j * spec.set_size:(j + 1) * spec.set_size] for j in range(spec.num_kept_sets)]
+    if spec.set_size < n:  # a column's output is its last state: put it back in its set
+        sets[0].append(output[k - 1])
+        for j, col in enumerate(a for a in spec.anchored if a > 0):
+            sets[j + 1].append(output[col - 1])
+    anchors = list(states) if spec.anchored else []  # column 0's anchor: the inputs
+    anchors += [s for kept_set in sets[1:] for s in kept_set]
+    rng = [output[-1]] if record_rng else []
+    ctx.save_for_backward(x, *sets[0], *anchors, *rng)
+    ctx.args = (chain, anchor_every, out_dtype, autocast_dtype, record_rng)
+    ctx.param_needs_grad = [p.requires_grad for p in params]
+    ctx.params = params
+
+
+def _autograd_backward(ctx, grads):
+    chain, anchor_every, out_dtype, autocast_dtype, record_rng = ctx.args
+    x, *saved = ctx.saved_tensors
+    columns, _ = _chain(chain)
+    k = len(columns)
+    grad_outputs = [g if g is not None else torch.zeros(()) for g in grads[:k]]
+    out = torch.ops.restorenet.reversible_columns_backward.default(
+        chain, x, saved, grad_outputs, ctx.params, anchor_every, out_dtype, autocast_dtype, record_rng)
+    n = columns[0].num_levels
+    grad_x, grad_states, grad_params = out[0], out[1:1 + n], out[1 + n:]
+    need_x, need_states = ctx.needs_input_grad[1:3]
+    grad_params = [g if need else None for g, need in zip(grad_params, ctx.param_needs_grad)]
+    return (None, grad_x if need_x else None, list(grad_states) if need_states else None, grad_params,
+            None, None, None, None)
+
+
+_forward_op.register_autograd(_autograd_backward, setup_context=_setup_context)
+
+
+@torch.library.custom_op("restorenet::reversible_columns_backward", mutates_args=())
+def _backward_op(chain: int, x: Tensor, saved: list[Tensor], grad_outputs: list[Tensor], params: list[Tensor],
+                 anchor_every: int,
+                 out_dtype: torch.dtype, autocast_dtype: Optional[torch.dtype], record_rng: bool) -> list[Tensor]:
+    """Gradients [x, states (n), every chain parameter] from the saved tensors
+    (the last states, the anchors' state sets, the RNG record) and the outputs'
+    gradients (a zero-d zero for an output without one)."""
+    columns, heads = _chain(chain)
+    n = columns[0].num_levels
+    spec = _Spec(len(columns), n, anchor_every, heads is not None, True)
+    states, saved = list(saved[:n]), saved[n:]
+    anchors = {a: saved[j * n:(j + 1) * n] for j, a in enumerate(spec.anchored)}
+    rng = _unpack_rng(saved[-1], len(columns), n, x.device) if record_rng else [[None] * n] * len(columns)
+    grad_states = [torch.zeros_like(s) for s in states]
+    grad_x = torch.zeros_like(x)
+    column_grads: list = []
+    head_grads: list = []
+    with nvtx_range(OP, "bwd", x.device), _dispatch_as_eager(), _autocast(x.device.type, autocast_dtype):
+        for k in reversed(range(len(columns))):
+            if heads is not None:  # the head's input is this column's last state: recompute the head
+                g_last, grads_k = _head_backward(heads[k], states[-1], grad_outputs[k], out_dtype)
+                head_grads = grads_k + head_grads
+            else:
+                g_last = grad_outputs[k].to(states[-1].dtype)
+            grad_states[-1] = grad_states[-1] + g_last
+            states, grad_states, gx, grads = _column_backward(columns[k], x, states, grad_states, rng[k],
+                                                              anchors.get(k))
+            if gx is not None:
+                grad_x = grad_x + gx
+            column_grads = grads + column_grads
+    # Zeros where a parameter got no gradient (frozen: autograd drops it, see
+    # _setup_context), as an op returns tensors only.
+    flat = [torch.zeros_like(p) if g is None else g for g, p in zip(column_grads + head_grads, params)]
+    return [grad_x, *grad_states, *flat]
+
+
+@_backward_op.register_fake
+def _(chain, x, saved, grad_outputs, params, anchor_every, out_dtype, autocast_dtype, record_rng):
+    n = _chain(chain)[0][0].num_levels
+    return [torch.empty_like(x), *(torch.empty_like(s) for s in saved[:n]), *(torch.empty_like(p) for p in params)]
+
+
+def _head_backward(head, last_state: Tensor, grad_out: Tensor, out_dtype: torch.dtype):
+    """Recompute ``head(c_{n-1}')`` with grad and backprop ``grad_out`` into the state
+    and the head's parameters (None for frozen ones)."""
+    state = last_state.detach().requires_grad_()
+    params = list(head.parameters())
+    trainable = [p for p in params if p.requires_grad]
+    with _buffers_restored(list(head.buffers())), torch.enable_grad():
+        y = head(state.to(out_dtype))
+        grads = torch.autograd.grad([y], [state, *trainable], [grad_out.expand_as(y).to(y.dtype)],
+                                    allow_unused=True)
+    g_state = torch.zeros_like(state) if grads[0] is None else grads[0]
+    g_trainable = iter(grads[1:])
+    return g_state, [next(g_trainable) if p.requires_grad else None for p in params]
 
 
 def _column_backward(column, x, new_states, grad_new, rng_tape, anchor=None):
@@ -446,13 +667,72 @@ def _buffers_restored(buffers: Sequence[Tensor]):
                 b.copy_(s)
 
 
-def _autocast_state(device_type: str):
-    return device_type, torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
+@contextlib.contextmanager
+def _autocast(device_type: str, dtype: Optional[torch.dtype]):
+    """The caller's autocast state, passed to the ops explicitly: inside a compiled
+    graph the op runs outside any autocast region (Inductor applied it at trace time)."""
+    if dtype is None:
+        with torch.autocast(device_type, enabled=False):
+            yield
+    else:
+        with torch.autocast(device_type, dtype=dtype):
+            yield
 
 
-def _autocast(state):
-    device_type, enabled, dtype = state
-    return torch.autocast(device_type, dtype=dtype, enabled=enabled)
+# A custom op's body runs below autograd: the dispatcher has excluded the autograd
+# keys, so even under enable_grad() nothing would be recorded for the recompute's
+# autograd.grad. These are the keys put back (the rest of the TLS is kept).
+_AUTOGRAD_KEYS = tuple(getattr(torch._C.DispatchKey, name) for name in (
+    "AutogradFunctionality", "AutogradOther", "AutogradNestedTensor", "ADInplaceOrView")
+    if hasattr(torch._C.DispatchKey, name))
+
+
+@contextlib.contextmanager
+def _dispatch_as_eager():
+    """Run the block with autograd dispatch as in eager code outside any op."""
+    excluded = torch._C._dispatch_tls_local_exclude_set()
+    for key in _AUTOGRAD_KEYS:
+        excluded = excluded.remove(key)
+    with torch._C._ForceDispatchKeyGuard(torch._C._dispatch_tls_local_include_set(), excluded):
+        yield
+
+
+def _rng_bytes(device: torch.device) -> int:
+    """Bytes of one RNG record: a 'drew random numbers' flag, the CPU generator's
+    state and, for CUDA tensors, the device generator's."""
+    cuda = torch.cuda.get_rng_state(device).numel() if device.type == "cuda" else 0
+    return 1 + torch.get_rng_state().numel() + cuda
+
+
+def _pack_rng(tapes: list, device: torch.device) -> Tensor:
+    """Per column and level, the RNG state before the update (``column_forward``'s
+    tapes) as one uint8 tensor [K, n, _rng_bytes] (on the CPU, like the states)."""
+    rows = torch.zeros(len(tapes), len(tapes[0]), _rng_bytes(device), dtype=torch.uint8)
+    for k, tape in enumerate(tapes):
+        for i, snapshot in enumerate(tape):
+            if snapshot is not None:
+                cpu_state, cuda_state, _ = snapshot
+                parts = [torch.ones(1, dtype=torch.uint8), cpu_state] + ([cuda_state.cpu()] if cuda_state is not None
+                                                                         else [])
+                rows[k, i] = torch.cat(parts)
+    return rows
+
+
+def _unpack_rng(rows: Tensor, num_columns: int, num_levels: int, device: torch.device) -> list[list]:
+    """``_pack_rng``'s tapes back: per column, per level, a snapshot or None."""
+    cpu_bytes = torch.get_rng_state().numel()
+    tapes = []
+    for k in range(num_columns):
+        tape = []
+        for i in range(num_levels):
+            row = rows[k, i]
+            if not row[0]:
+                tape.append(None)
+                continue
+            cuda_state = row[1 + cpu_bytes:].clone() if device.type == "cuda" else None
+            tape.append((row[1:1 + cpu_bytes].clone(), cuda_state, device))
+        tapes.append(tape)
+    return tapes
 
 
 # ---------------------------------------------------------------------- checks
@@ -479,14 +759,38 @@ def _check_anchor_every(anchor_every) -> None:
                          f"sets), got {anchor_every!r}")
 
 
-def _check_states(states, num_levels: int, x) -> None:
-    check_tensor("x", x)
+def _check_states(states, num_levels: int, x, channels: Optional[Sequence[int]] = None) -> None:
+    """x and the states: 4-D floating tensors on one device with one batch size, and
+    the channel counts the columns declare (``state_channels``), if they do."""
+    check_tensor("x", x, ndim=4, dtypes=DTYPES)
     if isinstance(states, torch.Tensor) or not isinstance(states, Sequence) or len(states) != num_levels:
         raise ValueError(f"states must be a sequence of {num_levels} tensors (one per level), "
                          f"got {type(states).__name__}"
                          + (f" of length {len(states)}" if isinstance(states, Sequence) else ""))
     for i, s in enumerate(states):
         check_tensor(f"states[{i}]", s, ndim=4, dtypes=DTYPES, device=x.device)
+        if s.shape[0] != x.shape[0]:
+            raise ValueError(f"states[{i}] must have the batch size of x ({x.shape[0]}), "
+                             f"got shape {tuple(s.shape)}")
+        if channels is not None and s.shape[1] != channels[i]:
+            raise ValueError(f"states[{i}] must have {channels[i]} channels (the columns' "
+                             f"state_channels[{i}]), got shape {tuple(s.shape)}")
+
+
+def _check_heads(heads, num_columns: int) -> Optional[list]:
+    if heads is None:
+        return None
+    if isinstance(heads, nn.Module) and not isinstance(heads, (nn.ModuleList, nn.Sequential)) or \
+            not isinstance(heads, (Sequence, nn.ModuleList)):
+        raise TypeError(f"heads must be None or a sequence of {num_columns} nn.Modules (one per "
+                        f"column), got {type(heads).__name__}")
+    heads = list(heads)
+    if len(heads) != num_columns:
+        raise ValueError(f"heads must hold one module per column ({num_columns}), got {len(heads)}")
+    for k, head in enumerate(heads):
+        if not isinstance(head, nn.Module):
+            raise TypeError(f"heads[{k}] must be an nn.Module, got {type(head).__name__}")
+    return heads
 
 
 # ---------------------------------------------------------- precision report
