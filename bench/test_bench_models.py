@@ -178,16 +178,17 @@ class CheckpointedColumns(torch.nn.Module):
         super().__init__()
         self.columns = columns
 
-    def forward(self, x, states, memory_efficient=True, anchor_every=None):
+    def forward(self, x, states, memory_efficient=True, anchor_every=None, heads=None):
         from torch.utils.checkpoint import checkpoint
 
         from restorenet.ops import column_forward
 
         outputs = []
-        for col in self.columns:
+        for k, col in enumerate(self.columns):
             states = checkpoint(lambda x, *s, _col=col: column_forward(_col, x, s), x, *states,
                                 use_reentrant=False)
-            outputs.append(states[-1])
+            # The head's input is kept anyway: it enters the next checkpoint.
+            outputs.append(heads[k](states[-1]) if heads is not None else states[-1])
         return outputs
 
 
