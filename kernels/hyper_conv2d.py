@@ -142,8 +142,10 @@ def hyper_conv2d_wgrad_kernel(
 def forward(x, level, weight, weight_base, bias, bias_base, stride, padding):
     x = dense(x)
     weight, weight_base = weight.contiguous(), weight_base.contiguous()
+    # The kernels index the biases with unit stride: a strided view must be made dense.
     op_args = (level.contiguous(), weight, weight_base,
-               bias if bias is not None else weight, bias_base if bias_base is not None else weight)
+               bias.contiguous() if bias is not None else weight,
+               bias_base.contiguous() if bias_base is not None else weight)
     return launch_forward(hyper_conv2d_fwd_kernel, x, weight, op_args, stride, padding,
                           tiles(x.shape[1], weight.shape[0]),
                           HAS_BIAS=bias is not None, HAS_BIAS_BASE=bias_base is not None)
@@ -157,6 +159,7 @@ def backward(grad_out, x, level, weight, weight_base, bias, bias_base, stride, p
     if needs[0]:
         grads[0] = _grad_input(grad_out, x, level, weight, weight_base, stride, padding)
     if any(needs[1:]):
+        bias = bias.contiguous() if bias is not None else None  # read with unit stride
         grads[1:] = _grad_params(grad_out, x, level, weight, bias, stride, padding)
         if bias_base is None:
             grads[5] = None

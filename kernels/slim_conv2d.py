@@ -116,7 +116,10 @@ def slim_conv2d_wgrad_kernel(
         n64 = tl.cast(n, tl.int64)
         k_in = tl.minimum(tl.load(in_width_ptr + n), C_in)
         k_out = tl.minimum(tl.load(out_width_ptr + n), C_out)
-        live = (pid_co * BLOCK_CO < k_out) & (pid_ci * BLOCK_CI < k_in)
+        # The bias-owning program also reduces a sample with no active input channel
+        # (k_in <= 0 after clamping): its output is the bias alone, so dbias still gets
+        # its dy; the x tile is then fully masked and adds nothing to dW.
+        live = (pid_co * BLOCK_CO < k_out) & ((pid_ci * BLOCK_CI < k_in) | owns_bias)
         pb_end = tl.where(live, n_pix_blocks, 0)
         g, db = conv_wgrad_tile(dy_ptr + n64 * s_dyn, x_ptr + n64 * s_xn, offs_co, offs_ci,
                                 offs_co < k_out, offs_ci < k_in, r, s, pid_s, pb_end,
@@ -141,7 +144,9 @@ def forward(x, weight, bias, in_width, out_width, stride, padding):
     """y [N, C_out, Ho, Wo] in the layout of x; widths are int32 tensors [N]."""
     x = dense(x)
     weight = weight.contiguous()
-    op_args = (weight, bias if bias is not None else weight, in_width.contiguous(), out_width.contiguous())
+    # The kernel indexes the bias with unit stride: a strided view must be made dense.
+    op_args = (weight, bias.contiguous() if bias is not None else weight, in_width.contiguous(),
+               out_width.contiguous())
     return launch_forward(slim_conv2d_fwd_kernel, x, weight, op_args, stride, padding,
                           _tiles(x.shape[1], weight.shape[0]), HAS_BIAS=bias is not None)
 

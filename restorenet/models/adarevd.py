@@ -37,11 +37,11 @@ from typing import Optional, Sequence, Union
 import torch
 import torch.nn as nn
 
-from restorenet._checks import check_image
+from restorenet._checks import check_image, check_int, check_int_sequence
 from restorenet.models.blocks import (LayerNorm2d, NAFBlock, scaled_residual_add, downsample, pad_to_multiple,
                                       upsample)
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
-from restorenet.ops.rev_columns import column_forward, reversible_columns
+from restorenet.ops.rev_columns import autocast_dtype, column_forward, reversible_columns
 from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan, tile_schedule
 from restorenet.registry import register_model
 
@@ -254,7 +254,7 @@ class ReversibleColumns(nn.Module):
         * fp64: pure reversible (exact to ~1e-9).
         """
         weight_dtype = next(self.parameters()).dtype
-        if torch.is_autocast_enabled(x.device.type) or weight_dtype in (torch.float16, torch.bfloat16):
+        if autocast_dtype(x.device) is not None or weight_dtype in (torch.float16, torch.bfloat16):
             return HALF_PRECISION_ANCHOR_EVERY
         if weight_dtype == torch.float32 and len(self.columns) > FP32_ANCHOR_EVERY:
             return FP32_ANCHOR_EVERY
@@ -326,11 +326,12 @@ class AdaRevD(nn.Module):
                  dropout: float = 0.0, exit_idx: Sequence[int] | None = None,
                  rev_anchor_every: Union[int, None, str] = "auto"):
         super().__init__()
-        if len(enc_blocks) != NUM_LEVELS:
-            raise ValueError(f"enc_blocks must have {NUM_LEVELS} entries (one per decoder "
-                             f"level), got {tuple(enc_blocks)}")
-        if not isinstance(num_decoders, int) or num_decoders < 1:
-            raise ValueError(f"num_decoders must be a positive int, got {num_decoders!r}")
+        enc_blocks = check_int_sequence("enc_blocks", enc_blocks, 0, length=NUM_LEVELS)  # one per decoder level
+        check_int("num_decoders", num_decoders, 1)
+        check_int("in_channels", in_channels, 1)
+        check_int("width", width, 1)
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         self.in_channels = in_channels
         self.num_decoders = num_decoders
         self.memory_efficient = memory_efficient

@@ -17,10 +17,13 @@ plain formulas; any other mix is promoted as PyTorch would (``_fused_dtypes``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from restorenet._checks import check_int
 from restorenet.ops.channel_attention import channel_attention, scaled_residual
 from restorenet.ops.naf_elementwise import layer_norm2d, simple_gate
 
@@ -53,6 +56,9 @@ class LayerNorm2d(nn.Module):
 
     def __init__(self, channels: int, eps: float = 1e-6):
         super().__init__()
+        check_int("channels", channels, 1)
+        if isinstance(eps, bool) or not isinstance(eps, (int, float)) or not math.isfinite(eps) or eps < 0:
+            raise ValueError(f"eps must be a finite float >= 0, got {eps!r}")
         self.weight = nn.Parameter(torch.ones(channels))
         self.bias = nn.Parameter(torch.zeros(channels))
         self.eps = eps
@@ -107,6 +113,13 @@ class NAFBlock(nn.Module):
 
     def __init__(self, channels: int, dw_expand: int = 2, ffn_expand: int = 2, dropout: float = 0.0):
         super().__init__()
+        check_int("channels", channels, 1)
+        for name, expand in (("dw_expand", dw_expand), ("ffn_expand", ffn_expand)):
+            if check_int(name, expand, 1) * channels % 2:
+                raise ValueError(f"{name} * channels must be even (SimpleGate halves the expanded "
+                                 f"channels), got {name}={expand}, channels={channels}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
         c, dw_c, ffn_c = channels, channels * dw_expand, channels * ffn_expand
         self.norm1 = LayerNorm2d(c)
         self.expand = nn.Conv2d(c, dw_c, 1)

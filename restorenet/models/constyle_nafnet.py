@@ -67,7 +67,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restorenet._checks import check_image
+from restorenet._checks import check_image, check_int, check_int_sequence, check_positive_float
 from restorenet.models.blocks import pad_to_multiple
 from restorenet.models.nafnet import naf_stage
 from restorenet.registry import register_model
@@ -104,6 +104,8 @@ class ConStyleEncoder(nn.Module):
 
     def __init__(self, in_channels: int = 3, latent_dim: int = 128):
         super().__init__()
+        check_int("in_channels", in_channels, 1)
+        check_int("latent_dim", latent_dim, 1)
         self.in_channels = in_channels
         self.latent_dim = latent_dim
         c1, c2, c3, c4 = STYLE_CHANNELS
@@ -176,13 +178,13 @@ class ConStyleNAFNet(nn.Module):
                  enc_blocks: Sequence[int] = (7, 8, 9), middle_blocks: int = 9,
                  dec_blocks: Sequence[int] = (9, 8, 7), latent_dim: int = 128):
         super().__init__()
-        if width < 4 or width % 4:
+        if check_int("width", width, 4) % 4:
             raise ValueError(f"width must be a positive multiple of 4 "
                              f"(PixelUnshuffle after a conv c -> c/4), got {width}")
         levels = len(STYLE_CHANNELS) - 1  # one injected style feature per downsample
-        for name, blocks in (("enc_blocks", enc_blocks), ("dec_blocks", dec_blocks)):
-            if len(blocks) != levels:
-                raise ValueError(f"{name} must have {levels} entries, got {list(blocks)}")
+        enc_blocks = check_int_sequence("enc_blocks", enc_blocks, 0, length=levels)
+        dec_blocks = check_int_sequence("dec_blocks", dec_blocks, 0, length=levels)
+        check_int("middle_blocks", middle_blocks, 0)
         self.in_channels = in_channels
         self.style_frozen = False
         self.style_encoder = ConStyleEncoder(in_channels, latent_dim)
@@ -285,12 +287,10 @@ class ConStyleMoCoLoss(nn.Module):
         super().__init__()
         if not isinstance(encoder, ConStyleEncoder):
             raise TypeError(f"encoder must be a ConStyleEncoder, got {type(encoder).__name__}")
-        if queue_size < 1:
-            raise ValueError(f"queue_size must be positive, got {queue_size}")
-        if not 0.0 <= momentum <= 1.0:
-            raise ValueError(f"momentum must be in [0, 1], got {momentum}")
-        if temperature <= 0:
-            raise ValueError(f"temperature must be positive, got {temperature}")
+        check_int("queue_size", queue_size, 1)
+        if isinstance(momentum, bool) or not isinstance(momentum, (int, float)) or not 0.0 <= momentum <= 1.0:
+            raise ValueError(f"momentum must be in [0, 1], got {momentum!r}")
+        check_positive_float("temperature", temperature)
         # Held in a tuple so it is not registered as a submodule: the query
         # encoder belongs to the model, and must not appear twice in optimisers
         # or state dicts.

@@ -75,7 +75,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from restorenet._checks import check_image
+from restorenet._checks import check_image, check_int, check_positive_float, is_int
 from restorenet.ops.slim_conv2d import SlimWidths, check_widths, slim_conv2d, widths_from_choices
 from restorenet.registry import register_model
 
@@ -84,10 +84,9 @@ Width = Union[int, Tensor, SlimWidths]
 
 def width_choices(width: int, num_choices: int) -> list[int]:
     """``round8(width * i / num_choices)`` for i = 1..num_choices (strictly increasing)."""
-    if not isinstance(width, int) or width < 8 or width % 8:
+    if not is_int(width) or width < 8 or width % 8:
         raise ValueError(f"width must be a positive multiple of 8, got {width!r}")
-    if not isinstance(num_choices, int) or num_choices < 1:
-        raise ValueError(f"num_choices must be an int >= 1, got {num_choices!r}")
+    check_int("num_choices", num_choices, 1)
     choices = [max(8, 8 * round(width * i / num_choices / 8)) for i in range(1, num_choices + 1)]
     if len(set(choices)) != num_choices:
         raise ValueError(f"width={width} is too small for num_choices={num_choices} distinct "
@@ -164,7 +163,8 @@ class DDSNet(nn.Module):
     ``forward(x, width=None, *, return_widths=False)``:
         ``width=None`` lets the gate pick one width per image (sampled with
         hard Gumbel-softmax in train mode, argmax in eval); an int from
-        :attr:`choices` or an integer tensor [N] of choices forces the widths.
+        :attr:`choices`, a sequence of N of them or an integer tensor [N] of
+        choices forces the widths.
         Returns the denoised image (and the widths used, [N] int64, with
         ``return_widths=True``).
     """
@@ -172,8 +172,10 @@ class DDSNet(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64, depth: int = 8,
                  num_choices: int = 4, gate_hidden: int = 16, gate_tau: float = 1.0):
         super().__init__()
-        if not isinstance(depth, int) or depth < 0:
-            raise ValueError(f"depth must be an int >= 0, got {depth!r}")
+        check_int("in_channels", in_channels, 1)
+        check_int("depth", depth, 0)
+        check_int("gate_hidden", gate_hidden, 1)
+        check_positive_float("gate_tau", gate_tau)
         self.in_channels, self.width, self.gate_tau = in_channels, width, gate_tau
         self.choices = width_choices(width, num_choices)
         # The choices on the model's device, so no forward copies them from the host.
@@ -211,11 +213,14 @@ class DDSNet(nn.Module):
         return (onehot @ prefix.to(onehot.dtype))[:, :, None, None]
 
     def _forced_widths(self, width, n: int, device: torch.device) -> SlimWidths:
-        """The forced widths, validated here once per forward (at most one host read)."""
-        if isinstance(width, int) and not isinstance(width, bool):
+        """The forced widths, validated here once per forward (at most one host read:
+        none for an int or a sequence, which are checked on the host)."""
+        if is_int(width):
             if width not in self.choices:
                 raise ValueError(f"width must be one of {self.choices}, got {width}")
             return check_widths(width, n, device, self.width)
+        if isinstance(width, (list, tuple)):
+            return self._widths_from_sequence(width, n, device)
         if not isinstance(width, Tensor) or width.is_floating_point() or width.is_complex() \
                 or width.dtype == torch.bool:
             raise TypeError(f"width must be None, an int or an integer tensor [N], got "
@@ -230,6 +235,17 @@ class DDSNet(nn.Module):
             raise ValueError(f"width must hold values from {self.choices}, got "
                              f"{sorted(set(width.tolist()))}")
         values = width.to(torch.int32).expand(n).contiguous()
+        return SlimWidths(values, min(self.choices), max(self.choices))
+
+    def _widths_from_sequence(self, width, n: int, device: torch.device) -> SlimWidths:
+        if not all(is_int(v) for v in width):
+            raise TypeError(f"width must be None, an int, a sequence of ints or an integer tensor [N], "
+                            f"got {width!r}")
+        if len(width) != n:
+            raise ValueError(f"width must hold N = {n} widths (one per image of x), got {len(width)}")
+        if not set(width) <= set(self.choices):
+            raise ValueError(f"width must hold values from {self.choices}, got {sorted(set(width))}")
+        values = torch.tensor(list(width), dtype=torch.int32, device=device)
         return SlimWidths(values, min(self.choices), max(self.choices))
 
     # -- network ------------------------------------------------------------

@@ -23,7 +23,10 @@ in 0-255 units, JPEG quality, or SR scale -- and converts it with
 :func:`level_to_condition`, ``c = level / 255``: the paper (and its code)
 normalises every task's level the same way. For super-resolution the input is
 the low-res image already upscaled back to the target size (bicubic); this
-model does not resize.
+model does not resize. Every such level is finite and >= 0, so a NaN, infinite
+or negative level is rejected (it would silently give a NaN or meaningless
+image): on the host for a number or a sequence, in exactly one host read per
+forward for a tensor (``allow_nonfinite=True`` skips the check).
 
 The blind setting (Sec. 4.4) estimates the noise level with a small CNN,
 :class:`BlindLevelEstimator` (registered as ``hyperres_level_estimator``).
@@ -39,9 +42,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from restorenet._checks import check_image
+from restorenet._checks import check_image, check_int
 from restorenet.models.blocks import pad_to_multiple
 from restorenet.ops import hyper_conv2d
+from restorenet.ops._common import can_read_values
+from restorenet.ops.hyper_conv2d import check_level_value, check_levels
 from restorenet.registry import register_model
 
 LEVEL_SCALE = 255.0
@@ -70,6 +75,11 @@ class HyperConv2d(nn.Module):
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3,
                  stride: int = 1, padding: int = 1):
         super().__init__()
+        check_int("in_channels", in_channels, 1)
+        check_int("out_channels", out_channels, 1)
+        check_int("kernel_size", kernel_size, 1)
+        check_int("stride", stride, 1)
+        check_int("padding", padding, 0)
         self.in_channels, self.out_channels = in_channels, out_channels
         self.kernel_size, self.stride, self.padding = kernel_size, stride, padding
         self.kernel_numel = out_channels * in_channels * kernel_size * kernel_size
@@ -118,11 +128,12 @@ class HyperConv2d(nn.Module):
         return (condition * self.kernel_slope + self.kernel_base,
                 condition * self.bias_slope + self.bias_base)
 
-    def forward(self, x: Tensor, condition) -> Tensor:
-        """``condition``: a float or a tensor [N] (one c per sample)."""
+    def forward(self, x: Tensor, condition, *, allow_nonfinite: bool = False) -> Tensor:
+        """``condition``: a float or a tensor [N] (one c per sample), finite and >= 0
+        (``allow_nonfinite=True`` skips that check, see ``hyper_conv2d``)."""
         return hyper_conv2d(x, condition, self.kernel_slope, self.kernel_base,
                             self.bias_slope, self.bias_base,
-                            stride=self.stride, padding=self.padding)
+                            stride=self.stride, padding=self.padding, allow_nonfinite=allow_nonfinite)
 
 
 class ResBlockMeta(nn.Module):
@@ -133,8 +144,9 @@ class ResBlockMeta(nn.Module):
         self.conv1 = HyperConv2d(channels, channels, 3, padding=1)
         self.conv2 = HyperConv2d(channels, channels, 3, padding=1)
 
-    def forward(self, x: Tensor, condition) -> Tensor:
-        return x + self.conv2(F.relu(self.conv1(x, condition)), condition)
+    def forward(self, x: Tensor, condition, *, allow_nonfinite: bool = False) -> Tensor:
+        h = F.relu(self.conv1(x, condition, allow_nonfinite=allow_nonfinite))
+        return x + self.conv2(h, condition, allow_nonfinite=allow_nonfinite)
 
 
 # ---------------------------------------------------------------- main network
@@ -160,38 +172,50 @@ class PixelShuffleTail(nn.Module):
 class HyperRes(nn.Module):
     """The main network with its hyper network (see the module docstring).
 
-    ``forward(x, level)``: ``x`` [N, in_channels, H, W] (any H, W: padded to
-    even sizes for the stride-2 head and cropped back), ``level`` the raw
-    degradation level, a float or a tensor [N]. Returns the restored image,
-    same shape as ``x``.
+    ``forward(x, level, *, allow_nonfinite=False)``: ``x`` [N, in_channels, H, W]
+    (N >= 1, any H, W: padded to even sizes for the stride-2 head and cropped back),
+    ``level`` the raw degradation level, finite and >= 0: a number, a sequence of N
+    numbers or a real tensor [] or [N] on the device of ``x``. A tensor level is
+    checked in exactly one host read per forward (not one per layer; none under
+    torch.compile or on meta tensors); ``allow_nonfinite=True`` skips the check.
+    Returns the restored image, same shape as ``x``.
     """
 
     def __init__(self, in_channels: int = 3, width: int = 64, num_blocks: int = 16):
         super().__init__()
+        check_int("in_channels", in_channels, 1)
+        check_int("width", width, 1)
+        check_int("num_blocks", num_blocks, 0)  # 0: head, body end and tail only
         self.in_channels = in_channels
         self.head = conv3x3(in_channels, width, stride=2)
         self.blocks = nn.ModuleList([ResBlockMeta(width) for _ in range(num_blocks)])
         self.body_end = conv3x3(width, width)
         self.tail = PixelShuffleTail(width, in_channels)
 
-    def forward(self, x: Tensor, level) -> Tensor:
+    def forward(self, x: Tensor, level, *, allow_nonfinite: bool = False) -> Tensor:
         check_image("x", x, self.in_channels)
-        condition = level_to_condition(_level_as(level, x))
+        condition = level_to_condition(_level_as(level, x, check_values=not allow_nonfinite))
         h, w = x.shape[-2:]
         f0 = self.head(pad_to_multiple(x, 2))
         f = f0
         for block in self.blocks:
-            f = block(f, condition)
+            # Checked once above: the layers must not read the levels again.
+            f = block(f, condition, allow_nonfinite=True)
         f = self.body_end(f) + f0
         return self.tail(f)[..., :h, :w]
 
 
-def _level_as(level, x: Tensor):
-    """``level`` as a Python float or a tensor [N] in x's float precision."""
+def _level_as(level, x: Tensor, check_values: bool):
+    """``level`` as a Python float or a tensor [N] in x's float precision, checked
+    finite and >= 0 when ``check_values`` (a tensor: the forward's one host read)."""
     if isinstance(level, (int, float)) and not isinstance(level, bool):
+        if check_values:
+            check_level_value("level", level)
         return float(level)
+    if isinstance(level, (list, tuple)):
+        return _level_from_sequence(level, x, check_values)
     if not isinstance(level, Tensor) or level.dtype == torch.bool or level.is_complex():
-        raise TypeError(f"level must be a number or a real tensor [N], got "
+        raise TypeError(f"level must be a number, a sequence of numbers or a real tensor [N], got "
                         f"{level.dtype if isinstance(level, Tensor) else type(level).__name__}")
     if level.dim() > 1 or (level.dim() == 1 and level.shape[0] != x.shape[0]):
         raise ValueError(f"level must be a number or a tensor of shape [N] = [{x.shape[0]}] "
@@ -199,7 +223,23 @@ def _level_as(level, x: Tensor):
     if level.device != x.device:
         raise ValueError(f"level must be on the device of x ({x.device}), got {level.device}")
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return level.to(dtype).expand(x.shape[0])
+    level = level.to(dtype).expand(x.shape[0])
+    if check_values and can_read_values(level):
+        check_levels(level)  # the forward's one host read
+    return level
+
+
+def _level_from_sequence(level, x: Tensor, check_values: bool) -> Tensor:
+    """A host sequence of levels, checked on the host (no device read), as a tensor [N]."""
+    if len(level) != x.shape[0] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
+                                           for v in level):
+        raise ValueError(f"level must be a sequence of N = {x.shape[0]} numbers (one per sample "
+                         f"of x), got {level!r}")
+    if check_values:
+        for v in level:
+            check_level_value("level", v)
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.tensor([float(v) for v in level], dtype=dtype, device=x.device)
 
 
 # ------------------------------------------------------------- blind estimator
@@ -207,8 +247,10 @@ class BlindLevelEstimator(nn.Module):
     """The blind setting's level estimator: 5 convs + 3 FC layers (paper Sec. 4.4).
 
     Predicts the raw level (noise sigma, trained on 0-100) of each image from
-    one ``crop_size`` x ``crop_size`` crop, so its output feeds
-    ``HyperRes(x, level=estimator(x))`` directly::
+    one ``crop_size`` x ``crop_size`` crop. In eval mode the estimate is clamped at
+    0 (a level is >= 0, and HyperRes rejects a negative one), so its output feeds
+    ``HyperRes(x, level=estimator(x))`` directly; in train mode it is the raw
+    regression output, so a loss still has a gradient below 0::
 
         conv3x3_s2(3->64) -> 4 x [conv3x3(64->64) -> ReLU -> maxpool2]
         -> flatten 64*(crop/32)^2 -> FC 32 -> ReLU -> FC 16 -> ReLU -> FC 1
@@ -220,8 +262,11 @@ class BlindLevelEstimator(nn.Module):
 
     def __init__(self, in_channels: int = 3, width: int = 64, crop_size: int = 128):
         super().__init__()
-        if crop_size % 32 != 0:
-            raise ValueError(f"crop_size must be a multiple of 32, got {crop_size}")
+        check_int("in_channels", in_channels, 1)
+        check_int("width", width, 1)
+        if check_int("crop_size", crop_size, 32) % 32:
+            raise ValueError(f"crop_size must be a multiple of 32 (the features reach crop/32), "
+                             f"got {crop_size}")
         self.in_channels, self.crop_size = in_channels, crop_size
         convs = [nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU()]
         for _ in range(4):
@@ -243,7 +288,8 @@ class BlindLevelEstimator(nn.Module):
         if min(x.shape[-2:]) < self.crop_size:
             raise ValueError(f"x must be at least {self.crop_size}x{self.crop_size}, "
                              f"got spatial size {tuple(x.shape[-2:])}")
-        return self.regressor(self.features(self.center_crop(x))).squeeze(1)
+        level = self.regressor(self.features(self.center_crop(x))).squeeze(1)
+        return level if self.training else level.clamp_min(0)
 
 
 @register_model("hyperres")

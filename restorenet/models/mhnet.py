@@ -61,7 +61,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restorenet._checks import check_image
+from restorenet._checks import check_image, check_int, check_int_sequence
 from restorenet.models.blocks import LayerNorm2d, SimpleGate, pad_to_multiple, upsample
 from restorenet.models.nafnet import NAFNetDecoder, NAFNetEncoder, naf_stage
 from restorenet.registry import register_model
@@ -82,8 +82,9 @@ class TopKChannelAttention(nn.Module):
     def __init__(self, channels: int, heads: int = 8,
                  topk_ratios: Sequence[float | Fraction] = TOPK_RATIOS, bias: bool = False):
         super().__init__()
-        if channels % heads:
-            raise ValueError(f"channels must be divisible by heads, got {channels} and {heads}")
+        check_int("channels", channels, 1)
+        if check_int("heads", heads, 1) > channels or channels % heads:
+            raise ValueError(f"heads must divide channels, got heads={heads}, channels={channels}")
         self.heads = heads
         head_dim = channels // heads
         # Fractions so that e.g. 30 * 2/3 is exactly 20, not 19.999... -> 19.
@@ -131,7 +132,12 @@ class AFFM(nn.Module):
 
     def __init__(self, channels: int, reduction: int = 8, bias: bool = False):
         super().__init__()
-        squeeze = max(channels // reduction, 4)
+        check_int("channels", channels, 1)
+        check_int("reduction", reduction, 1)
+        # Even, for the SimpleGate that halves it: channels // reduction rounded down to
+        # even (the same value wherever that is already even, e.g. 8 at width 64; an odd
+        # one, e.g. width 40 -> 5, could only fail in forward).
+        squeeze = max(2 * (channels // (2 * reduction)), 4)
         self.squeeze = nn.Sequential(nn.Conv2d(channels, squeeze, 1, bias=bias), SimpleGate())
         self.weights = nn.ModuleList(
             [nn.Conv2d(squeeze // 2, channels, 1, bias=bias) for _ in range(3)])
@@ -204,11 +210,19 @@ class MHNet(nn.Module):
                  dec_blocks: Sequence[int] = (1, 1, 1, 1),
                  heads: int = 8, cabg_blocks: int = 8):
         super().__init__()
+        check_int("in_channels", in_channels, 1)
+        check_int("width", width, 1)
+        # At least one level: stage 2 fuses the finest decoder tap.
+        enc_blocks = check_int_sequence("enc_blocks", enc_blocks, 0, min_length=1)
+        dec_blocks = check_int_sequence("dec_blocks", dec_blocks, 0)
         if len(enc_blocks) != len(dec_blocks):
             raise ValueError(f"enc_blocks and dec_blocks must have the same length, "
                              f"got {len(enc_blocks)} and {len(dec_blocks)}")
-        if width < 1:
-            raise ValueError(f"width must be positive, got {width}")
+        check_int("cabg_blocks", cabg_blocks, 0)
+        bottom = width * 2 ** len(enc_blocks)
+        if check_int("heads", heads, 1) > bottom or bottom % heads:
+            raise ValueError(f"heads must divide the attention's channels width * 2**len(enc_blocks) "
+                             f"= {bottom}, got {heads}")
         self.in_channels = in_channels
         self.size_multiple = 2 ** len(enc_blocks)
         self.stage1 = ContextUNet(in_channels, width, enc_blocks, dec_blocks, heads)

@@ -11,7 +11,7 @@ from typing import Sequence
 import torch
 import torch.nn as nn
 
-from restorenet._checks import check_image
+from restorenet._checks import check_image, check_int, check_int_sequence
 from restorenet.models.blocks import NAFBlock, downsample, pad_to_multiple, upsample
 from restorenet.registry import register_model
 
@@ -30,6 +30,11 @@ class NAFNetEncoder(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64,
                  enc_blocks: Sequence[int] = (1, 1, 1, 28), middle_blocks: int = 1):
         super().__init__()
+        # Checked here, where NAFNet, MHNet and AdaRevD all pass their sizes first.
+        check_int("in_channels", in_channels, 1)
+        check_int("width", width, 1)
+        enc_blocks = check_int_sequence("enc_blocks", enc_blocks, 0)
+        check_int("middle_blocks", middle_blocks, 0)
         self.intro = nn.Conv2d(in_channels, width, 3, padding=1)
         self.stages = nn.ModuleList()
         self.downs = nn.ModuleList()
@@ -61,6 +66,8 @@ class NAFNetDecoder(nn.Module):
 
     def __init__(self, width: int = 64, dec_blocks: Sequence[int] = (1, 1, 1, 1)):
         super().__init__()
+        check_int("width", width, 1)
+        dec_blocks = check_int_sequence("dec_blocks", dec_blocks, 0)
         levels = len(dec_blocks)
         self.ups = nn.ModuleList()
         self.stages = nn.ModuleList()
@@ -87,6 +94,9 @@ class NAFNet(nn.Module):
                  enc_blocks: Sequence[int] = (1, 1, 1, 28), middle_blocks: int = 1,
                  dec_blocks: Sequence[int] = (1, 1, 1, 1)):
         super().__init__()
+        # At least one level: the decoder's finest output is the image's.
+        enc_blocks = check_int_sequence("enc_blocks", enc_blocks, 0, min_length=1)
+        dec_blocks = check_int_sequence("dec_blocks", dec_blocks, 0)
         if len(enc_blocks) != len(dec_blocks):
             raise ValueError(f"enc_blocks and dec_blocks must have the same length, "
                              f"got {len(enc_blocks)} and {len(dec_blocks)}")

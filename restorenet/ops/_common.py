@@ -44,17 +44,34 @@ def autocast_inputs(x: Tensor, *params: Optional[Tensor]) -> tuple:
     """Custom ops are invisible to autocast; cast here so the op sees one dtype,
     the way F.conv2d would run under autocast."""
     device = x.device.type
-    if not torch.is_autocast_enabled(device):
+    # Devices with no autocast (meta: shape propagation) cannot even be asked.
+    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
         return (x, *params)
     dtype = torch.get_autocast_dtype(device)
     return tuple(t if t is None else t.to(dtype) for t in (x, *params))
 
 
+def can_read_values(t: Tensor) -> bool:
+    """Whether a value check may read ``t`` back to the host: not under torch.compile
+    (a read breaks the graph), not on meta (no values), not when there is nothing to read.
+    Where it may not, only the metadata is checked."""
+    return t.numel() > 0 and t.device.type != "meta" and not torch.compiler.is_compiling()
+
+
 def check_conv_geometry(x: Tensor, weight: Tensor, stride, padding) -> None:
+    """Stride, padding and sizes of a conv op. Every dimension but the batch must be
+    >= 1: a conv over no input channels or no pixels would be the bias alone (or
+    padding alone), which F.conv2d itself gets wrong or rejects and no model needs,
+    so it is rejected here, once, for every backend."""
     if not isinstance(stride, int) or isinstance(stride, bool) or stride < 1:
         raise ValueError(f"stride must be an int >= 1, got {stride!r}")
     if not isinstance(padding, int) or isinstance(padding, bool) or padding < 0:
         raise ValueError(f"padding must be an int >= 0, got {padding!r}")
+    if min(x.shape[1:]) < 1:
+        raise ValueError(f"x must have C_in, H, W >= 1 (only the batch may be empty), "
+                         f"got shape {tuple(x.shape)}")
+    if min(weight.shape) < 1:
+        raise ValueError(f"weight must have C_out, C_in, kh, kw >= 1, got shape {tuple(weight.shape)}")
     kh, kw = weight.shape[-2:]
     if x.shape[2] + 2 * padding < kh or x.shape[3] + 2 * padding < kw:
         raise ValueError(f"x is too small: spatial size {tuple(x.shape[2:])} with padding "

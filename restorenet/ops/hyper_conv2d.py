@@ -22,6 +22,7 @@ This file is the pattern every restorenet op follows:
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -30,8 +31,8 @@ from torch import Tensor
 
 from restorenet._checks import check_tensor
 from restorenet.ops._backend import cuda_extension, resolve_backend
-from restorenet.ops._common import (autocast_inputs, check_conv_geometry, output_memory_format,
-                                    output_shape, shape_grads)
+from restorenet.ops._common import (autocast_inputs, can_read_values, check_conv_geometry,
+                                    output_memory_format, output_shape, shape_grads)
 from restorenet.ops._nvtx import nvtx_range
 
 OP = "hyper_conv2d"
@@ -72,15 +73,26 @@ def _generated_bias(lv: Tensor, bias: Optional[Tensor], bias_base: Optional[Tens
 # ----------------------------------------------------------------- public function
 def hyper_conv2d(x: Tensor, level, weight: Tensor, weight_base: Tensor,
                  bias: Optional[Tensor] = None, bias_base: Optional[Tensor] = None,
-                 stride: int = 1, padding: int = 0, *, backend: Optional[str] = None) -> Tensor:
+                 stride: int = 1, padding: int = 0, *, allow_nonfinite: bool = False,
+                 backend: Optional[str] = None) -> Tensor:
     """Per-sample generated-kernel convolution (see module docstring).
 
     Args:
-        x: [N, Cin, H, W], float16/bfloat16/float32/float64, contiguous or channels_last.
-        level: a float (same level for every sample) or a tensor [N]. Computed in
-            float32 (float64 when ``x`` is float64) whatever the input dtype.
-        weight, weight_base: [Cout, Cin, kh, kw], the dtype of ``x``.
+        x: [N, Cin, H, W], float16/bfloat16/float32/float64, contiguous or channels_last;
+            Cin, H, W >= 1 (N may be 0).
+        level: the condition ``c`` of each sample (HyperRes: noise sigma / 255, JPEG
+            quality / 255, ...): a number (every sample), a sequence of N numbers, or a
+            floating tensor [] or [N] on the device of ``x``. Computed in float32
+            (float64 when ``x`` is float64) whatever the input dtype. Levels must be
+            finite and >= 0 (a degradation level; a NaN would silently make a NaN
+            image). A number or a sequence is checked on the host for free; a tensor
+            costs exactly one host read (one sync) -- not made under torch.compile, on
+            meta tensors (no values) or for an empty batch, where it is not checked.
+        weight, weight_base: [Cout, Cin, kh, kw], the dtype of ``x``, every dim >= 1.
         bias, bias_base: [Cout] or None (None counts as zero).
+        allow_nonfinite: skip the level check (no host read): for a caller that checked
+            the levels once for many layers (``HyperRes`` does, once per forward), or
+            that wants NaN, inf or negative levels to flow through.
         backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None for the
             process-wide choice (see ``restorenet.ops.use_backend``).
     Returns:
@@ -88,34 +100,82 @@ def hyper_conv2d(x: Tensor, level, weight: Tensor, weight_base: Tensor,
     """
     check_tensor("x", x, ndim=4, dtypes=DTYPES)  # first: the level check needs N
     x, weight, weight_base, bias, bias_base = autocast_inputs(x, weight, weight_base, bias, bias_base)
-    level = _level_tensor(level, x)
+    read_level = isinstance(level, Tensor) and not allow_nonfinite  # host values: checked on the host
+    level = _level_tensor(level, x, check_values=not allow_nonfinite)
     _check_args(x, level, weight, weight_base, bias, bias_base, stride, padding)
+    if read_level and can_read_values(level):
+        check_levels(level)  # last: every cheap check first, then the one host read
+    level = _broadcast_level(level, x)
     name = resolve_backend(backend, x.device, OP, cuda_symbol="hyper_conv2d_forward")
     return torch.ops.restorenet.hyper_conv2d(x, level, weight, weight_base, bias, bias_base,
                                              stride, padding, name)
 
 
-def _level_tensor(level, x: Tensor) -> Tensor:
+def _level_tensor(level, x: Tensor, check_values: bool):
+    """``level`` as a tensor [] or [N] on x's device; numbers and sequences are
+    range-checked here on the host (``check_values``), tensors only for metadata."""
     dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    if isinstance(level, (int, float)) and not isinstance(level, bool):
+    if _is_number(level):
+        if check_values:
+            check_level_value("level", level)
         return torch.full((x.shape[0],), float(level), dtype=dtype, device=x.device)
+    if isinstance(level, (list, tuple)):
+        return _level_from_sequence(level, x, dtype, check_values)
     if not isinstance(level, Tensor):
-        raise TypeError(f"level must be a float or a tensor [N], got {type(level).__name__}")
+        raise TypeError(f"level must be a number, a sequence of numbers or a tensor [N], "
+                        f"got {type(level).__name__}")
     if not level.is_floating_point():
         raise TypeError(f"level must be a floating-point tensor, got {level.dtype}")
     if level.device != x.device:
         raise ValueError(f"level must be on the device of x ({x.device}), got {level.device}")
-    if level.dim() == 0:
-        level = level.expand(x.shape[0])
-    if level.dim() != 1 or level.shape[0] != x.shape[0]:
+    if level.dim() > 1 or (level.dim() == 1 and level.shape[0] != x.shape[0]):
         raise ValueError(f"level must be a float or a tensor of shape [N] = [{x.shape[0]}] "
                          f"(one level per sample of x), got shape {tuple(level.shape)}")
     return level.to(dtype)
 
 
+def _broadcast_level(level: Tensor, x: Tensor) -> Tensor:
+    return level.expand(x.shape[0]) if level.dim() == 0 else level
+
+
+def _level_from_sequence(level, x: Tensor, dtype: torch.dtype, check_values: bool) -> Tensor:
+    if len(level) != x.shape[0] or not all(_is_number(v) for v in level):
+        raise ValueError(f"level must be a sequence of N = {x.shape[0]} numbers (one per sample "
+                         f"of x), got {level!r}")
+    if check_values:
+        for v in level:
+            check_level_value("level", v)
+    return torch.tensor([float(v) for v in level], dtype=dtype, device=x.device)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def check_level_value(name: str, value) -> None:
+    """A degradation level given as a Python number: finite and >= 0."""
+    try:
+        finite = math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        finite = False
+    if not finite or value < 0:
+        raise ValueError(f"{name} must be finite and >= 0 (a degradation level), got {value!r}")
+
+
+def check_levels(level: Tensor, name: str = "level") -> None:
+    """Every value of a level tensor finite and >= 0, in exactly one host read
+    (a second one only to word the error)."""
+    if bool((torch.isfinite(level) & (level >= 0)).all()):  # the one host read
+        return
+    bad = level[~(torch.isfinite(level) & (level >= 0))]
+    raise ValueError(f"{name} must be finite and >= 0 (a degradation level), got "
+                     f"{bad.flatten()[:4].tolist()} among its values")
+
+
 def _check_args(x, level, weight, weight_base, bias, bias_base, stride, padding) -> None:
     check_tensor("x", x, ndim=4, dtypes=DTYPES)
     check_tensor("weight", weight, ndim=4, dtypes=(x.dtype,), device=x.device)
+    check_conv_geometry(x, weight, stride, padding)
     if weight.shape[1] != x.shape[1]:
         raise ValueError(f"weight must have Cin = x.shape[1] = {x.shape[1]} input channels "
                          f"(shape [Cout, Cin, kh, kw]), got shape {tuple(weight.shape)}")
@@ -129,7 +189,6 @@ def _check_args(x, level, weight, weight_base, bias, bias_base, stride, padding)
             if b.shape[0] != weight.shape[0]:
                 raise ValueError(f"{name} must have shape [Cout] = [{weight.shape[0]}], "
                                  f"got {tuple(b.shape)}")
-    check_conv_geometry(x, weight, stride, padding)
 
 
 # ------------------------------------------------------------------- custom ops

@@ -253,7 +253,7 @@ def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: S
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *states, *params))
     if memory_efficient and needs_grad:
         handle = _chain_handle(columns, heads)
-        amp = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else None
+        amp = autocast_dtype(x.device)
         record_rng = any(_may_draw_random(c) for c in columns)
         out = torch.ops.restorenet.reversible_columns.default(
             handle, x, states, params, anchor_every or 0, dtype, amp, record_rng)
@@ -287,6 +287,15 @@ def column_forward(column: ReversibleColumn, x: Tensor, states: Sequence[Tensor]
             rng_tape.append(None if _same_rng(before, _rng_state(x.device)) else before)
         new.append(rev_coupling_forward(states[i], f, column.coupling_alpha(i, work)))
     return tuple(s.to(dtype) for s in new)
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device``, or None where it is off (or the
+    device has no autocast, e.g. meta)."""
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def _column_output(heads, k: int, last_state: Tensor, dtype: torch.dtype) -> Tensor:
@@ -692,7 +701,9 @@ def _buffers_restored(buffers: Sequence[Tensor]):
 def _autocast(device_type: str, dtype: Optional[torch.dtype]):
     """The caller's autocast state, passed to the ops explicitly: inside a compiled
     graph the op runs outside any autocast region (Inductor applied it at trace time)."""
-    if dtype is None:
+    if dtype is None and not torch.amp.is_autocast_available(device_type):  # e.g. meta: nothing to turn off
+        yield
+    elif dtype is None:
         with torch.autocast(device_type, enabled=False):
             yield
     else:

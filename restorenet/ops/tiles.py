@@ -44,9 +44,22 @@ reads), ``triton`` (``restorenet_kernels.tiles``) and ``cuda`` (``restorenet._C`
 csrc/tiles.cu; the automatic choice skips it where the extension was built without
 these kernels, and asking for it there raises). ``tile_plan`` is host-side
 Python and ``tile_schedule`` a few PyTorch ops, inside an NVTX/profiler range.
+
+Checks and host reads. Every argument is checked in this module, before any kernel
+runs, so every backend raises the same error (naming the argument). An ``order`` is
+checked value by value (a wrong one would make a kernel read out of bounds); that
+costs nothing for None, a list of ints or an order from ``tile_schedule`` (marked as a
+known permutation), and ONE device-to-host read for any other tensor. So the pipeline
+above reads the host once, in ``tile_schedule``.
+
+torch.compile. ``tile_plan``, ``tile_gather`` and ``tile_blend`` trace into one graph
+(fullgraph=True works; the kernels are opaque custom ops). ``tile_schedule`` is the one
+declared graph break (``torch.compiler.disable``: it runs eagerly, see the comment on
+it); a user's tensor ``order`` adds one more, for its check.
 """
 from __future__ import annotations
 
+import numbers
 import operator
 from dataclasses import dataclass, field
 from typing import Optional, Sequence, Union
@@ -73,6 +86,7 @@ _COLUMN = {name: i for i, name in enumerate(LAYOUT_COLUMNS)}
 
 Pair = Union[int, Sequence[int]]
 Images = Union[Tensor, Sequence[Tensor]]
+Indices = Union[Tensor, Sequence[int]]  # an integer tensor [n] or a list of ints
 
 
 # ------------------------------------------------------------------------ geometry
@@ -264,6 +278,8 @@ def _positive_int(name: str, v) -> int:
 def _pair(name: str, v, minimum: int) -> tuple[int, int]:
     pair = (v, v) if isinstance(v, int) and not isinstance(v, bool) else v
     try:
+        if any(isinstance(p, bool) for p in pair):  # True is an int to Python, not a size
+            raise TypeError
         pair = tuple(operator.index(p) for p in pair)
     except TypeError:
         raise TypeError(f"{name} must be an int or a pair of ints, got {v!r}") from None
@@ -278,7 +294,9 @@ class TileSchedule:
     """Tiles sorted by exit depth, deepest first (ties keep plan order).
 
     Attributes:
-        order: int64 [T] on the device: the plan tile at each sorted position.
+        order: int64 [T] on the device: the plan tile at each sorted position; marked
+            as a known permutation, so ``tile_gather`` / ``tile_blend`` take it without
+            reading its values (an in-place edit clears that, in eager).
         active: K host ints, ``active[k]`` tiles run stage k (0-based): the positions
             ``[0, active[k])``, a prefix of the sorted order, non-increasing in k.
     """
@@ -296,32 +314,44 @@ class TileSchedule:
         return slice(after, self.active[k])
 
 
-def tile_schedule(depth: Union[Tensor, Sequence[Tensor]], num_columns: int):
+# A declared graph break: under torch.compile this op runs eagerly. It is the op's one
+# device-to-host read -- the counts decide how many tiles each column runs, so what
+# follows has data-dependent shapes that no graph can carry. Left to itself, Dynamo
+# meets the .tolist() as a data-dependent operator inside the profiler range, a
+# context manager it cannot break in: an accident whose outcome depends on the torch
+# version (reported failing; 2.13 falls back to skipping the frame). The whole op is
+# disabled, not just the read: Dynamo (2.13, no nested graph breaks by default) also
+# splits the caller at the call of a function that breaks inside, so a narrower
+# region costs two breaks; the argument checks and one sort of T ints lose nothing
+# eagerly. The caller's graph ends here; the rest is traced with ``active`` as ints.
+@torch.compiler.disable
+def tile_schedule(depth: Union[Indices, Sequence[Indices]], num_columns: int):
     """Sort tiles by exit depth, deepest first, and count the tiles of every stage.
 
     Args:
-        depth: integer [T] exit depths in 1..K (plan order), or a list of them (e.g. one
-            per tile plan); every list entry is scheduled separately.
+        depth: exit depths in 1..K (plan order): an integer tensor [T] or a list of
+            ints; or a non-empty list of those (e.g. one per tile plan), every entry
+            scheduled separately. Lists of ints go to the device of the first tensor
+            entry (the CPU if there is none).
         num_columns: K.
-    Returns a ``TileSchedule`` (a list of them for a list). All the counts -- and the
-    range check of ``depth`` -- come to the host in ONE device-to-host copy.
+    Returns a ``TileSchedule`` (a list of them for a list of depths). All the counts --
+    and the range check of ``depth`` -- come to the host in ONE device-to-host copy.
+    Each ``order`` is marked as a known permutation, so ``tile_gather`` and
+    ``tile_blend`` take it without checking its values (no further host read).
+    Under ``torch.compile`` this op is one graph break (it runs eagerly).
     """
-    as_list = not isinstance(depth, Tensor)
-    depths = list(depth) if as_list else [depth]
+    depths, as_list = _check_depths(depth)
     k = _positive_int("num_columns", num_columns)
-    if not depths:
-        raise ValueError("depth must be an integer tensor [T] or a non-empty list of them")
-    device = depths[0].device if isinstance(depths[0], Tensor) else torch.device("cpu")
-    for i, d in enumerate(depths):
-        check_tensor(f"depth[{i}]" if as_list else "depth", d, ndim=1, dtypes=INT_DTYPES, device=device)
-
+    device = depths[0].device
     with nvtx_range("tile_schedule", "fwd", device):
         stages = torch.arange(k, device=device)
         orders, parts = [], []
         for d in depths:
             d = d.long()
             # stable: ties keep plan order, so the result does not depend on the sort.
-            orders.append(torch.sort(d, descending=True, stable=True).indices)
+            order = torch.sort(d, descending=True, stable=True).indices
+            _mark_known_permutation(order)  # a sort's indices: whatever the depths
+            orders.append(order)
             parts.append((d[None, :] > stages[:, None]).sum(dim=1))  # tiles running stage k
             if d.numel():  # the range check rides along in the same copy
                 parts.append(torch.stack([d.min(), d.max()]))
@@ -342,6 +372,145 @@ def tile_schedule(depth: Union[Tensor, Sequence[Tensor]], num_columns: int):
     return schedules if as_list else schedules[0]
 
 
+def _check_depths(depth) -> tuple[list[Tensor], bool]:
+    """(the depths as integer tensors [T] on one device, whether a list of them came in)."""
+    rule = ("depth must be an integer tensor [T] or a list of ints (exit depths), or a "
+            "non-empty list of those (one per tile group)")
+    if isinstance(depth, Tensor) or _is_int_list(depth):
+        entries, as_list = [depth], False
+    elif isinstance(depth, (list, tuple)) and depth:
+        entries, as_list = list(depth), True
+    else:
+        raise TypeError(f"{rule}, got {_describe(depth)}")
+    tensors = [d for d in entries if isinstance(d, Tensor)]
+    device = tensors[0].device if tensors else torch.device("cpu")
+    out = []
+    for i, d in enumerate(entries):
+        name = f"depth[{i}]" if as_list else "depth"
+        if _is_int_list(d) or (isinstance(d, (list, tuple)) and not d):
+            d = _to_device(list(d), torch.int64, device)
+        elif not isinstance(d, Tensor):
+            raise TypeError(f"{name} must be an integer tensor [T] or a list of ints, "
+                            f"got {_describe(d)}")
+        check_tensor(name, d, ndim=1, dtypes=INT_DTYPES, device=device)
+        if d.device.type == "meta":  # the range check reads the values
+            raise ValueError(f"{name} must hold values (a meta tensor has none), got {d.device}")
+        out.append(d)
+    return out, as_list
+
+
+def _is_int(v) -> bool:
+    # bool is an int to Python, never a tile index or a depth here.
+    return isinstance(v, numbers.Integral) and not isinstance(v, (bool, Tensor))
+
+
+def _is_int_list(v) -> bool:
+    return isinstance(v, (list, tuple)) and len(v) > 0 and all(_is_int(x) for x in v)
+
+
+def _describe(v) -> str:
+    if isinstance(v, (list, tuple)):
+        kinds = sorted({type(x).__name__ for x in v})
+        return f"{type(v).__name__} of {', '.join(kinds)}" if v else f"empty {type(v).__name__}"
+    return type(v).__name__
+
+
+# ------------------------------------------------------------------------- order
+# An ``order`` says which plan tile each row holds. A wrong one would make the blend
+# read slots nobody wrote (the Triton interpreter then crashes the process) and the
+# gather index past the layout, so every value is checked before any kernel runs --
+# here, in Python, so that every backend raises the same error. What that costs:
+#   None, or a list of ints:           nothing on the device (checked on the host)
+#   an order from tile_schedule:       nothing: marked as a known permutation
+#   any other tensor:                  ONE device-to-host read (_check_order_values)
+# AdaRevD.restore passes only tile_schedule's orders: its one host read stays one.
+_KNOWN_PERMUTATION = "_restorenet_known_permutation"
+
+
+def _mark_known_permutation(order: Tensor) -> None:
+    """Mark ``order``, a permutation of 0..len-1, as such (with its current version)."""
+    setattr(order, _KNOWN_PERMUTATION, order._version)
+
+
+def _is_known_permutation(order: Tensor) -> bool:
+    version = getattr(order, _KNOWN_PERMUTATION, None)
+    if version is None:
+        return False
+    # In eager an in-place edit since tile_schedule shows as a new _version: check the
+    # values again then. Dynamo cannot trace _version (a data-dependent symbol), so a
+    # compiled caller trusts the mark alone (it guards on the mark being there).
+    return torch.compiler.is_compiling() or version == order._version
+
+
+def _order_rule(n_tiles: int, device: torch.device, permutation: bool) -> str:
+    """The one rule an ``order`` must follow (every message about it starts with it)."""
+    tiles = f"0..{n_tiles - 1}" if n_tiles else "no indices (the plan has no tiles)"
+    if permutation:
+        return (f"order must be a permutation of {tiles} (each of the plan's {n_tiles} tiles "
+                f"once): a list of ints, or an int64 tensor [{n_tiles}] on {device}")
+    return (f"order must hold plan tile indices in {tiles}: a list of ints, or a 1-D int64 "
+            f"tensor on {device}")
+
+
+def _check_order(order, n_tiles: int, device: torch.device, *,
+                 permutation: bool) -> Optional[Tensor]:
+    """``order`` as an int64 tensor on ``device`` (None stays None), every value checked:
+    indices of the plan's tiles, and with ``permutation`` each tile exactly once."""
+    if order is None:
+        return None
+    rule = _order_rule(n_tiles, device, permutation)
+    if isinstance(order, (list, tuple)):
+        _check_order_list(order, n_tiles, rule, permutation)
+        return _to_device(list(order), torch.int64, device)
+    if not isinstance(order, Tensor):
+        raise TypeError(f"{rule}; got {_describe(order)}")
+    if order.dtype != torch.int64:
+        raise TypeError(f"{rule}; got dtype {order.dtype}")
+    if order.dim() != 1 or (permutation and order.shape[0] != n_tiles):
+        raise ValueError(f"{rule}; got shape {tuple(order.shape)}")
+    if order.device != device:
+        raise ValueError(f"{rule}; got a tensor on {order.device}")
+    if order.device.type == "meta":
+        raise ValueError(f"{rule}; got a meta tensor (it has no values to check)")
+    if not (_is_known_permutation(order) and order.shape[0] <= n_tiles):
+        _check_order_values(order, n_tiles, rule, permutation)
+    return order
+
+
+def _check_order_list(order, n_tiles: int, rule: str, permutation: bool) -> None:
+    if not all(_is_int(v) for v in order):
+        raise TypeError(f"{rule}; got {_describe(order)}")
+    if permutation and len(order) != n_tiles:
+        raise ValueError(f"{rule}; got {len(order)} values")
+    if order:
+        ascending = sorted(order)
+        ok = ascending == list(range(n_tiles)) if permutation else True
+        _raise_if_invalid(ok, ascending[0], ascending[-1], n_tiles, rule)
+
+
+# A user's tensor order: its values live on the device, so checking them costs one
+# device-to-host read (verdict, min and max in one copy). Under torch.compile that is
+# a declared graph break, for the reason tile_schedule is one (the verdict decides
+# whether to raise). A list or tile_schedule's order costs neither.
+@torch.compiler.disable
+def _check_order_values(order: Tensor, n_tiles: int, rule: str, permutation: bool) -> None:
+    if order.numel() == 0:
+        return
+    ascending = torch.sort(order).values
+    ok = ((ascending == torch.arange(n_tiles, device=order.device)).all() if permutation
+          else torch.ones((), dtype=torch.bool, device=order.device))
+    ok, lo, hi = torch.stack([ok.long(), ascending[0], ascending[-1]]).tolist()  # the one read
+    _raise_if_invalid(bool(ok), lo, hi, n_tiles, rule)
+
+
+def _raise_if_invalid(ok: bool, lo: int, hi: int, n_tiles: int, rule: str) -> None:
+    """Raise unless ``ok`` and ``lo..hi`` (the smallest and largest value) are in range."""
+    if lo < 0 or hi >= n_tiles:
+        raise ValueError(f"{rule}; got values from {lo} to {hi}")
+    if not ok:  # all in range, the right count, yet not a permutation: a repeat
+        raise ValueError(f"{rule}; got a tile twice (so another one is missing)")
+
+
 # ---------------------------------------------------------------------------- spec
 def tile_gather_reference(feats: list[Tensor], boxes: Tensor, tile_h: int, tile_w: int) -> Tensor:
     """``out[p] = image_b[:, y:y + tile_h, x:x + tile_w]`` with ``(b, y, x) = boxes[p]``.
@@ -350,7 +519,9 @@ def tile_gather_reference(feats: list[Tensor], boxes: Tensor, tile_h: int, tile_
     feats[1], ...). One indexing op over a canvas of all images; no host reads.
     """
     c, device = feats[0].shape[1], feats[0].device
-    canvas = torch.cat([f.movedim(1, 0).reshape(c, -1) for f in feats], dim=1)  # [C, pixels]
+    # [C, pixels]; the pixel count spelled out, as -1 is ambiguous when C = 0
+    canvas = torch.cat([f.movedim(1, 0).reshape(c, f.shape[0] * f.shape[2] * f.shape[3])
+                        for f in feats], dim=1)
     image_start, image_width, at = [], [], 0  # where each image begins in the canvas
     for f in feats:
         n, _, h, w = f.shape
@@ -396,7 +567,7 @@ def tile_blend_reference(tiles: Tensor, slots: Tensor, layout: Tensor, row_weigh
 
 
 # ---------------------------------------------------------------- public functions
-def tile_gather(feats: Images, plan: TilePlan, order: Optional[Tensor] = None, *,
+def tile_gather(feats: Images, plan: TilePlan, order: Optional[Indices] = None, *,
                 scale: int = 1, backend: Optional[str] = None) -> Tensor:
     """Cut the plan's tiles out of one feature level, straight into ``order``.
 
@@ -405,10 +576,12 @@ def tile_gather(feats: Images, plan: TilePlan, order: Optional[Tensor] = None, *
             plan was made from: a tensor [N, C, H/scale, W/scale], or a list with one
             [n_e, C, H_e/scale, W_e/scale] per tensor. One dtype and device.
         plan: from ``tile_plan``.
-        order: int64 [S] plan tile indices (e.g. ``tile_schedule(...).order``): row p of
-            the output is plan tile ``order[p]``. None: every tile, in plan order.
-            Values are not checked (that needs a host copy): keep them in [0, num_tiles).
-        scale: the level's downsampling (2^l); must divide ``plan.multiple``.
+        order: plan tile indices in [0, num_tiles), an int64 tensor [S] on the feats'
+            device or a list of ints: row p of the output is plan tile ``order[p]``.
+            None: every tile, in plan order. Checked before the launch; a tensor other
+            than ``tile_schedule(...).order`` costs one host read for that (see
+            "order" above ``_check_order``).
+        scale: the level's downsampling (2^l, a power of two); must divide ``plan.multiple``.
         backend: ``"reference"``, ``"triton"``, ``"cuda"`` or None (automatic).
     Returns:
         [S, C, tile_h/scale, tile_w/scale], contiguous. One kernel launch.
@@ -417,9 +590,9 @@ def tile_gather(feats: Images, plan: TilePlan, order: Optional[Tensor] = None, *
         raise TypeError(f"plan must be a TilePlan (from tile_plan), got {type(plan).__name__}")
     feats = _check_feats(feats, plan, scale)
     device = feats[0].device
+    order = _check_order(order, plan.num_tiles, device, permutation=False)
     layout = plan.layout(device)
     if order is not None:
-        check_tensor("order", order, ndim=1, dtypes=(torch.int64,), device=device)
         layout = layout.index_select(0, order)
     boxes = torch.stack([layout[:, _COLUMN["image"]], layout[:, _COLUMN["y"]] // scale,
                          layout[:, _COLUMN["x"]] // scale], dim=1)
@@ -428,7 +601,7 @@ def tile_gather(feats: Images, plan: TilePlan, order: Optional[Tensor] = None, *
     return torch.ops.restorenet.tile_gather(feats, boxes, th // scale, tw // scale, name)
 
 
-def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Tensor] = None, *,
+def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Indices] = None, *,
                backend: Optional[str] = None) -> Union[Tensor, list[Tensor]]:
     """Write every tile back into its image with the ramp weights, normalised.
 
@@ -436,7 +609,9 @@ def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Tensor] = None, *,
         tiles: [T, C, tile_h, tile_w] (level-0 tile size), float; row p holds plan tile
             ``order[p]`` (None: plan order). Every plan tile appears once (T = num_tiles).
         plan: from ``tile_plan``.
-        order: int64 [T], a permutation of the plan's tiles (``tile_schedule(...).order``).
+        order: a permutation of the plan's tiles, an int64 tensor [T] on the tiles' device
+            (``tile_schedule(...).order``) or a list of ints. Checked before the launch;
+            a tensor other than a schedule's order costs one host read for that.
     Returns:
         The images in the layout the plan was made from: [N, C, H, W], or a list of
         [n_e, C, H_e, W_e] (views of one buffer). One kernel launch; with the fast
@@ -450,14 +625,13 @@ def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Tensor] = None, *,
         raise ValueError(f"tiles must have shape [{n_tiles}, C, {plan.tile[0]}, {plan.tile[1]}] "
                          f"(every plan tile at the plan's tile size), got {tuple(tiles.shape)}")
     device = tiles.device
+    order = _check_order(order, n_tiles, device, permutation=True)
     if order is None:
         slots = torch.arange(n_tiles, device=device)
     else:
-        check_tensor("order", order, ndim=1, dtypes=(torch.int64,), device=device)
-        if order.shape[0] != n_tiles:
-            raise ValueError(f"order must be a permutation of the plan's {n_tiles} tiles, "
-                             f"got shape {tuple(order.shape)}")
-        slots = torch.empty_like(order).scatter_(0, order, torch.arange(n_tiles, device=device))
+        # zeros, not empty: should a bad order ever get past the check (one edited in
+        # place inside a compiled region), every slot still names a real tile.
+        slots = torch.zeros_like(order).scatter_(0, order, torch.arange(n_tiles, device=device))
     row_weight, col_weight = plan.weights(tiles.dtype, device)
     name = _resolve("tile_blend", backend, device)
     cover_h, cover_w = plan.max_cover
@@ -468,9 +642,14 @@ def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Tensor] = None, *,
 
 def _check_feats(feats, plan: TilePlan, scale: int) -> list[Tensor]:
     scale = _positive_int("scale", scale)
+    if scale & (scale - 1):  # a U-Net level halves the size: 2^l, as the plan's multiple assumes
+        raise ValueError(f"scale must be a power of two (the level's downsampling 2^l), got {scale}")
     if plan.multiple % scale:
         raise ValueError(f"scale must divide the plan's multiple ({plan.multiple}), got {scale}")
     as_list = not isinstance(feats, Tensor)
+    if as_list and not isinstance(feats, (list, tuple)):
+        raise TypeError("feats must be a 4-D tensor or a list of 4-D tensors (one per tensor "
+                        f"the plan was made from), got {type(feats).__name__}")
     feats = list(feats) if as_list else [feats]
     if len(feats) != len(plan.batch_sizes):
         raise ValueError(f"feats must hold {len(plan.batch_sizes)} tensors, one per tensor the "

@@ -438,6 +438,30 @@ def test_restore_reads_the_host_once(monkeypatch):
     assert len(counter.reads) > 3
 
 
+def test_restore_compiles_with_its_one_host_read_as_the_only_graph_break():
+    # tile_schedule is restore's one device-to-host read (the schedule decides how
+    # many tiles each column runs) and a declared graph break; nothing else breaks
+    # the graph. Dynamo counts it once per frame it splits (restore and the batched
+    # path it inlines). Compiled, restore gives eager's images and exits. (aot_eager:
+    # Inductor compiles the same graphs -- checked, 134 s on 2 cores, equal to eager
+    # to 1e-10 in float64 -- too slow for this suite; the training step's Inductor
+    # compile is tested above.)
+    model = mixed_exit_model().double()
+    torch.manual_seed(2)
+    img = torch.rand(2, 3, 64, 64, dtype=torch.float64)
+    kwargs = dict(tile=32, overlap=16, exit_idx=[1, 2, 3, 1, 2, 3], return_exits=True)
+    torch._dynamo.reset()
+    explained = torch._dynamo.explain(model.restore)(img, **kwargs)
+    reasons = [str(b.reason) for b in explained.break_reasons]
+    assert reasons and all("tile_schedule" in r and "torch.compiler.disable" in r for r in reasons), reasons
+    assert {b.user_stack[-1].name for b in explained.break_reasons} <= {"_restore_batched", "restore"}
+    ref, exits_ref = model.restore(img, **kwargs)
+    torch._dynamo.reset()
+    out, exits = torch.compile(model.restore, backend="aot_eager")(img, **kwargs)
+    torch.testing.assert_close(out, ref, rtol=1e-10, atol=1e-12)
+    assert torch.equal(exits, exits_ref) and exits.unique().numel() > 1  # mixed exits ran
+
+
 @pytest.mark.skipif("triton" not in available_backends(torch.device("cpu")),
                     reason="needs triton (interpreted on CPU)")
 def test_restore_with_the_triton_kernels():
@@ -592,6 +616,14 @@ def float64_gradient_error(model, img, weights, anchor_every="auto"):
     return ((grads(True) - ref).norm() / ref.norm()).item()
 
 
+def float64_case(num_decoders):
+    """A float64 tiny AdaRevD, an image and one output weighting per column."""
+    model = tiny_model(num_decoders=num_decoders, dtype=torch.float64).train()
+    torch.manual_seed(1)
+    img = torch.rand(2, 3, 32, 32, dtype=torch.float64)
+    return model, img, [torch.randn_like(img) for _ in range(num_decoders)]
+
+
 def test_fp32_states_keep_the_inversion_exact_enough(monkeypatch):
     # What the fp32 coupling states buy, in float64 with the states' rounding
     # injected: backward rebuilds c = (c' - f) / a from the rounded c', so the
@@ -599,10 +631,7 @@ def test_fp32_states_keep_the_inversion_exact_enough(monkeypatch):
     # amplifies. fp32-grid states stay within 1e-3 of plain autograd (measured
     # 2.7e-5 at K = 4; 1.4e-13 without injected rounding); bf16-grid states are
     # over 1000x further off (measured 0.42).
-    model = tiny_model(num_decoders=4, dtype=torch.float64).train()
-    torch.manual_seed(1)
-    img = torch.rand(2, 3, 32, 32, dtype=torch.float64)
-    weights = [torch.randn_like(img) for _ in range(4)]
+    model, img, weights = float64_case(num_decoders=4)
     inject_state_rounding(monkeypatch, torch.float32)
     fp32_error = float64_gradient_error(model, img, weights, anchor_every=None)
     assert fp32_error < 1e-3
@@ -722,10 +751,7 @@ def test_anchoring_bounds_the_drift_of_half_precision_recomputes(monkeypatch):
     # inputs, and each column's inversion amplifies them; anchors every 2 columns
     # restart the walk from kept states. Measured: pure 1.9e-3, anchored 1.5e-8 of
     # the plain gradient at K = 4 (every column anchored: 0).
-    model = tiny_model(num_decoders=4, dtype=torch.float64).train()
-    torch.manual_seed(1)
-    img = torch.rand(2, 3, 32, 32, dtype=torch.float64)
-    weights = [torch.randn_like(img) for _ in range(4)]
+    model, img, weights = float64_case(num_decoders=4)
     inject_state_rounding(monkeypatch, torch.float32)
     inject_l_input_rounding(monkeypatch, model, torch.bfloat16)
     pure = float64_gradient_error(model, img, weights, anchor_every=None)

@@ -171,3 +171,22 @@ def test_mixed_dtypes_promote_as_pytorch():
     norm = block.norm1
     assert norm(x).dtype == torch.float64
     assert block(x.double()).dtype == torch.float64
+
+
+@pytest.mark.parametrize("kwargs,name", [
+    (dict(channels=0), "channels"), (dict(channels=4.0), "channels"), (dict(channels=3, dw_expand=1), "dw_expand"),
+    (dict(channels=4, ffn_expand=0), "ffn_expand"), (dict(channels=4, dropout=-0.1), "dropout"),
+    (dict(channels=4, dropout=1.0), "dropout"),
+])
+def test_nafblock_constructor_arguments_are_checked(kwargs, name):
+    """A negative dropout used to build silently (no Dropout at all); an odd expanded
+    width failed only in forward, in SimpleGate."""
+    with pytest.raises(ValueError, match=f"^{name}"):
+        NAFBlock(**kwargs)
+
+
+@pytest.mark.parametrize("kwargs,name", [(dict(channels=0), "channels"), (dict(channels=4, eps=-1.0), "eps"),
+                                         (dict(channels=4, eps=float("nan")), "eps")])
+def test_layer_norm_constructor_arguments_are_checked(kwargs, name):
+    with pytest.raises(ValueError, match=f"^{name}"):
+        LayerNorm2d(**kwargs)

@@ -83,6 +83,23 @@ def test_bad_config():
         ConStyleNAFNet(width=8, enc_blocks=(1, 1))
 
 
+@pytest.mark.parametrize("cfg,name", [
+    (dict(width=-8), "width"), (dict(width=8.0), "width"), (dict(in_channels=0), "in_channels"),
+    (dict(latent_dim=-8), "latent_dim"), (dict(middle_blocks=-1), "middle_blocks"),
+    (dict(enc_blocks=(1, -1, 1)), "enc_blocks"), (dict(dec_blocks=3), "dec_blocks"),
+])
+def test_constructor_arguments_are_checked(cfg, name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        ConStyleNAFNet(**cfg)
+
+
+@pytest.mark.parametrize("train", [False, True])
+def test_empty_batch_names_img(train):
+    """Eval used to fail deep in a concat, train in BatchNorm: one rule for both."""
+    with pytest.raises(ValueError, match=r"^img must hold at least one image \(N >= 1"):
+        tiny_model().train(train)(torch.rand(0, 3, 16, 16))
+
+
 def test_global_residual_and_crop():
     m = tiny_model().eval()
     with torch.no_grad():

@@ -168,6 +168,29 @@ def test_errors_name_the_argument(x, width, exc, name):
         model(x, width=width)
 
 
+def test_forced_width_sequence_equals_tensor_and_is_checked_on_the_host(monkeypatch):
+    model, x = small_model(), torch.randn(2, 3, 6, 6)
+    torch.testing.assert_close(model(x, width=[8, 32]), model(x, width=torch.tensor([8, 32])))
+    assert host_reads_of_forward(monkeypatch, model, x, (32, 8))[1] == 0
+    for bad, exc in (([8, 12], ValueError), ([8], ValueError), ([8.0, 16.0], TypeError)):
+        with pytest.raises(exc, match="^width"):
+            model(x, width=bad)
+
+
+def test_empty_batch_is_rejected():
+    with pytest.raises(ValueError, match="^x must hold at least one image"):
+        small_model()(torch.randn(0, 3, 6, 6))
+
+
+@pytest.mark.parametrize("cfg,name", [
+    (dict(depth=True), "depth"), (dict(in_channels=-3), "in_channels"), (dict(gate_hidden=0), "gate_hidden"),
+    (dict(gate_tau=0.0), "gate_tau"), (dict(gate_tau=float("nan")), "gate_tau"), (dict(num_choices=True), "num_choices"),
+])
+def test_constructor_arguments_are_checked(cfg, name):
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        create_model("ddsnet", **cfg)
+
+
 def test_config_errors():
     with pytest.raises(ValueError, match="^width"):
         create_model("ddsnet", width=20)

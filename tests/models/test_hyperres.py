@@ -7,6 +7,8 @@ from restorenet.models.hyperres import (BlindLevelEstimator, HyperConv2d, HyperR
                                         level_to_condition)
 from restorenet.registry import count_parameters, create_model
 
+from _host_reads import count_host_reads
+
 
 def small_model(seed=0, **cfg):
     torch.manual_seed(seed)
@@ -141,6 +143,19 @@ def test_level_estimator():
         est(torch.randn(1, 3, 127, 200))
 
 
+def test_estimator_clamps_a_negative_estimate_in_eval_only():
+    """HyperRes rejects a negative level: at inference the estimate is clamped at 0;
+    in training the raw output keeps the loss's gradient."""
+    est = create_model("hyperres_level_estimator", width=4, crop_size=32)
+    with torch.no_grad():
+        est.regressor[-1].bias.fill_(-1e3)  # every estimate far below 0
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.all(est.train()(x) < 0)
+    levels = est.eval()(x)
+    assert torch.equal(levels, torch.zeros(2))
+    assert small_model()(torch.rand(2, 3, 8, 8), levels).shape == (2, 3, 8, 8)
+
+
 def test_estimator_paper_layout():
     with torch.device("meta"):
         est = BlindLevelEstimator()
@@ -162,6 +177,56 @@ def test_errors_name_the_argument(x, level, exc, name):
     model = small_model()
     with pytest.raises(exc, match=f"^{name}"):
         model(x, level)
+
+
+@pytest.mark.parametrize("level", [float("nan"), float("inf"), -15.0, torch.tensor([15.0, float("nan")]),
+                                   torch.tensor([-1, 25]), [15.0, float("-inf")]])
+def test_nonfinite_or_negative_levels_are_rejected(level):
+    """Noise sigma, JPEG quality and SR scale are all finite and >= 0: a NaN level
+    would silently give a NaN image."""
+    with pytest.raises(ValueError, match="^level must be finite and >= 0"):
+        small_model()(torch.rand(2, 3, 8, 8), level)
+
+
+def test_allow_nonfinite_skips_the_level_check():
+    out = small_model()(torch.rand(2, 3, 8, 8), torch.tensor([15.0, float("nan")]), allow_nonfinite=True)
+    assert torch.isfinite(out[0]).all() and torch.isnan(out[1]).any()
+
+
+@pytest.mark.parametrize("level,reads", [(torch.tensor([15.0, 50.0]), 1), (torch.tensor(25), 1),
+                                         (25.0, 0), ([15.0, 50.0], 0)])
+def test_a_tensor_level_costs_one_host_read_per_forward(monkeypatch, level, reads):
+    """One read for the whole forward, not one per generated conv (4 of them here)."""
+    model, x = small_model(), torch.rand(2, 3, 8, 8)
+    with restorenet.ops.use_backend("reference"):
+        _, counted = count_host_reads(monkeypatch, lambda: model(x, level))
+    assert counted == reads
+
+
+def test_level_sequence_equals_level_tensor():
+    model, x = small_model(), torch.rand(2, 3, 8, 8)
+    torch.testing.assert_close(model(x, [15.0, 50.0]), model(x, torch.tensor([15.0, 50.0])))
+
+
+def test_empty_batch_is_rejected():
+    with pytest.raises(ValueError, match=r"^x must hold at least one image \(N >= 1"):
+        small_model()(torch.rand(0, 3, 8, 8), 25.0)
+
+
+@pytest.mark.parametrize("cfg,name", [
+    (dict(width=-8), "width"), (dict(width=0), "width"), (dict(width=8.0), "width"), (dict(width=True), "width"),
+    (dict(num_blocks=-1), "num_blocks"), (dict(in_channels=0), "in_channels"),
+])
+def test_constructor_arguments_are_checked(cfg, name):
+    with pytest.raises(ValueError, match=f"^{name} must be an int"):
+        create_model("hyperres", **cfg)
+
+
+@pytest.mark.parametrize("cfg,name", [(dict(crop_size=0), "crop_size"), (dict(crop_size=48), "crop_size"),
+                                      (dict(width=-1), "width"), (dict(in_channels=True), "in_channels")])
+def test_estimator_constructor_arguments_are_checked(cfg, name):
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        create_model("hyperres_level_estimator", **cfg)
 
 
 def test_default_config_is_the_paper():

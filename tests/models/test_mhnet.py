@@ -138,6 +138,30 @@ def test_attention_rejects_indivisible_heads():
         TopKChannelAttention(20, heads=8)
 
 
+@pytest.mark.parametrize("cfg,name", [
+    (dict(width=-8), "width"), (dict(width=True), "width"), (dict(heads=0), "heads"), (dict(heads=3), "heads"),
+    (dict(cabg_blocks=-1), "cabg_blocks"), (dict(enc_blocks=()), "enc_blocks"), (dict(in_channels=2.0), "in_channels"),
+])
+def test_constructor_arguments_are_checked(cfg, name):
+    with pytest.raises(ValueError, match=f"^{name} must"):
+        create_model("mhnet", **{**dict(width=4, enc_blocks=(1,), dec_blocks=(1,), heads=2, cabg_blocks=1), **cfg})
+
+
+def test_affm_squeeze_is_even_for_any_width():
+    """SimpleGate halves the squeeze: width 40 (40 // 8 = 5) used to build and then fail
+    in forward; widths whose squeeze was even keep it (64 -> 8: paper size unchanged)."""
+    assert AFFM(64).squeeze[0].out_channels == 8 and AFFM(48).squeeze[0].out_channels == 6
+    assert AFFM(40).squeeze[0].out_channels == 4
+    model = create_model("mhnet", width=40, enc_blocks=(1,), dec_blocks=(1,), heads=8, cabg_blocks=1)
+    assert model(torch.rand(1, 3, 8, 8)).shape == (1, 3, 8, 8)
+
+
+def test_empty_batch_names_img():
+    with pytest.raises(ValueError, match="^img must hold at least one image"):
+        create_model("mhnet", width=4, enc_blocks=(1,), dec_blocks=(1,), heads=2, cabg_blocks=1)(
+            torch.rand(0, 3, 8, 8))
+
+
 # ---- fusion pieces --------------------------------------------------------------------
 
 def test_affm_weights_are_channel_softmaxes():

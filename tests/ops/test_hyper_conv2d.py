@@ -14,6 +14,8 @@ import torch.nn.functional as F
 from restorenet.ops import available_backends, hyper_conv2d, hyper_conv2d_reference, use_backend
 from restorenet.testing import assert_within_baseline_error
 
+from _host_reads import count_host_reads
+
 DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FAST_BACKENDS = [b for b in available_backends(DEVICE, "hyper_conv2d_forward") if b != "reference"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
@@ -103,9 +105,9 @@ def test_only_requested_gradients(backend):
     weight.requires_grad_(False)
     y = hyper_conv2d(x, level.detach(), weight, weight_base, None, bb, padding=1, backend=backend)
     y.sum().backward()
-    ref = cast(make_inputs(n=2), torch.float32)  # different values; only structure is compared here
     assert x.grad is not None and weight_base.grad is not None and bb.grad is not None
-    assert weight.grad is None and ref[0].grad is None
+    # Not asked for: a frozen weight, a detached level, a bias that was not passed.
+    assert weight.grad is None and level.grad is None and b.grad is None
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
@@ -205,7 +207,7 @@ def _good():
     (dict(level=torch.rand(3)), "level must be .* shape \\[N\\] = \\[2\\]"),
     (dict(level=torch.rand(2, 1)), "level must be"),
     (dict(level=torch.tensor([1, 2])), "level must be a floating-point"),
-    (dict(level="high"), "level must be a float"),
+    (dict(level="high"), "level must be a number"),
     (dict(weight=torch.randn(7, 4, 3, 3)), "weight must have Cin"),
     (dict(weight_base=torch.randn(7, 5, 1, 1)), "weight_base must have the shape"),
     (dict(weight=torch.randn(7, 5, 3, 3, dtype=torch.float64)), "weight must have dtype"),
@@ -219,6 +221,76 @@ def test_bad_input_names_the_argument(change, match):
     args = {**_good(), **change}
     with pytest.raises((ValueError, TypeError), match=match):
         hyper_conv2d(**args, backend="reference")
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("change,name", [
+    (dict(x=torch.randn(2, 0, 9, 11), weight=torch.randn(7, 0, 3, 3), weight_base=torch.randn(7, 0, 3, 3)), "x"),
+    (dict(x=torch.randn(2, 5, 0, 11)), "x"),  # padding 1 would leave a padding-only output
+    (dict(x=torch.randn(2, 5, 9, 0)), "x"),
+    (dict(weight=torch.randn(7, 5, 0, 3), weight_base=torch.randn(7, 5, 0, 3)), "weight"),
+    (dict(weight=torch.randn(0, 5, 3, 3), weight_base=torch.randn(0, 5, 3, 3), bias=None, bias_base=None),
+     "weight"),
+])
+def test_zero_sized_dims_are_rejected_alike_on_every_backend(backend, change, name):
+    """A conv over no input channels (or no pixels) would be the bias alone: F.conv2d
+    returns no output channels for it, so the op rejects it before any backend runs."""
+    with pytest.raises(ValueError, match=f"^{name} must have") as error:
+        hyper_conv2d(**{**_good(), **change}, backend=backend)
+    with pytest.raises(ValueError, match=f"^{name} must have") as reference_error:
+        hyper_conv2d(**{**_good(), **change}, backend="reference")
+    assert str(error.value) == str(reference_error.value)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_meta_tensors_propagate_shapes(backend):
+    args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
+    y = hyper_conv2d(**{**args, "stride": 2}, backend=backend)
+    assert y.device.type == "meta" and y.shape == (2, 7, 5, 6)
+
+
+@pytest.mark.parametrize("level", [float("nan"), float("inf"), -1.0, -1e-9, 10 ** 400,
+                                   [0.5, float("nan")], torch.tensor([0.5, float("nan")]),
+                                   torch.tensor([0.5, -0.5]), torch.tensor(float("inf"))])
+def test_level_must_be_finite_and_non_negative(level):
+    with pytest.raises(ValueError, match="^level must be finite and >= 0"):
+        hyper_conv2d(**{**_good(), "level": level}, backend="reference")
+
+
+def test_allow_nonfinite_lets_nan_levels_through():
+    args = {**_good(), "level": torch.tensor([0.5, float("nan")])}
+    y = hyper_conv2d(**args, allow_nonfinite=True, backend="reference")
+    assert torch.isfinite(y[0]).all() and torch.isnan(y[1]).all()
+
+
+def test_level_sequences_equal_level_tensors():
+    args = _good()
+    want = hyper_conv2d(**args, backend="reference")
+    got = hyper_conv2d(**{**args, "level": args["level"].tolist()}, backend="reference")
+    torch.testing.assert_close(got, want)
+
+
+@pytest.mark.parametrize("level,allow_nonfinite,reads", [
+    (torch.tensor([0.2, 0.7]), False, 1),  # the one check of a tensor level
+    (torch.tensor(0.3), False, 1),
+    (torch.tensor([0.2, 0.7]), True, 0),   # checked by the caller (HyperRes, once per forward)
+    (0.4, False, 0),                       # host values: checked for free
+    ([0.2, 0.7], False, 0),
+])
+def test_level_check_costs_one_host_read_for_a_tensor(monkeypatch, level, allow_nonfinite, reads):
+    args = {**_good(), "level": level}
+    _, counted = count_host_reads(monkeypatch, lambda: hyper_conv2d(
+        **args, allow_nonfinite=allow_nonfinite, backend="reference"))
+    assert counted == reads
+
+
+def test_level_is_not_read_on_meta_or_for_an_empty_batch(monkeypatch):
+    args = {k: v.to("meta") if isinstance(v, torch.Tensor) else v for k, v in _good().items()}
+    _, reads = count_host_reads(monkeypatch, lambda: hyper_conv2d(**args, backend="reference"))
+    assert reads == 0
+    x, level, weight, weight_base, b, bb = cast(make_inputs(n=0), torch.float32)
+    _, reads = count_host_reads(monkeypatch, lambda: hyper_conv2d(x, level, weight, weight_base, b, bb))
+    assert reads == 0
 
 
 @pytest.mark.gpu

@@ -424,6 +424,28 @@ def test_torch_compile_fullgraph_gives_the_same_gradients(heads_inside):
         assert_same(compiled_run(seed), ref, rtol=1e-4, atol=1e-5)
 
 
+def test_torch_compile_fullgraph_under_bf16_autocast():
+    # The caller's autocast reaches the op's eager body inside the compiled graph (it
+    # is passed to the op, Inductor having applied autocast at trace time): bf16
+    # outputs from the heads, gradients within the rule against the float64 truth.
+    from restorenet.testing import assert_within_baseline_error
+
+    torch.manual_seed(0)
+    model = WithStemAndHeads(2, dtype=torch.float32, with_heads=True)
+    eager = copy.deepcopy(model)
+    x, states = inputs(torch.float32)
+    torch._dynamo.reset()
+    compiled = torch.compile(model, fullgraph=True, backend="inductor")
+    got = run(compiled, x, states, memory_efficient=True, autocast=torch.bfloat16)
+    plain = run(eager, x, states, memory_efficient=False, autocast=torch.bfloat16)
+    truth = run(copy.deepcopy(eager).double(), x.double(), [s.double() for s in states], memory_efficient=False)
+    assert [o.dtype for o in got[0]] == [torch.bfloat16] * 2
+    used = sorted(n for n, g in plain[1].items() if g is not None)  # not the outside head
+    flat = [torch.cat([r[1][n].double().flatten() for n in used])
+            for r in ((got[0], {n.removeprefix("_orig_mod."): g for n, g in got[1].items()}), plain, truth)]
+    assert_within_baseline_error("gradients", flat[0], flat[2], flat[1], torch.bfloat16)
+
+
 @pytest.mark.skipif("triton" not in available_backends(torch.device("cpu"), "rev_coupling_forward"),
                     reason="needs triton (interpreted on CPU)")
 def test_triton_coupling_backend(monkeypatch):

@@ -298,6 +298,94 @@ def test_widths_from_choices_uses_a_table_the_caller_keeps():
             widths_from_choices([8, 16], index, table=bad)
 
 
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_width_sequences_are_accepted_like_tensors(monkeypatch, backend):
+    """A host list of widths is checked on the host: same result as a tensor, no read."""
+    x, weight, bias = torch.randn(3, 6, 5, 5), torch.randn(7, 6, 3, 3), torch.randn(7)
+    want = slim_conv2d(x, weight, bias, torch.tensor([6, 1, 3]), torch.tensor([2, 7, 7]), 1, 1,
+                       backend="reference")
+    got = slim_conv2d(x, weight, bias, [6, 1, 3], (2, 7, 7), 1, 1, backend=backend)
+    torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
+    with monkeypatch.context() as m:  # the checks alone: the reference loop reads widths to slice
+        sync_free_slim_reference(m)
+        _, reads = count_host_reads(m, lambda: slim_conv2d(x, weight, bias, [6, 1, 3], (2, 7, 7), 1, 1,
+                                                           backend="reference"))
+    assert reads == 0
+    with pytest.raises(ValueError, match="^in_width must lie in 1..6"):
+        slim_conv2d(x, weight, bias, [6, 0, 3], 2, 1, 1, backend=backend)
+    with pytest.raises(ValueError, match="^out_width must hold N = 3"):
+        slim_conv2d(x, weight, bias, 2, [1, 2], 1, 1, backend=backend)
+    with pytest.raises(TypeError, match="^in_width must be"):
+        slim_conv2d(x, weight, bias, [True, 1, 1], 2, 1, 1, backend=backend)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_unchecked_slim_widths_are_checked_before_any_backend(backend):
+    """SlimWidths made without a range (lo = hi = None) are read and checked once in the
+    shared layer, so every backend raises the same error (the kernels would clamp)."""
+    x, weight = torch.randn(2, 4, 5, 5), torch.randn(5, 4, 3, 3)
+    unchecked = SlimWidths(torch.tensor([1, 9], dtype=torch.int32), None, None)
+    with pytest.raises(ValueError, match=r"^out_width must lie in 1..5 \(the channels available\), "
+                                         r"got values in 1..9$"):
+        slim_conv2d(x, weight, None, 4, unchecked, 1, 1, backend=backend)
+
+
+def test_trusted_bad_widths_are_clamped_alike_on_every_backend():
+    """A SlimWidths whose lo/hi the caller vouched for is not read: every backend clamps
+    its values to 0..C the same way (above C: full width; <= 0: no channel)."""
+    x, weight, bias = (t.requires_grad_() for t in (torch.randn(3, 4, 5, 5), torch.randn(5, 4, 3, 3),
+                                                    torch.randn(5)))
+    in_w = SlimWidths(torch.tensor([9, -2, 3], dtype=torch.int32), 1, 4)  # lo/hi claim 1..4
+    out_w = SlimWidths(torch.tensor([5, 4, 0], dtype=torch.int32), 1, 5)
+
+    def run(backend):
+        y = slim_conv2d(x, weight, bias, in_w, out_w, 1, 1, backend=backend)
+        grads = torch.autograd.grad(y, (x, weight, bias), torch.ones_like(y))
+        return y, grads
+
+    y_ref, g_ref = run("reference")
+    # Clamped: sample 0 runs at full width, sample 1 has no input channel (its first 4
+    # outputs are the bias alone), sample 2 no output channel (zeros).
+    torch.testing.assert_close(y_ref[:1], F.conv2d(x[:1], weight, bias, 1, 1))
+    assert torch.equal(y_ref[1, :4], bias.detach()[:4, None, None].expand(4, 5, 5))
+    assert torch.all(y_ref[1, 4:] == 0) and torch.all(y_ref[2] == 0)
+    for backend in FAST_BACKENDS:
+        y, grads = run(backend)
+        torch.testing.assert_close(y, y_ref, rtol=1e-4, atol=1e-4)
+        for g, gr in zip(grads, g_ref):
+            torch.testing.assert_close(g, gr, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("index", [torch.tensor([0, 3]), torch.tensor([-1, 0]), [0, 3], [-1]])
+def test_widths_from_choices_names_an_index_out_of_range(monkeypatch, index):
+    """No host read for the range: a CPU lookup's own bounds check raises, named; a
+    negative index does not silently count from the end."""
+    with pytest.raises(IndexError, match=r"^index must hold choice indices in 0..2"):
+        count_host_reads(monkeypatch, lambda: widths_from_choices([8, 16, 24], index))
+
+
+def test_widths_from_choices_takes_a_list_of_indices(monkeypatch):
+    widths, reads = count_host_reads(monkeypatch, lambda: widths_from_choices([8, 16, 24], [2, 0]))
+    assert widths.values.tolist() == [24, 8] and (widths.lo, widths.hi) == (8, 24)
+    assert reads == 0
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+def test_meta_tensors_propagate_shapes(backend):
+    x, weight = torch.randn(2, 4, 5, 5, device="meta"), torch.randn(6, 4, 3, 3, device="meta")
+    in_w = torch.tensor([1, 4], device="meta")  # no values: checked for metadata only
+    y = slim_conv2d(x, weight, None, in_w, 3, 2, 1, backend=backend)
+    assert y.device.type == "meta" and y.shape == (2, 6, 3, 3)
+
+
+@pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)
+@pytest.mark.parametrize("x,weight", [(torch.randn(2, 0, 5, 5), torch.randn(5, 0, 3, 3)),
+                                      (torch.randn(2, 4, 0, 5), torch.randn(5, 4, 3, 3))])
+def test_no_input_channels_or_pixels_are_rejected(backend, x, weight):
+    with pytest.raises(ValueError, match="^x must have C_in, H, W >= 1"):
+        slim_conv2d(x, weight, None, 1, 3, 1, 1, backend=backend)
+
+
 # ---------------------------------------------------------------------- DDS-Net
 @pytest.mark.parametrize("backend", FAST_BACKENDS)
 def test_ddsnet_same_outputs_and_gradients_with_every_backend(backend):

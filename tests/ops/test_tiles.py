@@ -5,6 +5,8 @@ On a CPU machine the fast backend is Triton under TRITON_INTERPRET=1 (tests/conf
 """
 from __future__ import annotations
 
+import random
+import re
 import types
 
 import pytest
@@ -363,3 +365,415 @@ def test_gather_and_blend_reject_bad_input():
     for call, error, match in cases:
         with pytest.raises(error, match=match):
             call()
+
+
+# ------------------------------------------------------------------ order checks
+
+
+def spy_on_kernels(monkeypatch):
+    """Record every call of a backend implementation (each one a kernel launch)."""
+    launches = []
+    for table, op in ((tiles_mod._GATHER, "gather"), (tiles_mod._BLEND, "blend")):
+        for name, impl in list(table.items()):
+            def spy(*args, _impl=impl, _name=f"{op}:{name}"):
+                launches.append(_name)
+                return _impl(*args)
+
+            monkeypatch.setitem(table, name, spy)
+    return launches
+
+
+def raised(call):
+    """(type, message) of what ``call()`` raises; (None, "returned") if it returns."""
+    try:
+        call()
+    except Exception as e:  # noqa: BLE001 -- which one is what the callers check
+        return type(e), str(e)
+    return None, "returned"
+
+
+def edited_schedule_order(n_tiles, at, value):
+    """A schedule's order changed in place after tile_schedule marked it."""
+    order = tile_schedule(torch.ones(n_tiles, dtype=torch.long, device=DEVICE), 1).order
+    order[at] = value
+    return order
+
+
+def test_blend_rejects_an_order_that_is_not_a_permutation_before_any_kernel(monkeypatch):
+    # A repeated index used to leave a slot unwritten: the Triton interpreter then
+    # crashed the process and the reference read garbage. Now one message, every backend.
+    plan = level0_plan()  # 26 tiles
+    tiles = torch.zeros(26, 3, 32, 32, device=DEVICE)
+    repeated = torch.arange(26, device=DEVICE)
+    repeated[3] = 4
+    rule = ("^order must be a permutation of 0\\.\\.25 \\(each of the plan's 26 tiles once\\): "
+            f"a list of ints, or an int64 tensor \\[26\\] on {tiles.device}; got ")
+    cases = [
+        (repeated, ValueError, "a tile twice"),
+        (repeated.tolist(), ValueError, "a tile twice"),
+        (edited_schedule_order(26, 0, 1), ValueError, "a tile twice"),
+        (torch.arange(1, 27, device=DEVICE), ValueError, "values from 1 to 26"),
+        ([-1] + list(range(1, 26)), ValueError, "values from -1 to 25"),
+        (torch.arange(25, device=DEVICE), ValueError, "shape \\(25,\\)"),
+        (list(range(27)), ValueError, "27 values"),
+        (torch.arange(26, device=DEVICE, dtype=torch.int32), TypeError, "dtype torch.int32"),
+        (torch.ones(26, device=DEVICE, dtype=torch.bool), TypeError, "dtype torch.bool"),
+        ([True] * 26, TypeError, "list of bool"),
+        (torch.arange(26, device=DEVICE)[None], ValueError, "shape \\(1, 26\\)"),
+        (torch.arange(26, device="meta"), ValueError, "a tensor on meta"),
+        ("0..25", TypeError, "str"),
+    ]
+    launches = spy_on_kernels(monkeypatch)
+    for order, error, got in cases:
+        seen = set()
+        for backend in BACKENDS:
+            with pytest.raises(error, match=rule + got) as info:
+                tile_blend(tiles, plan, order, backend=backend)
+            seen.add(str(info.value))
+        assert len(seen) == 1, seen  # the same message on every backend
+    assert launches == []
+
+
+def test_gather_rejects_indices_outside_the_plan_before_any_kernel(monkeypatch):
+    feats, plan = ragged_batch(), level0_plan()
+    rule = (f"^order must hold plan tile indices in 0\\.\\.25: a list of ints, or a 1-D int64 "
+            f"tensor on {feats[0].device}; got ")
+    cases = [
+        (torch.tensor([0, 26], device=DEVICE), ValueError, "values from 0 to 26"),
+        ([5, -2], ValueError, "values from -2 to 5"),
+        (edited_schedule_order(26, 2, 99), ValueError, "values from 0 to 99"),
+        (torch.arange(27, device=DEVICE), ValueError, "values from 0 to 26"),  # too long
+        (torch.zeros((), dtype=torch.long, device=DEVICE), ValueError, "shape \\(\\)"),
+        (torch.zeros(2, device=DEVICE), TypeError, "dtype torch.float32"),
+        ([1.0, 2.0], TypeError, "list of float"),
+    ]
+    launches = spy_on_kernels(monkeypatch)
+    for order, error, got in cases:
+        for backend in BACKENDS:
+            with pytest.raises(error, match=rule + got):
+                tile_gather(feats, plan, order, backend=backend)
+    assert launches == []
+    # A gather may repeat tiles and take any number of them (row p is tile order[p]).
+    out = tile_gather(feats, plan, [3, 3, 0], backend="reference")
+    assert torch.equal(out, naive_gather(feats, plan, torch.tensor([3, 3, 0]), 1))
+
+
+def test_only_a_users_tensor_order_costs_a_host_read(monkeypatch):
+    feats, plan = ragged_batch(channels=3), level0_plan()
+    depth = torch.randint(1, 3, (plan.num_tiles,), device=DEVICE)
+    schedule = tile_schedule(depth, 2)
+    user = schedule.order.clone()  # the same values, but not tile_schedule's tensor
+    for order, reads in ((None, 0), (schedule.order, 0), (user.tolist(), 0), (user, 1)):
+        with HostReads() as counter:
+            counter.patch(monkeypatch)
+            t = tile_gather(feats, plan, order)
+            tile_blend(t, plan, order)
+        monkeypatch.undo()
+        assert counter.reads == ["tolist"] * (2 * reads), (order, counter.reads)
+
+
+def test_lists_of_ints_work_wherever_integer_tensors_do():
+    depth = [1, 3, 2, 3, 1, 2, 2]
+    single = tile_schedule(depth, 3)
+    assert single.order.tolist() == [1, 3, 2, 5, 6, 0, 4] and single.active == (7, 5, 2)
+    both = tile_schedule([depth, torch.tensor([2, 1], device=DEVICE), []], 3)
+    assert [s.active for s in both] == [(7, 5, 2), (2, 1, 0), (0, 0, 0)]
+    assert all(s.order.device == DEVICE for s in both)
+    feats, plan = ragged_batch(), level0_plan()
+    perm = torch.randperm(plan.num_tiles, device=DEVICE)
+    for backend in BACKENDS:
+        t = tile_gather(feats, plan, perm.tolist(), backend=backend)
+        assert torch.equal(t, tile_gather(feats, plan, perm, backend=backend))
+        for a, b in zip(tile_blend(t, plan, perm.tolist(), backend=backend),
+                        tile_blend(t, plan, perm, backend=backend)):
+            assert torch.equal(a, b)
+
+
+# -------------------------------------------------------------------- compile
+
+
+def pipeline(images, feats):
+    """The module docstring's pipeline: exits from a stand-in classifier, data-dependent
+    column prefixes, the schedule's order reused by the gather and the blend. Exact
+    arithmetic only (no reductions a compiler may reorder), so compiled == eager."""
+    plan = tile_plan(images, 32, 16, multiple=16)
+    e3 = tile_gather(feats, plan)
+    depth = (e3[:, 0, 0, 0] * 4).floor().long() % 3 + 1
+    schedule = tile_schedule(depth, 3)
+    t = tile_gather(feats, plan, schedule.order)
+    out = torch.zeros_like(t)
+    for k in range(3):
+        t = t[:schedule.active[k]] * 2 + 1
+        out[schedule.exiting(k)] = t[schedule.exiting(k)]
+    return tile_blend(out, plan, schedule.order)
+
+
+def test_compiled_pipeline_has_one_declared_graph_break():
+    torch._dynamo.reset()
+    x = torch.randn(2, 3, 64, 80, device=DEVICE)
+    explained = torch._dynamo.explain(pipeline)(x, x)
+    assert explained.graph_count == 2 and explained.graph_break_count == 1
+    (reason,) = explained.break_reasons
+    assert "torch.compiler.disable" in reason.reason  # declared, not a data-dependent guard
+    assert "tile_schedule(" in reason.user_stack[-1].line
+    torch._dynamo.reset()
+    compiled = torch.compile(pipeline, backend="inductor")
+    for seed in range(3):  # other exits: other prefixes, traced again
+        torch.manual_seed(seed)
+        x = torch.randn(2, 3, 64, 80, device=DEVICE)
+        assert torch.equal(compiled(x, x), pipeline(x, x))
+
+
+def test_plan_gather_and_blend_compile_to_one_graph():
+    # fullgraph=True: no break anywhere. aot_eager runs the fake kernels and the real ones.
+    x = torch.randn(2, 3, 64, 80, device=DEVICE)
+    plan = tile_plan(x, 32, 16, multiple=16)
+    tiles = torch.randn(plan.num_tiles, 3, 32, 32, device=DEVICE)
+    order = tile_schedule(torch.randint(1, 3, (plan.num_tiles,), device=DEVICE), 2).order
+    cases = [
+        (lambda im: tile_gather(im, tile_plan(im, 32, 16, multiple=16), scale=1), (x,)),
+        (lambda f: tile_gather(f, plan), (x,)),
+        (lambda f: tile_gather(f, plan, [5, 0, 3]), (x,)),
+        (lambda f, o: tile_gather(f, plan, o), (x, order)),
+        (lambda t: tile_blend(t, plan), (tiles,)),
+        (lambda t, o: tile_blend(t, plan, o), (tiles[order], order)),
+    ]
+    for fn, args in cases:
+        torch._dynamo.reset()
+        assert torch.equal(torch.compile(fn, fullgraph=True, backend="aot_eager")(*args), fn(*args))
+
+
+def test_compiled_blend_still_checks_a_users_order():
+    plan = level0_plan()
+    bad = torch.arange(26, device=DEVICE)
+    bad[0] = 1
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t, o: tile_blend(t, plan, o), backend="eager")
+    tiles = torch.zeros(26, 3, 32, 32, device=DEVICE)
+    with pytest.raises(ValueError, match="^order must be a permutation .* a tile twice"):
+        compiled(tiles, bad)
+    good = torch.randperm(26, device=DEVICE)
+    assert all(torch.equal(a, b) for a, b in zip(compiled(tiles, good), tile_blend(tiles, plan, good)))
+
+
+# ---------------------------------------------------------- randomised inputs
+
+
+def random_geometry(rng):
+    """A small valid plan from a list or a tensor: tile, overlap and sizes multiples of m."""
+    m = rng.choice([1, 2, 4])
+    th, tw = (m * rng.randint(-(-4 // m), 16 // m) for _ in range(2))
+    overlap = (m * rng.randint(0, th // m - 1), m * rng.randint(0, tw // m - 1))
+    shapes = [(rng.randint(1, 2), th + m * rng.randint(0, 6), tw + m * rng.randint(0, 6))
+              for _ in range(rng.randint(1, 2))]
+    images = [torch.empty(n, 1, h, w, device="meta") for n, h, w in shapes]
+    from_list = len(shapes) > 1 or rng.random() < 0.5
+    plan = tile_plan(images if from_list else images[0], (th, tw), overlap, multiple=m)
+    return plan, shapes, from_list
+
+
+def random_feats(rng, plan, shapes, from_list, scale, channels, dtype=torch.float32):
+    feats = []
+    for n, h, w in shapes:
+        f = torch.randn(n, channels + 1, h // scale, w // scale, device=DEVICE).to(dtype)
+        kind = rng.choice(["nchw", "nhwc", "view"])
+        f = (f[:, 1:] if kind == "view" else
+             f[:, :channels].contiguous(memory_format=torch.channels_last) if kind == "nhwc" else
+             f[:, :channels].contiguous())
+        feats.append(f)
+    return feats if from_list else feats[0]
+
+
+def as_list(feats):
+    return feats if isinstance(feats, list) else [feats]
+
+
+KEEP = object()  # an argument a mutation leaves as the setup has it
+
+
+class Setup:
+    """A valid call of every op; a mutation below spoils one argument of one of them."""
+
+    def __init__(self, rng):
+        self.plan, self.shapes, self.from_list = random_geometry(rng)
+        self.rng, self.T = rng, self.plan.num_tiles
+        self.scale = rng.choice([s for s in (1, 2, 4) if self.plan.multiple % s == 0])
+        self.feats = random_feats(rng, self.plan, self.shapes, self.from_list, self.scale, 3)
+        self.tiles = torch.randn(self.T, 3, *self.plan.tile, device=DEVICE)
+        self.depth = torch.randint(1, 4, (self.T,), device=DEVICE)
+
+    def images(self):
+        images = [torch.empty(n, 1, h, w, device="meta") for n, h, w in self.shapes]
+        return images if self.from_list else images[0]
+
+    def feats_name(self, i=0):
+        return f"feats[{i}]" if self.from_list else "feats"
+
+    def gather(self, order=None, feats=KEEP, plan=KEEP, scale=KEEP):
+        return lambda backend: tile_gather(self.feats if feats is KEEP else feats,
+                                           self.plan if plan is KEEP else plan, order,
+                                           scale=self.scale if scale is KEEP else scale,
+                                           backend=backend)
+
+    def blend(self, tiles=KEEP, order=None, plan=KEEP):
+        return lambda backend: tile_blend(self.tiles if tiles is KEEP else tiles,
+                                          self.plan if plan is KEEP else plan, order,
+                                          backend=backend)
+
+    def schedule(self, depth, k=3):
+        return lambda backend: tile_schedule(depth, k)
+
+    def plan_with(self, **changes):
+        a = dict(images=self.images(), tile=self.plan.tile, overlap=self.plan.overlap,
+                 multiple=self.plan.multiple) | changes
+        return lambda backend: tile_plan(a["images"], a["tile"], a["overlap"], multiple=a["multiple"])
+
+    def perm(self):
+        return torch.randperm(self.T, device=DEVICE)
+
+
+def _spoil(s, order, value):
+    """``order`` with one entry set to ``value``, or with "repeat" to another entry's
+    value (out of range where there is no other entry)."""
+    at = s.rng.randrange(s.T)
+    if value == "repeat":
+        value = order[(at + s.rng.randrange(1, s.T)) % s.T] if s.T > 1 else s.T
+    order[at] = value
+    return order
+
+
+def _repeat(s):
+    return _spoil(s, s.perm(), "repeat")
+
+
+def _edited(s, value):
+    return _spoil(s, tile_schedule(s.depth, 3).order, value)
+
+
+def _resized(f, dim, by):
+    shape = list(f.shape)
+    shape[dim] += by
+    return torch.zeros(shape, dtype=f.dtype, device=f.device)
+
+
+def _swap_first(s, f):
+    feats = list(as_list(s.feats))
+    feats[0] = f
+    return feats if s.from_list else feats[0]
+
+
+bad = float("nan")
+# (the argument the message must name, a call with that argument spoilt)
+MUTATIONS = [
+    # tile_plan
+    lambda s: ("images", s.plan_with(images=[])),
+    lambda s: ("images", s.plan_with(images=None)),
+    lambda s: ("images", s.plan_with(images=torch.empty(1, 16, 16))),
+    lambda s: ("images", s.plan_with(images=[torch.empty(1, 1, 2, 2)] * 2, multiple=1)),
+    lambda s: ("tile", s.plan_with(tile=s.rng.choice([0, -4, True, (4, True), 2.5, bad, (4, 4, 4), "8"]))),
+    lambda s: ("overlap", s.plan_with(overlap=s.rng.choice([-1, (0, -4), False, 1.5, bad, None]))),
+    lambda s: ("tile", s.plan_with(overlap=s.plan.tile)),  # "tile must be larger than overlap"
+    lambda s: ("multiple", s.plan_with(multiple=s.rng.choice([0, -2, True, 2.0, None]))),
+    lambda s: ("tile", s.plan_with(tile=(3, 3), overlap=0, multiple=2)),
+    # tile_schedule
+    lambda s: ("depth", s.schedule(torch.tensor(s.rng.choice([[0, 1], [1, 4], [-3]]), device=DEVICE))),
+    lambda s: ("depth", s.schedule(s.depth.to(s.rng.choice([torch.float32, torch.bool])))),
+    lambda s: ("depth", s.schedule(s.depth[None])),
+    lambda s: ("depth", s.schedule(s.depth.to("meta"))),
+    lambda s: ("depth", s.schedule(s.rng.choice([None, 3, "1", [], {1: 2}, [1, 2.0], [True], [1, None]]))),
+    lambda s: ("depth", s.schedule([s.depth, torch.tensor([1, 9], device=DEVICE)])),
+    lambda s: ("depth", s.schedule([s.depth, s.depth.to("meta")])),
+    lambda s: ("num_columns", s.schedule(s.depth, s.rng.choice([0, -1, True, 2.0, None]))),
+    # tile_gather
+    lambda s: ("plan", s.gather(plan=s.rng.choice([None, "plan", s.plan.layout("cpu")]))),
+    lambda s: ("feats", s.gather(feats=s.rng.choice([None, 3, "feats", {0: 1}]))),
+    lambda s: ("feats", s.gather(feats=as_list(s.feats) * 2)),
+    # (the first tensor sets the channel count -- any, where it is the only one: a
+    # wrong one there names the next tensor)
+    lambda s: ("feats", s.gather(feats=_swap_first(s, _resized(as_list(s.feats)[0], s.rng.choice([0, 2, 3] + [1] * (len(s.shapes) > 1)), 1)))),
+    lambda s: (s.feats_name(), s.gather(feats=_swap_first(s, as_list(s.feats)[0][0]))),
+    lambda s: (s.feats_name(), s.gather(feats=_swap_first(s, as_list(s.feats)[0].to(s.rng.choice([torch.int32, torch.bool, torch.complex64]))))),
+    lambda s: ("feats[1]", s.gather(feats=[as_list(s.feats)[0], as_list(s.feats)[0].double()], plan=tile_plan([torch.empty(*as_list(s.feats)[0].shape[:2], s.shapes[0][1], s.shapes[0][2])] * 2, s.plan.tile, s.plan.overlap, multiple=s.plan.multiple))),
+    lambda s: ("scale", s.gather(scale=s.rng.choice([0, -2, 3, 6, True, 2.0, None, bad, 8 * s.plan.multiple]))),
+    lambda s: ("order", s.gather(order=torch.tensor([s.T + s.rng.randint(0, 3)], device=DEVICE))),
+    lambda s: ("order", s.gather(order=[s.rng.randint(-5, -1)])),
+    lambda s: ("order", s.gather(order=_edited(s, s.T))),
+    lambda s: ("order", s.gather(order=s.perm().to(s.rng.choice([torch.int32, torch.float32, torch.bool, torch.uint8])))),
+    lambda s: ("order", s.gather(order=s.perm()[None])),
+    lambda s: ("order", s.gather(order=s.perm().to("meta"))),
+    lambda s: ("order", s.gather(order=s.rng.choice([3, "0", [0.0], [True], [[0]], [None], bad]))),
+    # tile_blend
+    lambda s: ("tiles", s.blend(tiles=s.rng.choice([None, 1.0, [s.tiles]]))),
+    lambda s: ("tiles", s.blend(tiles=s.tiles[0])),
+    lambda s: ("tiles", s.blend(tiles=_resized(s.tiles, s.rng.choice([0, 2, 3]), s.rng.choice([-1, 1])))),
+    lambda s: ("tiles", s.blend(tiles=s.tiles.to(s.rng.choice([torch.int64, torch.bool, torch.complex64])))),
+    lambda s: ("plan", s.blend(plan=s.rng.choice([None, "plan"]))),
+    lambda s: ("order", s.blend(order=_repeat(s))),
+    lambda s: ("order", s.blend(order=_repeat(s).tolist())),
+    lambda s: ("order", s.blend(order=_edited(s, s.rng.choice([-1, s.T, "repeat"])))),
+    lambda s: ("order", s.blend(order=torch.arange(s.T + s.rng.choice([-1, 1]), device=DEVICE))),
+    lambda s: ("order", s.blend(order=list(range(s.T + 1)))),
+    lambda s: ("order", s.blend(order=s.perm() + s.rng.choice([-1, 1]))),
+    lambda s: ("order", s.blend(order=s.perm().to(s.rng.choice([torch.int32, torch.float64, torch.bool])))),
+    lambda s: ("order", s.blend(order=s.perm().to("meta"))),
+    lambda s: ("order", s.blend(order=tile_schedule(torch.ones(s.T + 1, dtype=torch.long), 1).order)),
+]
+
+
+def test_randomised_bad_input_is_refused_the_same_way_by_every_backend(monkeypatch):
+    """200 seeded cases, each a random valid call with one argument spoilt (every
+    mutation about four times, with random values). Each must raise before any kernel
+    runs (a kernel fed a bad order crashed the process: this test would not finish),
+    an error of ours that names the argument, the same on every backend."""
+    rng = random.Random(2024)
+    launches = spy_on_kernels(monkeypatch)
+    for case in range(200):
+        setup = Setup(rng)
+        name, call = MUTATIONS[case % len(MUTATIONS)](setup)
+        outcomes = {raised(lambda: call(backend)) for backend in BACKENDS}
+        assert len(outcomes) == 1, (case, name, outcomes)
+        ((error, message),) = outcomes
+        assert error is not None, (case, name, "no error")
+        assert issubclass(error, (ValueError, TypeError, IndexError, RuntimeError)), (case, error, message)
+        assert re.match(rf"{re.escape(name)}(\[\d+\])?(?![\w\[])", message), (case, name, message)
+        assert launches == [], (case, launches)
+
+
+def test_randomised_valid_calls_match_the_spec():
+    """Random geometries (deep overlaps, one tile, ragged lists), layouts, channel counts
+    (also 0), orders (None, tensor, list, a schedule's, subsets, repeats for the gather)
+    and NaN tiles: every backend against plain slicing and AdaRevD's plain blend."""
+    rng = random.Random(7)
+    for case in range(24):
+        plan, shapes, from_list = random_geometry(rng)
+        T = plan.num_tiles
+        dtype = rng.choice([torch.float32, torch.float64])
+        channels = rng.choice([0, 1, 3, 4])
+        scale = rng.choice([s for s in (1, 2, 4) if plan.multiple % s == 0])
+        feats = random_feats(rng, plan, shapes, from_list, scale, channels, dtype)
+        depth = torch.randint(1, 4, (T,), device=DEVICE)
+        schedule = tile_schedule(depth.tolist() if rng.random() < 0.5 else depth, 3)
+        assert torch.equal(depth[schedule.order], depth.sort(descending=True, stable=True).values)
+        assert schedule.active == tuple(int((depth > k).sum()) for k in range(3))
+        perm = torch.randperm(T, device=DEVICE)
+        picks = torch.randint(0, T, (rng.randint(0, 2 * T),), device=DEVICE)
+        gather_order = rng.choice([None, perm, perm.tolist(), schedule.order, picks, picks.tolist()])
+        want = naive_gather(as_list(feats), plan, None if gather_order is None
+                            else torch.as_tensor(gather_order, device=DEVICE), scale)
+        for backend in BACKENDS:
+            got = tile_gather(feats, plan, gather_order, scale=scale, backend=backend)
+            assert got.dtype == dtype and torch.equal(got, want), (case, backend)
+
+        tiles = torch.randn(T, channels, *plan.tile, dtype=torch.float64, device=DEVICE)
+        if T and rng.random() < 0.25:
+            tiles[rng.randrange(T)] = float("nan")
+        blend_order = rng.choice([None, perm, perm.tolist(), schedule.order])
+        index = None if blend_order is None else torch.as_tensor(blend_order, device=DEVICE)
+        sorted_tiles = (tiles if index is None else tiles[index]).to(dtype)
+        truth = plain_blend(tiles, plan, torch.float64)
+        for backend in BACKENDS:
+            out = tile_blend(sorted_tiles, plan, blend_order, backend=backend)
+            for o, t in zip(as_list(out), truth):
+                assert o.dtype == dtype
+                torch.testing.assert_close(o, t.to(dtype), equal_nan=True, rtol=1e-5, atol=1e-5,
+                                           msg=lambda m: f"case {case}, {backend}: {m}")
