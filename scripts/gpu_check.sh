@@ -23,7 +23,9 @@
 #   e.g. parts conv (BENCH_K="hyper or slim"), memory (BENCH_K="elementwise or restore
 #   or tile"), models (BENCH_K="model or adarevd or ddsnet"), each with --no-build --no-tests after
 #   the first call on a warm machine; then one report of the whole run:
-#   python -m restorenet.bench_report bench/results/<date>-<gpu>-*.json --stem <date>-<gpu>).
+#   python -m restorenet.bench_report bench/results/<date>-<gpu>-*.json --stem <date>-<gpu>),
+#   TEST_TIMEOUT (seconds for the test phase, default 300; it never stops at the
+#   first failure).
 # Exit status: 0 when every phase that ran passed; non-zero otherwise (later
 # phases still run after a test failure, so a benchmark report is still made).
 set -euo pipefail
@@ -35,7 +37,7 @@ for arg in "$@"; do
     --no-build) DO_BUILD=0 ;;
     --no-tests) DO_TESTS=0 ;;
     --no-bench) DO_BENCH=0 ;;
-    -h|--help) sed -n '2,28p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,30p' "$0"; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument '$arg' (see --help)" >&2; exit 2 ;;
   esac
 done
@@ -156,7 +158,10 @@ fi
 section "tests"
 if [[ "$DO_TESTS" == 1 ]]; then
   set +e
-  "$PY" -m pytest tests -x -q -p no:cacheprovider 2>&1 | tee "$RESULTS/$STEM-tests.log"
+  # No -x: the first failure must not end what may be the only GPU run for a while;
+  # -rfE lists every failure and error at the end, TEST_TIMEOUT bounds the phase.
+  timeout "${TEST_TIMEOUT:-300}" "$PY" -m pytest tests -q -rfE -p no:cacheprovider 2>&1 \
+      | tee "$RESULTS/$STEM-tests.log"
   rc=${PIPESTATUS[0]}
   set -e
   [[ $rc == 0 ]] || FAILED+=("tests (exit $rc)")

@@ -225,7 +225,8 @@ def reversible_columns(columns: Sequence[ReversibleColumn], x: Tensor, states: S
             (AdaRevD's per-column conv heads). Run inside the op, so with
             ``memory_efficient`` a head's input is not kept either: backward
             recomputes it from the rebuilt state (see "Memory" in the module
-            docstring). The head sees ``c_{n-1}'`` in the states' (promoted) dtype.
+            docstring). The head sees ``c_{n-1}'`` in the states' (promoted) dtype;
+            it must not draw random numbers (ValueError: its recompute is not replayed).
         memory_efficient: True: backward rebuilds the states by inverting the
             couplings instead of storing activations (see the module docstring);
             False: plain autograd through the same loop. Without gradients both
@@ -430,7 +431,13 @@ def _forward_op(chain: int, x: Tensor, states: list[Tensor], params: list[Tensor
             tape: Optional[list] = [] if record_rng else None
             states = column_forward(col, x, states, rng_tape=tape)
             rng.append(tape)
+            before = _rng_state(x.device)
             outputs.append(_column_output(heads, k, states[-1], out_dtype))
+            if heads is not None and not _same_rng(before, _rng_state(x.device)):
+                # Backward recomputes heads without an RNG replay: a dropout mask
+                # drawn again would give silently wrong gradients.
+                raise ValueError(f"heads[{k}] must not draw random numbers (e.g. dropout in training "
+                                 f"mode): the memory-efficient backward recomputes it")
     kept_sets.insert(0, states)
     kept = [s for kept_set in kept_sets for s in kept_set[:spec.set_size]]
     return outputs + kept + ([_pack_rng(rng, x.device)] if record_rng else [])

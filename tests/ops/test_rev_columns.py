@@ -503,6 +503,9 @@ def test_invalid_arguments_name_the_argument():
         reversible_columns(cols, x, states, heads=[nn.Conv2d(2, 3, 1)] * 2)
     with pytest.raises(TypeError, match=r"^heads\[0\]"):
         reversible_columns(cols, x, states, heads=[lambda t: t])
+    x.requires_grad_()
+    with pytest.raises(ValueError, match=r"^heads\[0\] must not draw random numbers"):
+        reversible_columns(cols, x, states, heads=[nn.Dropout(0.5).train()])
     for bad in (0, -1, 1.5, True, "2"):
         with pytest.raises(ValueError, match="^anchor_every"):
             reversible_columns(cols, x, states, anchor_every=bad)
