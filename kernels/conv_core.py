@@ -117,7 +117,10 @@ def conv_wgrad_tile(dy_n, x_n, offs_co, offs_ci, co_mask, ci_mask, r, s, pb_begi
     of ``g[co, ci] = sum_p dy[co, p] x[ci, p*stride + (r,s) - pad]`` and ``db[co] = sum_p dy[co, p]``.
     dy is read only where ``co_mask`` holds and x only where ``ci_mask`` holds."""
     g = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
-    db = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
+    # db accumulates per pixel lane and is reduced once after the loop: a row sum
+    # inside the loop (used again after it) trips Triton 3.6's
+    # TritonGPUOptimizeThreadLocality pass (``loopResult.hasOneUse()``) for fp32/fp64.
+    db_lanes = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC_DTYPE)
     for pb in range(pb_begin, pb_end, SPLIT):
         offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
         p_mask = offs_p < P_out
@@ -131,8 +134,8 @@ def conv_wgrad_tile(dy_n, x_n, offs_co, offs_ci, co_mask, ci_mask, r, s, pb_begi
                   + ih[:, None].to(tl.int64) * s_xh + iw[:, None].to(tl.int64) * s_xw)
         xt = tl.load(x_n + x_offs, mask=in_mask[:, None] & ci_mask[None, :], other=0.0)
         g += tl.dot(dyt, xt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
-        db += tl.sum(dyt.to(ACC_DTYPE), axis=1)
-    return g, db
+        db_lanes += dyt.to(ACC_DTYPE)
+    return g, tl.sum(db_lanes, axis=1)
 
 
 @triton.jit
