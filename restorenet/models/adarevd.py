@@ -41,7 +41,8 @@ from restorenet._checks import check_image, check_int, check_int_sequence
 from restorenet.models.blocks import (LayerNorm2d, NAFBlock, scaled_residual_add, downsample, pad_to_multiple,
                                       upsample)
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
-from restorenet.ops.rev_columns import autocast_dtype, column_forward, reversible_columns
+from restorenet.ops._common import autocast_dtype
+from restorenet.ops.rev_columns import column_forward, reversible_columns
 from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan, tile_schedule
 from restorenet.registry import register_model
 
@@ -327,11 +328,7 @@ class AdaRevD(nn.Module):
                  rev_anchor_every: Union[int, None, str] = "auto"):
         super().__init__()
         enc_blocks = check_int_sequence("enc_blocks", enc_blocks, 0, length=NUM_LEVELS)  # one per decoder level
-        check_int("num_decoders", num_decoders, 1)
-        check_int("in_channels", in_channels, 1)
-        check_int("width", width, 1)
-        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
-            raise ValueError(f"dropout must be a number in [0, 1), got {dropout!r}")
+        check_int("num_decoders", num_decoders, 1)  # in_channels, width: NAFNetEncoder's; dropout: NAFBlock's
         self.in_channels = in_channels
         self.num_decoders = num_decoders
         self.memory_efficient = memory_efficient

@@ -238,15 +238,10 @@ class DDSNet(nn.Module):
         return SlimWidths(values, min(self.choices), max(self.choices))
 
     def _widths_from_sequence(self, width, n: int, device: torch.device) -> SlimWidths:
-        if not all(is_int(v) for v in width):
-            raise TypeError(f"width must be None, an int, a sequence of ints or an integer tensor [N], "
-                            f"got {width!r}")
-        if len(width) != n:
-            raise ValueError(f"width must hold N = {n} widths (one per image of x), got {len(width)}")
+        widths = check_widths(width, n, device, self.width)  # ints, one per image: on the host
         if not set(width) <= set(self.choices):
             raise ValueError(f"width must hold values from {self.choices}, got {sorted(set(width))}")
-        values = torch.tensor(list(width), dtype=torch.int32, device=device)
-        return SlimWidths(values, min(self.choices), max(self.choices))
+        return widths
 
     # -- network ------------------------------------------------------------
     def _backbone(self, x: Tensor, widths: SlimWidths, mask: Optional[Tensor]) -> Tensor:

@@ -46,7 +46,7 @@ from restorenet._checks import check_image, check_int
 from restorenet.models.blocks import pad_to_multiple
 from restorenet.ops import hyper_conv2d
 from restorenet.ops._common import can_read_values
-from restorenet.ops.hyper_conv2d import check_level_value, check_levels
+from restorenet.ops.hyper_conv2d import check_level_value, check_levels, level_from_sequence
 from restorenet.registry import register_model
 
 LEVEL_SCALE = 255.0
@@ -208,12 +208,13 @@ class HyperRes(nn.Module):
 def _level_as(level, x: Tensor, check_values: bool):
     """``level`` as a Python float or a tensor [N] in x's float precision, checked
     finite and >= 0 when ``check_values`` (a tensor: the forward's one host read)."""
+    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     if isinstance(level, (int, float)) and not isinstance(level, bool):
         if check_values:
             check_level_value("level", level)
         return float(level)
     if isinstance(level, (list, tuple)):
-        return _level_from_sequence(level, x, check_values)
+        return level_from_sequence(level, x, dtype, check_values)
     if not isinstance(level, Tensor) or level.dtype == torch.bool or level.is_complex():
         raise TypeError(f"level must be a number, a sequence of numbers or a real tensor [N], got "
                         f"{level.dtype if isinstance(level, Tensor) else type(level).__name__}")
@@ -222,24 +223,10 @@ def _level_as(level, x: Tensor, check_values: bool):
                          f"(one level per sample of x), got shape {tuple(level.shape)}")
     if level.device != x.device:
         raise ValueError(f"level must be on the device of x ({x.device}), got {level.device}")
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
     level = level.to(dtype).expand(x.shape[0])
     if check_values and can_read_values(level):
         check_levels(level)  # the forward's one host read
     return level
-
-
-def _level_from_sequence(level, x: Tensor, check_values: bool) -> Tensor:
-    """A host sequence of levels, checked on the host (no device read), as a tensor [N]."""
-    if len(level) != x.shape[0] or not all(isinstance(v, (int, float)) and not isinstance(v, bool)
-                                           for v in level):
-        raise ValueError(f"level must be a sequence of N = {x.shape[0]} numbers (one per sample "
-                         f"of x), got {level!r}")
-    if check_values:
-        for v in level:
-            check_level_value("level", v)
-    dtype = torch.float64 if x.dtype == torch.float64 else torch.float32
-    return torch.tensor([float(v) for v in level], dtype=dtype, device=x.device)
 
 
 # ------------------------------------------------------------- blind estimator

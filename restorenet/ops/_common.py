@@ -43,12 +43,19 @@ def in_working_layout(*tensors: Tensor) -> tuple[torch.memory_format, tuple[Tens
 def autocast_inputs(x: Tensor, *params: Optional[Tensor]) -> tuple:
     """Custom ops are invisible to autocast; cast here so the op sees one dtype,
     the way F.conv2d would run under autocast."""
-    device = x.device.type
-    # Devices with no autocast (meta: shape propagation) cannot even be asked.
-    if not torch.amp.is_autocast_available(device) or not torch.is_autocast_enabled(device):
+    dtype = autocast_dtype(x.device)
+    if dtype is None:
         return (x, *params)
-    dtype = torch.get_autocast_dtype(device)
     return tuple(t if t is None else t.to(dtype) for t in (x, *params))
+
+
+def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
+    """The dtype autocast computes in on ``device``, or None where it is off (or the
+    device has no autocast: meta, for shape propagation, cannot even be asked)."""
+    kind = device.type
+    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
+        return None
+    return torch.get_autocast_dtype(kind)
 
 
 def can_read_values(t: Tensor) -> bool:

@@ -120,7 +120,7 @@ def _level_tensor(level, x: Tensor, check_values: bool):
             check_level_value("level", level)
         return torch.full((x.shape[0],), float(level), dtype=dtype, device=x.device)
     if isinstance(level, (list, tuple)):
-        return _level_from_sequence(level, x, dtype, check_values)
+        return level_from_sequence(level, x, dtype, check_values)
     if not isinstance(level, Tensor):
         raise TypeError(f"level must be a number, a sequence of numbers or a tensor [N], "
                         f"got {type(level).__name__}")
@@ -138,7 +138,9 @@ def _broadcast_level(level: Tensor, x: Tensor) -> Tensor:
     return level.expand(x.shape[0]) if level.dim() == 0 else level
 
 
-def _level_from_sequence(level, x: Tensor, dtype: torch.dtype, check_values: bool) -> Tensor:
+def level_from_sequence(level, x: Tensor, dtype: torch.dtype, check_values: bool) -> Tensor:
+    """A host sequence of N levels as a tensor [N] on x's device, checked on the host
+    (finite, >= 0) when ``check_values``: no device read."""
     if len(level) != x.shape[0] or not all(_is_number(v) for v in level):
         raise ValueError(f"level must be a sequence of N = {x.shape[0]} numbers (one per sample "
                          f"of x), got {level!r}")

@@ -159,6 +159,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from restorenet._checks import check_tensor
+from restorenet.ops._common import autocast_dtype
 from restorenet.ops._nvtx import nvtx_range
 from restorenet.ops.reversible import DTYPES, rev_coupling_forward, rev_coupling_invert
 
@@ -290,15 +291,6 @@ def column_forward(column: ReversibleColumn, x: Tensor, states: Sequence[Tensor]
     return tuple(s.to(dtype) for s in new)
 
 
-def autocast_dtype(device: torch.device) -> Optional[torch.dtype]:
-    """The dtype autocast computes in on ``device``, or None where it is off (or the
-    device has no autocast, e.g. meta)."""
-    kind = device.type
-    if not torch.amp.is_autocast_available(kind) or not torch.is_autocast_enabled(kind):
-        return None
-    return torch.get_autocast_dtype(kind)
-
-
 def _column_output(heads, k: int, last_state: Tensor, dtype: torch.dtype) -> Tensor:
     """Column k's output: its finest new state in the states' dtype, through its head."""
     out = last_state.to(dtype)
@@ -412,8 +404,7 @@ class _Spec(NamedTuple):
         return 1 + sum(1 for k in self.anchored if k > 0)
 
 
-def _spec_of(handle: int, states, anchor_every: int, out_dtype: torch.dtype) -> _Spec:
-    columns, heads = _chain(handle)
+def _spec_of(columns, heads, states, anchor_every: int, out_dtype: torch.dtype) -> _Spec:
     return _Spec(len(columns), len(states), anchor_every, heads is not None, states[0].dtype == out_dtype)
 
 
@@ -421,7 +412,7 @@ def _spec_of(handle: int, states, anchor_every: int, out_dtype: torch.dtype) -> 
 def _forward_op(chain: int, x: Tensor, states: list[Tensor], params: list[Tensor], anchor_every: int,
                 out_dtype: torch.dtype, autocast_dtype: Optional[torch.dtype], record_rng: bool) -> list[Tensor]:
     columns, heads = _chain(chain)
-    spec = _spec_of(chain, states, anchor_every, out_dtype)
+    spec = _spec_of(columns, heads, states, anchor_every, out_dtype)
     outputs, kept_sets, rng = [], [], []
     with nvtx_range(OP, "fwd", x.device), _dispatch_as_eager(), torch.no_grad(), \
             _autocast(x.device.type, autocast_dtype):
@@ -431,9 +422,9 @@ def _forward_op(chain: int, x: Tensor, states: list[Tensor], params: list[Tensor
             tape: Optional[list] = [] if record_rng else None
             states = column_forward(col, x, states, rng_tape=tape)
             rng.append(tape)
-            before = _rng_state(x.device)
+            before = _rng_state(x.device) if heads is not None else None
             outputs.append(_column_output(heads, k, states[-1], out_dtype))
-            if heads is not None and not _same_rng(before, _rng_state(x.device)):
+            if before is not None and not _same_rng(before, _rng_state(x.device)):
                 # Backward recomputes heads without an RNG replay: a dropout mask
                 # drawn again would give silently wrong gradients.
                 raise ValueError(f"heads[{k}] must not draw random numbers (e.g. dropout in training "
@@ -446,38 +437,25 @@ def _forward_op(chain: int, x: Tensor, states: list[Tensor], params: list[Tensor
 @_forward_op.register_fake
 def _(chain, x, states, params, anchor_every, out_dtype, autocast_dtype, record_rng):
     columns, heads = _chain(chain)
-    spec = _spec_of(chain, states, anchor_every, out_dtype)
+    spec = _spec_of(columns, heads, states, anchor_every, out_dtype)
     last = states[-1].to(out_dtype)
     if heads is None:
         outputs = [torch.empty_like(last) for _ in columns]
     else:  # shapes and dtypes of the heads' outputs: run them on fakes (the fake parameters)
-        named = _head_parameter_names(heads)
-        head_params = params[len(params) - len(named):]
+        head_params = iter(params[len(params) - sum(len(list(h.parameters())) for h in heads):])
         with _autocast(x.device.type, autocast_dtype):
-            outputs = [torch.func.functional_call(head, dict(zip(names, head_params[a:b])), (last,))
-                       for head, (names, a, b) in zip(heads, _head_slices(named, heads))]
+            outputs = [torch.func.functional_call(head, {name: next(head_params) for name, _ in
+                                                         head.named_parameters()}, (last,))
+                       for head in heads]
     kept = [torch.empty_like(s) for _ in range(spec.num_kept_sets) for s in states[:spec.set_size]]
     rng = [x.new_empty(len(columns), spec.num_levels, _rng_bytes(x.device), dtype=torch.uint8,
                        device="cpu")] if record_rng else []
     return outputs + kept + rng
 
 
-def _head_parameter_names(heads) -> list[str]:
-    return [name for head in heads for name, _ in head.named_parameters()]
-
-
-def _head_slices(named, heads):
-    """Per head: (its parameter names, start, end) in the flat head-parameter list."""
-    start = 0
-    for head in heads:
-        names = [name for name, _ in head.named_parameters()]
-        yield names, start, start + len(names)
-        start += len(names)
-
-
 def _setup_context(ctx, inputs, output):
     chain, x, states, params, anchor_every, out_dtype, autocast_dtype, record_rng = inputs
-    spec = _spec_of(chain, states, anchor_every, out_dtype)
+    spec = _spec_of(*_chain(chain), states, anchor_every, out_dtype)
     k, n = spec.num_columns, spec.num_levels
     kept = list(output[k:k + spec.num_kept_sets * spec.set_size])
     sets = [kept[j * spec.set_size:(j + 1) * spec.set_size] for j in range(spec.num_kept_sets)]
@@ -499,7 +477,7 @@ def _autograd_backward(ctx, grads):
     x, *saved = ctx.saved_tensors
     columns, _ = _chain(chain)
     k = len(columns)
-    grad_outputs = [g if g is not None else torch.zeros(()) for g in grads[:k]]
+    grad_outputs = [g if g is not None else x.new_zeros(()) for g in grads[:k]]
     out = torch.ops.restorenet.reversible_columns_backward.default(
         chain, x, saved, grad_outputs, ctx.params, anchor_every, out_dtype, autocast_dtype, record_rng)
     n = columns[0].num_levels
@@ -819,8 +797,7 @@ def _check_states(states, num_levels: int, x, channels: Optional[Sequence[int]] 
 def _check_heads(heads, num_columns: int) -> Optional[list]:
     if heads is None:
         return None
-    if isinstance(heads, nn.Module) and not isinstance(heads, (nn.ModuleList, nn.Sequential)) or \
-            not isinstance(heads, (Sequence, nn.ModuleList)):
+    if not isinstance(heads, (Sequence, nn.ModuleList)):
         raise TypeError(f"heads must be None or a sequence of {num_columns} nn.Modules (one per "
                         f"column), got {type(heads).__name__}")
     heads = list(heads)
