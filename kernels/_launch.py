@@ -9,20 +9,39 @@ launchers give it few, big tiles).
 """
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
 import triton.language as tl
 
 
+# Set by ``gpu_launch_config``: the launchers choose what they choose on a GPU.
+_GPU_CONFIG: list[bool] = []
+
+
 def interpreting() -> bool:
-    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
-    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+    """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)
+    and no ``gpu_launch_config`` block asks for the GPU's launch configuration."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1" and not _GPU_CONFIG
 
 
-def launch_options() -> dict:
-    """Extra launch arguments: 4 warps on a GPU; the interpreter takes none."""
-    return {} if interpreting() else dict(num_warps=4)
+@contextlib.contextmanager
+def gpu_launch_config():
+    """Inside the block the launchers pick tiles, grids, ``num_warps`` and
+    ``num_stages`` as on a GPU even under the interpreter. For
+    ``restorenet.aot``, which records the launches without running them; a
+    kernel launched for real in the block would run the GPU's (slow) tiling."""
+    _GPU_CONFIG.append(True)
+    try:
+        yield
+    finally:
+        _GPU_CONFIG.pop()
+
+
+def launch_options(num_warps: int = 4) -> dict:
+    """Extra launch arguments: ``num_warps`` on a GPU; the interpreter takes none."""
+    return {} if interpreting() else dict(num_warps=num_warps)
 
 
 def compute_dtypes(dtype: torch.dtype):

@@ -26,6 +26,7 @@ import triton.language as tl
 
 from restorenet_kernels._addressing import channel_pixel_tile, pixel_block
 from restorenet_kernels._launch import canonical_strides, compute_dtypes, interpreting, launch_options, layout_format
+from restorenet_kernels._numerics import div_rn
 
 
 # ----------------------------------------------------------------------- kernels
@@ -57,7 +58,8 @@ def rev_coupling_invert_kernel(x_ptr, f_ptr, alpha_ptr, g_ptr, c_out_ptr, gc_out
         x = tl.load(x_ptr + off, mask=mask, other=0.0).to(COMPUTE)
         if REBUILD:
             f = tl.load(f_ptr + off, mask=mask, other=0.0).to(COMPUTE)
-            x = (x - f) / a[:, None]
+            # Correctly rounded like csrc/reversible.cu's division: the backends agree bit for bit.
+            x = div_rn(x - f, a[:, None])
             tl.store(c_out_ptr + off, x.to(c_out_ptr.dtype.element_ty), mask=mask)
         g = tl.load(g_ptr + off, mask=mask, other=0.0).to(COMPUTE)
         tl.store(gc_out_ptr + off, (a[:, None] * g).to(gc_out_ptr.dtype.element_ty), mask=mask)

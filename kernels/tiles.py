@@ -23,6 +23,7 @@ import triton.language as tl
 
 from restorenet.ops.tiles import LAYOUT_COLUMNS
 from restorenet_kernels._launch import interpreting, launch_options
+from restorenet_kernels._numerics import div_rn
 
 _TL_DTYPE = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16,
              torch.float32: tl.float32, torch.float64: tl.float64}
@@ -101,7 +102,8 @@ def tile_blend_kernel(tiles_ptr, slots_ptr, layout_ptr, row_w_ptr, col_w_ptr, ou
             acc += v * w[None, :]
             weight_sum += w
 
-    out = acc / tl.where(p_mask, weight_sum, 1.0)[None, :]
+    # Correctly rounded, as the division in csrc/tiles.cu.
+    out = div_rn(acc, tl.where(p_mask, weight_sum, 1.0)[None, :])
     dst = (out_ptr + C * pix_base + offs_c[:, None].to(tl.int64) * (height * width)
            + (y * width + x)[None, :])
     tl.store(dst, out.to(out_ptr.dtype.element_ty), mask=c_mask[:, None] & p_mask[None, :])
@@ -109,8 +111,10 @@ def tile_blend_kernel(tiles_ptr, slots_ptr, layout_ptr, row_w_ptr, col_w_ptr, ou
 
 # --------------------------------------------------------------------- launchers
 def _blocks(pixels: int, channels: int) -> dict:
-    # The interpreter pays per program: give it big blocks.
-    max_p, max_c = (4096, 64) if interpreting() else (256, 16)
+    # The interpreter pays per program: give it big blocks. On a GPU 128 x 16 keeps
+    # the blend's four cover tiles in registers at 4 warps (256 x 16 spilled in fp64
+    # and took 221-255 registers otherwise; see docs/kernel_report.md).
+    max_p, max_c = (4096, 64) if interpreting() else (128, 16)
     return dict(BLOCK_P=min(max_p, triton.next_power_of_2(max(pixels, 1))),
                 BLOCK_C=min(max_c, triton.next_power_of_2(max(channels, 1))))
 
