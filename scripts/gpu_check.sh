@@ -65,7 +65,7 @@ mkdir -p "$RESULTS"
 exec > >(tee -a "$RESULTS/$STEM-check.log") 2>&1
 PARTS="$RESULTS/$STEM-check.json"
 echo "[]" > "$PARTS"
-FAILED=()
+FAILED=() JSONS=()
 
 # record PART STATUS SECONDS LIMIT NOTE: one entry of <stem>-check.json, written at once.
 record() {
@@ -181,14 +181,13 @@ BENCH_GROUPS=(
   "restore|15|test_adarevd_restore and batched"
 )
 if [[ "$DO_BENCH" == 1 ]]; then
-  JSONS=()
   for group in "${BENCH_GROUPS[@]}"; do
     IFS='|' read -r name secs expr <<< "$group"
     json="$RESULTS/$STEM-$name.json"
     rm -f "$json"
     run_part "bench $name" "$(limit "$(( secs * ${BENCH_S:-150} / 150 ))")" "$RESULTS/$STEM-$name-bench.log" \
         "$PY" -m pytest bench/ --benchmark-only -q -p no:cacheprovider -k "$expr" --benchmark-json="$json"
-    [[ -s "$json" ]] && JSONS+=("$json")
+    [[ -s "$json" ]] && JSONS+=("$json")  # pytest-benchmark writes it at the end: empty if cut
   done
 else
   record bench skipped 0 0 "--no-bench"
@@ -216,7 +215,7 @@ torch.cuda.synchronize()"
 fi
 
 printf '\n==== report ====\n'
-if (( ${#JSONS[@]:-0} )); then
+if (( ${#JSONS[@]} )); then
   t0=$SECONDS
   # One benchmark JSON (<stem>.json) and one report (<stem>.md) of every group.
   if "$PY" - "$RESULTS/$STEM.json" "${JSONS[@]}" <<'PYEOF'

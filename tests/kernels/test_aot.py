@@ -30,7 +30,13 @@ ROOT = Path(__file__).resolve().parents[2]
 REPORT = ROOT / "docs" / "kernel_report.md"
 TRITON_KERNEL = re.compile(r"@triton\.jit\s*\ndef\s+(\w+_kernel)\s*\(")
 KERNELS = sorted({name for path in (ROOT / "kernels").glob("*.py") for name in TRITON_KERNEL.findall(path.read_text())})
-CI_ARCHS = "90a,80:conv"  # every CI spec for Hopper; the tensor-core (conv) kernels for Ampere too
+def _ci_archs() -> str:
+    """Every CI spec for Hopper; with Triton 3.8 (CI's own run) the tensor-core (conv)
+    kernels for Ampere too -- once per CI is enough for mma.sync, and it keeps the two
+    runs (3.8 and 3.6) inside their time budget."""
+    import triton
+    return "90a,80:conv" if not triton.__version__.startswith("3.6") else "90a"
+
 
 # Known failures of today's conv kernels (issue #12): they spill at the launch
 # configuration the ops use. The rewrite on branch ``tconv`` removes them; flip
@@ -39,6 +45,7 @@ CONV_SPILLS = "spills at its launch configuration until the conv rewrite (branch
 KNOWN_FAILURES = {
     "hyper_conv2d_fwd_kernel": CONV_SPILLS,
     "hyper_conv2d_dgrad_kernel": CONV_SPILLS,
+    "hyper_conv2d_wgrad_kernel": CONV_SPILLS,
     "slim_conv2d_fwd_kernel": CONV_SPILLS,
     "slim_conv2d_dgrad_kernel": CONV_SPILLS,
 }
@@ -62,7 +69,7 @@ pytestmark = pytest.mark.skipif(not _has_nvidia_backend(), reason="this Triton h
 
 def _run_ci_compile(out: Path) -> dict:
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    done = subprocess.run([sys.executable, "-m", "restorenet.aot", "--ci", "--arch", CI_ARCHS, "--jobs", "2",
+    done = subprocess.run([sys.executable, "-m", "restorenet.aot", "--ci", "--arch", _ci_archs(), "--jobs", "2",
                            "--no-cuda", "--json", str(out), "--write", str(out.with_suffix(".md"))],
                           env=env, cwd=ROOT, capture_output=True, text=True, timeout=1200)
     assert done.returncode == 0, done.stderr[-3000:]
@@ -90,6 +97,8 @@ def _rows(ci_compile, kernel):
 def test_every_triton_kernel_is_launched_by_an_op(ci_compile):
     launched = {l["kernel"] for l in ci_compile["launches"]}
     assert set(KERNELS) <= launched, f"no case launches {sorted(set(KERNELS) - launched)} (add one to aot.CASES)"
+    # Recorded with the GPU's launch configuration (the interpreter's passes no num_warps).
+    assert all(l["options"].get("num_warps") for l in ci_compile["launches"])
 
 
 @pytest.mark.parametrize("kernel", _kernel_params())
@@ -130,5 +139,7 @@ def test_committed_report_is_clean(kernel):
     found = json.loads(_committed("findings"))
     scope = json.loads(_committed("scope"))
     assert not scope["kernels"] and not scope["ci"], f"the committed report is partial: {scope}"
+    assert kernel not in scope["incomplete"], (
+        f"docs/kernel_report.md did not compile every spec of {kernel} (a run cut short): regenerate it")
     assert kernel in found, f"the report has no {kernel}"
     assert not found[kernel], f"{kernel}: {found[kernel]}"
