@@ -34,6 +34,10 @@ from restorenet_kernels._launch import canonical_strides, compute_dtypes, interp
 
 MAX_SPLITS = 64  # pixel splits per sample in the reductions (GPU); bounds the partial buffer
 MAX_PROGRAMS = 1024  # pixel programs of the scaled-residual backward (GPU): at most this many partial rows
+# The reduction and the input gradient carry two gated halves (and du) per element:
+# at 4 warps ptxas spilled 4-20 B in them (fp64 reduce, small fp16/fp32 input gradients;
+# docs/kernel_report.md), at 8 warps each thread holds half as many elements.
+WIDE_WARPS = 8
 
 
 # ----------------------------------------------------------------------- kernels
@@ -192,7 +196,7 @@ def channel_attention_reduce(x: torch.Tensor, du, gated: bool, channels_last: bo
     partial = torch.empty((splits, n, c), dtype=torch_dtype, device=x.device)
     channel_attention_reduce_kernel[grid](x, x if du is None else du, partial, n, c, h * w, *canonical_strides(x.shape, channels_last),
                            *canonical_strides((n, c, h, w), channels_last), iters, WITH_GRAD=du is not None,
-                           GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options())
+                           GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options(WIDE_WARPS))
     return partial.sum(0)  # split rows added in order: a fixed reduction order
 
 
@@ -222,7 +226,7 @@ def channel_attention_backward_input(du: torch.Tensor, x: torch.Tensor, scale: t
     channel_attention_backward_input_kernel[grid](du, x, scale.contiguous(), q.contiguous(), dx, c, h * w, n * h * w,
                                    *canonical_strides(x.shape, channels_last),
                                    *canonical_strides(du.shape, channels_last),
-                                   GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options())
+                                   GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options(WIDE_WARPS))
     return dx
 
 

@@ -41,8 +41,9 @@ TILE = 4096  # elements per [BLOCK_C, BLOCK_M] tile on a GPU
 MAX_PROGRAMS = 1024  # bounds the partial-sum buffer: at most MAX_PROGRAMS rows
 # The LayerNorm backward holds four tile-sized values per element (x, dy, xhat, g):
 # 8 warps give each thread 16 elements of a tile (at 4 warps fp32 channels_last
-# spilled 8 B, fp64 up to 760 B: docs/kernel_report.md).
-BACKWARD_WARPS = 8
+# spilled 8 B, fp64 up to 760 B; the fp64 forward 4 B: docs/kernel_report.md).
+# The forward runs at 8 warps too.
+NORM_WARPS = 8
 
 
 # ----------------------------------------------------------------------- kernels
@@ -203,7 +204,7 @@ def _norm_geometry(x: torch.Tensor):
     block_c = min(MAX_BLOCK_C, triton.next_power_of_2(c))
     c_blocks = triton.cdiv(c, block_c)
     # The interpreter pays per program: big tiles. On a GPU fp64 takes half a tile,
-    # so the backward's x, dy, xhat and g fit in registers (see BACKWARD_WARPS).
+    # so the backward's x, dy, xhat and g fit in registers (see NORM_WARPS).
     tile = 16384 if interpreting() else TILE // 2 if x.dtype == torch.float64 else TILE
     block_m = max(1, min(tile // block_c, triton.next_power_of_2(max(m, 1))))
     m_blocks = triton.cdiv(m, block_m)
@@ -228,7 +229,7 @@ def layer_norm2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     s_n, s_c, s_p = canonical_strides(x.shape, channels_last)
     layer_norm2d_forward_kernel[grid](
         x, weight.contiguous(), bias.contiguous(), y, mean, rstd, c, h * w, n * h * w, s_n, s_c, s_p,
-        float(eps), iters, COMPUTE=tl_dtype, **blocks, **launch_options())
+        float(eps), iters, COMPUTE=tl_dtype, **blocks, **launch_options(NORM_WARPS))
     return y, mean, rstd
 
 
@@ -249,7 +250,7 @@ def layer_norm2d_backward(dy: torch.Tensor, x: torch.Tensor, weight: torch.Tenso
     layer_norm2d_backward_kernel[grid](
         dy, x, weight.contiguous(), mean.contiguous(), rstd.contiguous(), dx, partial_w, partial_b,
         c, h * w, n * h * w, s_n, s_c, s_p, iters, COMPUTE=tl_dtype, **blocks,
-        **launch_options(BACKWARD_WARPS))
+        **launch_options(NORM_WARPS))
     # Rows added in order: a fixed reduction order (no atomics anywhere).
     return dx, partial_w.sum(0), partial_b.sum(0)
 

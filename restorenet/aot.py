@@ -22,12 +22,13 @@ and its callees' source --, signature, constexprs, attributes, options, arch,
 Triton version) is compiled once per arch with ``triton.compile(ASTSource,
 GPUTarget)`` in ``--jobs`` processes; ``--cache DIR`` keeps each result under
 that full key. From the cubin (``cuobjdump --dump-resource-usage`` of the wheel)
-come registers, stack (local memory: spills) and static shared memory; Triton's
+come registers, the stack frame and static shared memory, from ptxas -v the spill
+stores and loads; Triton's
 metadata gives the dynamic shared memory; the PTX shows tensor-core instructions
 (``wgmma`` / ``mma.sync``) and async copies (``cp.async``, TMA ``cp.async.bulk``).
 
-**Findings** (``--check`` exits 1 on any): a compile error; stack > 0 (a
-spill at the launch configuration the op uses); a 16-bit or tf32 ``tt.dot``
+**Findings** (``--check`` exits 1 on any): a compile error; spill stores or
+loads (at the launch configuration the op uses); a 16-bit or tf32 ``tt.dot``
 without tensor-core instructions; shared memory over the per-block limit.
 
 The CUDA kernels (``csrc/*.cu``) are compiled with nvcc for the same archs and
@@ -39,6 +40,7 @@ import argparse
 import concurrent.futures
 import contextlib
 import hashlib
+import io
 import json
 import math
 import multiprocessing
@@ -355,15 +357,16 @@ def _canonical(obj) -> str:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"))
 
 
-# Bump when what a row holds changes: cached rows of another version are not reused.
-ANALYSIS_VERSION = 1
+# Bump when what a row holds changes (cached rows are upgraded or recompiled: ``_cached_row``).
+# 2: ptxas's spill stores/loads (1 had the stack frame only).
+ANALYSIS_VERSION = 2
 
 
 def compile_key(spec: dict, arch: str) -> str:
     """Kernel source (with its callees: JITFunction.cache_key), spec, arch, Triton version."""
     import triton
     source = _kernel_fn(spec["module"], spec["kernel"]).cache_key
-    parts = [source, spec, arch, triton.__version__, ANALYSIS_VERSION]
+    parts = [source, spec, arch, triton.__version__]
     return hashlib.sha256(_canonical(parts).encode()).hexdigest()[:20]
 
 
@@ -385,6 +388,7 @@ def _tool(name: str) -> str:
     return str(path) if path.exists() else (shutil.which(name) or name)
 
 
+SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 RESOURCE = re.compile(r"Function (\S+):\s*\n?\s*REG:(\d+) STACK:(\d+) SHARED:(\d+) LOCAL:(\d+)")
 
 
@@ -450,20 +454,27 @@ def compile_triton(job: tuple[str, dict, str]) -> dict:
     row = dict(key=key, arch=arch, kernel=spec["kernel"], num_warps=options.get("num_warps", 4),
                num_stages=options.get("num_stages", 3))
     start, cpu0 = time.perf_counter(), _cpu_seconds()
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"  # Triton prints ptxas -v: the spill counts
+    log = io.StringIO()
     try:
-        compiled = triton.compile(ASTSource(fn, spec["signature"], constexprs, attrs),
-                                  target=GPUTarget("cuda", int(arch.rstrip("a")), 32), options=options)
+        with contextlib.redirect_stdout(log):
+            compiled = triton.compile(ASTSource(fn, spec["signature"], constexprs, attrs),
+                                      target=GPUTarget("cuda", int(arch.rstrip("a")), 32), options=options)
     except Exception as error:  # noqa: BLE001 -- any compiler error is a finding, reported
         lines = [ln.strip() for ln in str(error).splitlines() if ln.strip()]
         # A CompilationError ends with its cause (after the source excerpt); an MLIR
         # or ptxas failure names the failing pass or assertion on an "error" line.
         first = next((ln for ln in lines if "error" in ln.lower() or "assert" in ln.lower()), "")
         first = first or (f"{lines[0]} {lines[-1]}" if lines else "")
-        return dict(row, ok=False, error=f"{type(error).__name__}: {first[:240]}",
+        return dict(row, ok=False, error=f"{type(error).__name__}: {first[:240]}", analysis=ANALYSIS_VERSION,
                     seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(_cpu_seconds() - cpu0, 2))
     usage = next(iter(resource_usage(compiled.asm["cubin"]).values()))
     smem = max(int(compiled.metadata.shared), usage["static_smem"])
+    spills = SPILLS.search(log.getvalue())
+    if spills is None:
+        raise RuntimeError(f"no ptxas -v spill line for {spec['kernel']}: {log.getvalue()[-300:]}")
     row.update(ok=True, regs=usage["regs"], stack=usage["stack"], local=usage["local"], smem=smem,
+               spill_stores=int(spills[1]), spill_loads=int(spills[2]), analysis=ANALYSIS_VERSION,
                warps_per_sm=occupancy(usage["regs"], smem, row["num_warps"], arch),
                **ptx_features(compiled.asm["ptx"], compiled.asm["ttir"]),
                seconds=round(time.perf_counter() - start, 2), cpu_seconds=round(_cpu_seconds() - cpu0, 2))
@@ -483,8 +494,8 @@ def findings(row: dict) -> list[str]:
     if not row["ok"]:
         return ["compile error"]
     out = []
-    if row["stack"] or row["local"]:
-        out.append(f"spill ({row['stack']} B stack)")
+    if row["spill_stores"] or row["spill_loads"]:
+        out.append(f"spill ({row['spill_stores']} B stores, {row['spill_loads']} B loads)")
     if row["needs_tensor_cores"] and not (row["wgmma"] or row["mma"]):
         out.append("16-bit/tf32 dot without tensor cores")
     if row["smem"] > SM_LIMITS[row["arch"]]["smem_block"]:
@@ -507,9 +518,9 @@ def compile_all(jobs: list[tuple[str, dict, str]], workers: int, cache: Path | N
     run compiled; the report then names the kernels it does not cover)."""
     rows, todo = {}, []
     for job in jobs:
-        hit = cache / f"{job[0]}-{job[2]}.json" if cache else None
-        if hit and hit.exists():
-            rows[(job[0], job[2])] = json.loads(hit.read_text())
+        hit = _cached_row(cache / f"{job[0]}-{job[2]}.json") if cache else None
+        if hit:
+            rows[(job[0], job[2])] = hit
         else:
             todo.append(job)
     todo = [] if cached_only else sorted(todo, key=lambda j: ("conv" in j[1]["kernel"], j[1]["kernel"]))
@@ -526,6 +537,21 @@ def compile_all(jobs: list[tuple[str, dict, str]], workers: int, cache: Path | N
                 for row in pool.map(compile_triton, todo, chunksize=1):
                     _store(rows, row, cache)
     return [rows[(j[0], j[2])] for j in jobs if (j[0], j[2]) in rows]
+
+
+def _cached_row(path: Path) -> dict | None:
+    """The cached row, upgraded from an older analysis where that is exact (a binary
+    without a stack frame spills nothing), else None (compile again)."""
+    if not path.exists():
+        return None
+    row = json.loads(path.read_text())
+    if row.get("analysis", 1) == ANALYSIS_VERSION:
+        return row
+    if not row["ok"]:
+        return dict(row, analysis=ANALYSIS_VERSION)
+    if row["stack"] == 0 and row["local"] == 0:
+        return dict(row, spill_stores=0, spill_loads=0, analysis=ANALYSIS_VERSION)
+    return None
 
 
 def _store(rows, row, cache):
@@ -550,7 +576,7 @@ def compile_cuda(job: tuple[str, str]) -> list[dict]:
         return [dict(base, ok=False, kernel="*", error="nvcc not found")]
     with tempfile.TemporaryDirectory() as tmp:
         cubin = Path(tmp) / "k.cubin"
-        done = subprocess.run([nvcc, *NVCC_FLAGS, f"-arch=sm_{arch}", "-cubin", "-o", str(cubin),
+        done = subprocess.run([nvcc, *NVCC_FLAGS, "-Xptxas", "-v", f"-arch=sm_{arch}", "-cubin", "-o", str(cubin),
                                str(ROOT / "csrc" / source)], capture_output=True, text=True)
         if done.returncode != 0:
             err = next((ln for ln in done.stderr.splitlines() if "error" in ln), done.stderr[:200])
@@ -558,13 +584,39 @@ def compile_cuda(job: tuple[str, str]) -> list[dict]:
         usage = resource_usage(cubin.read_bytes())
         sass = subprocess.run([_tool("cuobjdump"), "-sass", str(cubin)], capture_output=True, text=True).stdout
     names = _demangle(list(usage))
+    # ptxas -v: "Function properties for NAME\n  S bytes stack frame, X bytes spill stores, Y bytes spill loads"
+    spills = {m[1]: (int(m[2]), int(m[3])) for m in re.finditer(
+        r"Function properties for (\S+?):?\s*\n\s*\d+ bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads",
+        done.stderr + done.stdout)}
     rows = []
     for mangled, u in usage.items():
         body = _sass_of(sass, mangled)
+        stores, loads = spills.get(mangled, (0, 0))
         rows.append(dict(base, ok=True, kernel=names.get(mangled, mangled), regs=u["regs"], stack=u["stack"],
-                         local=u["local"], smem=u["static_smem"],
+                         local=u["local"], smem=u["static_smem"], spill_stores=stores, spill_loads=loads,
                          hmma=len(re.findall(r"\bHGMMA|\bHMMA", body)), dmma=body.count("DMMA"),
                          cp_async=body.count("LDGSTS"), tma=body.count("UTMALDG")))
+    return rows
+
+
+def _cached_cuda(job: tuple[str, str], cache: Path | None, cached_only: bool) -> list[dict]:
+    """compile_cuda, cached under every csrc/ file's text, the arch, nvcc's version and flags."""
+    if cache is None:
+        return compile_cuda(job)
+    nvcc = shutil.which("nvcc")
+    version = subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout if nvcc else ""
+    h = hashlib.sha256(_canonical([job, version, NVCC_FLAGS, ANALYSIS_VERSION]).encode())
+    for path in sorted((ROOT / "csrc").rglob("*")):
+        if path.is_file():
+            h.update(path.name.encode() + b"\0" + path.read_bytes())
+    hit = cache / f"cuda-{h.hexdigest()[:20]}.json"
+    if hit.exists():
+        return json.loads(hit.read_text())
+    if cached_only:
+        return [dict(source=job[0], arch=job[1], ok=False, kernel="*", error="not compiled (--cached-only)")]
+    rows = compile_cuda(job)
+    cache.mkdir(parents=True, exist_ok=True)
+    hit.write_text(json.dumps(rows))
     return rows
 
 
@@ -611,8 +663,9 @@ def _cell(row: dict) -> str:
     if row.get("dmma"):
         tc = "dmma"
     cp = (f"{row['cp_async']}" if row["cp_async"] else "0") + (f"+{row['tma']}tma" if row["tma"] else "")
-    stack = f"**{row['stack']}**" if row["stack"] else "0"
-    return f"{row['regs']} | {stack} | {row['smem'] // 1024 if row['smem'] >= 1024 else row['smem']}{'K' if row['smem'] >= 1024 else ''} | {row['warps_per_sm']} | {tc} | {cp}"
+    spill = f"**{row['spill_stores']}/{row['spill_loads']}**" if row["spill_stores"] or row["spill_loads"] else "0"
+    stack = f" ({row['stack']})" if row["stack"] else ""
+    return f"{row['regs']} | {spill}{stack} | {row['smem'] // 1024 if row['smem'] >= 1024 else row['smem']}{'K' if row['smem'] >= 1024 else ''} | {row['warps_per_sm']} | {tc} | {cp}"
 
 
 def hyper_loads_per_flop(launches: list[dict]) -> list[str]:
@@ -668,12 +721,13 @@ def render(launches, rows, cuda_rows, archs, meta) -> str:
         arch_rows = [r for r in rows if r["arch"] == arch]
         bad = [r for r in arch_rows if findings(r)]
         fails = sum(not r["ok"] for r in arch_rows)
-        spills = sum(1 for r in arch_rows if r["ok"] and (r["stack"] or r["local"]))
+        spills = sum(1 for r in arch_rows if r["ok"] and (r["spill_stores"] or r["spill_loads"]))
         lines.append(f"- sm_{arch}: {len(arch_rows)} compiled, **{fails} compile failures, {spills} spill**, "
                      f"{len(bad)} with a finding.")
     lines += [
         "",
-        "Columns per arch: registers/thread | stack bytes (local memory: spills; bold when > 0) | shared memory "
+        "Columns per arch: registers/thread | spill stores/loads in bytes from ptxas -v (bold when > 0), then "
+        "the stack frame in parentheses when there is one (local memory: spills, or a call's frame) | shared memory "
         "per block | resident warps per SM that registers and shared memory allow (of 64) | tensor-core "
         "instructions in the PTX (wgmma on sm_90, mma.sync on sm_80; dmma = fp64 mma; **none** = a 16-bit or tf32 "
         "dot without them; - = no dot) | async copies in the PTX (cp.async; +N tma = cp.async.bulk). "
@@ -684,7 +738,7 @@ def render(launches, rows, cuda_rows, archs, meta) -> str:
         "",
     ]
     kernels = sorted({e["spec"]["kernel"] for e in by_key.values()})
-    head = " | ".join(f"sm_{a} regs | stack | smem | warps/SM | TC | async" for a in archs)
+    head = " | ".join(f"sm_{a} regs | spill (stack) | smem | warps/SM | TC | async" for a in archs)
     for kernel in kernels:
         entries = sorted((e for e in by_key.values() if e["spec"]["kernel"] == kernel),
                          key=lambda e: (_data_type(e["spec"]["signature"]), _spec_label(e["spec"])))
@@ -711,17 +765,18 @@ def render(launches, rows, cuda_rows, archs, meta) -> str:
               "|---|---|---|---|---|---|---|---|", *hyper_loads_per_flop(launches), ""]
     if cuda_rows:
         lines += ["## CUDA kernels (csrc/*.cu, nvcc)", "",
-                  "nvcc -cubin with the extension's flags; registers/thread | stack bytes | static shared memory | "
+                  "nvcc -cubin with the extension's flags; registers/thread | spill stores/loads (stack frame) | static shared memory | "
                   "tensor-core SASS (HMMA/HGMMA) | DMMA | async copies (LDGSTS = cp.async, UTMALDG = TMA).", ""]
         for arch in archs:
-            lines += [f"### sm_{arch}", "", "| file | kernel | regs | stack | smem | HMMA | DMMA | LDGSTS/TMA |",
+            lines += [f"### sm_{arch}", "", "| file | kernel | regs | spill (stack) | smem | HMMA | DMMA | LDGSTS/TMA |",
                       "|---|---|---|---|---|---|---|---|"]
             for r in sorted((r for r in cuda_rows if r["arch"] == arch), key=lambda r: (r["source"], r["kernel"])):
                 if not r["ok"]:
                     lines.append(f"| {r['source']} | {r['kernel']} | **FAIL** {r['error']} | | | | | |")
                     continue
-                stack = f"**{r['stack']}**" if r["stack"] else "0"
-                lines.append(f"| {r['source']} | `{r['kernel'][:110]}` | {r['regs']} | {stack} | {r['smem']} | "
+                spill = f"**{r['spill_stores']}/{r['spill_loads']}**" if r["spill_stores"] or r["spill_loads"] else "0"
+                stack = f" ({r['stack']})" if r["stack"] else ""
+                lines.append(f"| {r['source']} | `{r['kernel'][:110]}` | {r['regs']} | {spill}{stack} | {r['smem']} | "
                              f"{r['hmma']} | {r['dmma']} | {r['cp_async']}/{r['tma']} |")
             lines.append("")
     lines += ["## Refused by the ops (not specs)", ""] + [f"- {n}" for n in meta["notes"]] if meta["notes"] else []
@@ -760,7 +815,8 @@ def build(archs=ARCHS, jobs=2, cache: Path | None = None, kernels: str | None = 
     if cuda:
         sources = sorted(p.name for p in (ROOT / "csrc").glob("*.cu"))
         with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
-            for got in pool.map(compile_cuda, [(s, a) for a, _ in map(_arch_scope, archs) for s in sources]):
+            jobs_ = [(s, a) for a, _ in map(_arch_scope, archs) for s in sources]
+            for got in pool.map(lambda job: _cached_cuda(job, cache, cached_only), jobs_):
                 cuda_rows += got
     return dict(triton=triton.__version__, archs=list(archs), launches=launches, notes=notes, rows=rows,
                 cuda_rows=cuda_rows, fingerprint=fingerprint, kernels=kernels, ci=ci, incomplete=incomplete,
@@ -816,7 +872,8 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(out, indent=1, default=str))
     bad = [(r["kernel"], r["arch"], f) for r in out["rows"] for f in findings(r)]
-    cuda_bad = [(r["source"], r["kernel"], r["arch"]) for r in out["cuda_rows"] if not r["ok"] or r["stack"]]
+    cuda_bad = [(r["source"], r["kernel"], r["arch"]) for r in out["cuda_rows"]
+                if not r["ok"] or r["spill_stores"] or r["spill_loads"]]
     print(f"[aot] Triton {out['triton']}: {len(out['launches'])} launches, "
           f"{len({l['_key'] for l in out['launches']})} unique specs, {len(out['rows'])} compiles, "
           f"{len(bad)} findings, CUDA {len(cuda_bad)} findings; {out['seconds']}", file=sys.stderr)
