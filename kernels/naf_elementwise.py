@@ -41,8 +41,8 @@ TILE = 4096  # elements per [BLOCK_C, BLOCK_M] tile on a GPU
 MAX_PROGRAMS = 1024  # bounds the partial-sum buffer: at most MAX_PROGRAMS rows
 # The LayerNorm backward holds four tile-sized values per element (x, dy, xhat, g):
 # 8 warps give each thread 16 elements of a tile (at 4 warps fp32 channels_last
-# spilled 8 B, fp64 up to 760 B; the fp64 forward 4 B: docs/kernel_report.md).
-# The forward runs at 8 warps too.
+# spilled 8 B, fp64 up to 760 B: docs/kernel_report.md). The fp64 forward too (4 B
+# spilled at 4 warps); the 16-bit forward stays at 4 (ptxas spilled 8-16 B at 8).
 NORM_WARPS = 8
 
 
@@ -229,7 +229,8 @@ def layer_norm2d_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tens
     s_n, s_c, s_p = canonical_strides(x.shape, channels_last)
     layer_norm2d_forward_kernel[grid](
         x, weight.contiguous(), bias.contiguous(), y, mean, rstd, c, h * w, n * h * w, s_n, s_c, s_p,
-        float(eps), iters, COMPUTE=tl_dtype, **blocks, **launch_options(NORM_WARPS))
+        float(eps), iters, COMPUTE=tl_dtype, **blocks,
+        **launch_options(NORM_WARPS if x.dtype == torch.float64 else 4))
     return y, mean, rstd
 
 

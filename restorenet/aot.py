@@ -625,7 +625,10 @@ def _demangle(names: list[str]) -> dict[str, str]:
     if not filt or not names:
         return {}
     out = subprocess.run([filt], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-    return {m: re.sub(r"\(.*$", "", d.replace("void ", "", 1)) for m, d in zip(names, out)}
+    def short(demangled: str) -> str:  # "void ns::(anonymous namespace)::k<T>(args)" -> "ns::k<T>"
+        name = demangled.replace("void ", "", 1).replace("(anonymous namespace)::", "")
+        return name[:name.rfind("(")] if name.endswith(")") else name
+    return {m: short(d) for m, d in zip(names, out)}
 
 
 def _sass_of(sass: str, mangled: str) -> str:
