@@ -808,7 +808,7 @@ def build(archs=ARCHS, jobs=2, cache: Path | None = None, kernels: str | None = 
         launch["_key"] = keys[canon]
     unique = {l["_key"]: spec_of(l) for l in launches}
     work = [(key, spec, arch) for arch, only in map(_arch_scope, archs) for key, spec in unique.items()
-            if only is None or re.search(only, spec["kernel"])]
+            if only is None or re.search(only, f"{spec['kernel']} {_data_type(spec['signature'])}")]
     t0 = time.perf_counter()
     rows = compile_all(work, jobs, cache, cached_only)
     done = {(r["key"], r["arch"]) for r in rows}
@@ -828,7 +828,8 @@ def build(archs=ARCHS, jobs=2, cache: Path | None = None, kernels: str | None = 
 
 
 def _arch_scope(arch: str) -> tuple[str, str | None]:
-    """"80" -> ("80", None); "80:conv" -> ("80", "conv"): that arch for those kernels only."""
+    """"80" -> ("80", None); "80:conv" -> ("80", "conv"): that arch only for the specs whose
+    "<kernel> <data type>" (e.g. "slim_conv2d_fwd_kernel bf16") matches the regex."""
     name, _, only = arch.partition(":")
     return name, only or None
 

@@ -31,10 +31,10 @@ REPORT = ROOT / "docs" / "kernel_report.md"
 TRITON_KERNEL = re.compile(r"@triton\.jit\s*\ndef\s+(\w+_kernel)\s*\(")
 KERNELS = sorted({name for path in (ROOT / "kernels").glob("*.py") for name in TRITON_KERNEL.findall(path.read_text())})
 def _ci_archs() -> str:
-    """Every CI spec for Hopper; with Triton 3.8 (CI's own run) the tensor-core (conv)
-    kernels for Ampere too -- once per CI is enough for mma.sync, and it keeps the two
-    runs (3.8 and 3.6) inside their time budget."""
-    return "90a" if _triton_minor() == "3.6" else "90a,80:conv"
+    """Every CI spec for Hopper; with Triton 3.8 (CI's own run) the 16-bit and tf32 conv
+    GEMMs for Ampere too (mma.sync) -- once per CI, and not fp64 (no tensor-core check),
+    which keeps the two runs (3.8 and 3.6) near their time budget (README)."""
+    return "90a" if _triton_minor() == "3.6" else "90a,80:conv.* (bf16|fp16|fp32)$"
 
 
 # Known failures of today's conv kernels (issue #12): they spill at the launch
@@ -48,7 +48,9 @@ KNOWN_FAILURES = {
     "hyper_conv2d_wgrad_kernel": ("3.6", "3.8"),
     "slim_conv2d_fwd_kernel": ("3.6", "3.8"),
     "slim_conv2d_dgrad_kernel": ("3.6", "3.8"),
-    "slim_conv2d_wgrad_kernel": ("3.6",),  # 8 B of spill stores with Triton 3.6 only
+    # 3.6: 8 B on sm_90a. (3.8 spills 12 B on sm_80 in fp64, which CI does not compile for
+    # sm_80: the full report shows it.)
+    "slim_conv2d_wgrad_kernel": ("3.6",),
 }
 
 
