@@ -31,8 +31,6 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from skimage.color import rgb2ycbcr
-from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from restorenet._checks import check_int, check_tensor
 
@@ -66,6 +64,8 @@ def rgb_to_y(img: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
         raise ValueError(f"img must be RGB ([N, 3, H, W]) for the Y channel, got shape "
                          f"{tuple(img.shape)}")
     _check_data_range(data_range)
+    from skimage.color import rgb2ycbcr  # imported on use: skimage pulls in SciPy (seconds)
+
     rgb = img.detach().double().cpu().permute(0, 2, 3, 1).numpy() / data_range
     y = rgb2ycbcr(rgb, channel_axis=-1)[..., 0] / 255.0  # skimage: Y in [16, 235]
     return torch.from_numpy(np.ascontiguousarray(y)).unsqueeze(1) * data_range
@@ -91,6 +91,8 @@ def _prepare(pred, target, data_range, y_channel: bool, crop_border: int):
 def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, *,
          y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
     """Peak signal-to-noise ratio in dB per image, ``[N]`` float64 (see the module)."""
+    from skimage.metrics import peak_signal_noise_ratio
+
     p, t = _prepare(pred, target, data_range, y_channel, crop_border)
     with np.errstate(divide="ignore"):  # identical images: inf, as documented
         values = [peak_signal_noise_ratio(ti, pi, data_range=data_range) for pi, ti in zip(p, t)]
@@ -104,6 +106,8 @@ def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, *,
 
     The images (after ``crop_border``) must be at least 11x11, the Gaussian window.
     """
+    from skimage.metrics import structural_similarity
+
     p, t = _prepare(pred, target, data_range, y_channel, crop_border)
     if min(p.shape[-2:]) < SSIM_WINDOW:
         raise ValueError(f"pred must be at least {SSIM_WINDOW}x{SSIM_WINDOW} for SSIM (after "

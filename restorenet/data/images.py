@@ -5,8 +5,8 @@
 
 Grayscale files become three equal channels and an alpha channel is dropped
 (the models restore RGB). 16-bit PNG goes through ``pypng`` (Pillow reads
-16-bit RGB PNG as 8-bit and cannot write it); everything else through
-scikit-image's ``imread`` / ``imsave`` (imageio: Pillow, tifffile). A file
+16-bit RGB PNG as 8-bit and cannot write it), TIFF through ``tifffile``; the
+rest is read with scikit-image's ``imread`` (imageio) and written with Pillow. A file
 that cannot be read raises ``ValueError`` naming it.
 """
 from __future__ import annotations
@@ -90,10 +90,14 @@ def write_image(path: str | os.PathLike, img: torch.Tensor, bits: int = 8) -> No
         import png
 
         png.from_array(array.reshape(array.shape[0], -1), "RGB;16").save(str(path))
-        return
-    from skimage.io import imsave
+    elif suffix in (".tif", ".tiff"):
+        import tifffile
 
-    imsave(path, array, check_contrast=False, **({"quality": 95} if suffix in (".jpg", ".jpeg") else {}))
+        tifffile.imwrite(path, array, photometric="rgb")
+    else:
+        from PIL import Image
+
+        Image.fromarray(array).save(path, **({"quality": 95} if suffix in (".jpg", ".jpeg") else {}))
 
 
 def image_size(path: str | os.PathLike) -> tuple[int, int]:

@@ -117,10 +117,15 @@ class ModelAdapter:
         """Eval-mode restoration of images degraded at one ``level`` (None: unknown)."""
         return self.forward(model, degraded, None if level is None else float(level))
 
+    def output_for_scoring(self, output: torch.Tensor, bits: int = 8) -> torch.Tensor:
+        """A restored batch as its image files would hold it (held-out photos: 8-bit)."""
+        return quantize(output.detach().cpu(), bits)
+
     def score(self, output: torch.Tensor, clean: torch.Tensor, level,
               crop_border: int = 0) -> dict[str, list[float]]:
-        """Per-image metrics of a restored batch, as the saved image files would score."""
-        out, ref = quantize(output), clean.float()
+        """Per-image metrics of ``output`` against ``clean`` (quantize a restored image
+        first, see ``quantize``: papers score the saved 8-bit files)."""
+        out, ref = output.float(), clean.float()
         return {"psnr": psnr(out, ref, crop_border=crop_border).tolist(),
                 "ssim": ssim(out, ref, crop_border=crop_border).tolist(),
                 "psnr_y": psnr(out, ref, y_channel=True, crop_border=crop_border).tolist(),
@@ -172,6 +177,9 @@ class LevelEstimatorAdapter(ModelAdapter):
 
     def loss(self, model, batch):
         return l1_loss(model(batch.inputs).float(), batch.target)
+
+    def output_for_scoring(self, output, bits=8):
+        return output.detach().float().cpu()  # a level, not an image
 
     def score(self, output, clean, level, crop_border=0):
         if level is None:

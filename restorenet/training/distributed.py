@@ -107,3 +107,37 @@ def setup(device: str = "cpu") -> DistContext:
 def teardown(ctx: DistContext) -> None:
     if ctx.owns_group and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def free_port() -> int:
+    """A TCP port on the loopback interface that nothing listens on (now)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _spawned(rank: int, world_size: int, port: int, fn, kwargs: dict) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank),
+                      LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size),
+                      LOCAL_WORLD_SIZE=str(world_size))
+    fn(**kwargs)
+
+
+def spawn_local(fn, world_size: int, *, start_method: str = "spawn", **kwargs) -> None:
+    """Run ``fn(**kwargs)`` in ``world_size`` new processes on this machine with the
+    environment torchrun gives them (loopback rendezvous on a free port), and wait.
+
+    ``fn`` must be importable by name (spawned processes import it afresh), e.g.
+    ``spawn_local(restorenet.train.train, 2, model="hyperres", ...)``; a failing
+    process raises here. torchrun does the same from the command line.
+
+    ``start_method="fork"`` starts the processes as copies of this one, which skips
+    importing torch again (seconds per process) -- safe only while this process runs
+    one intra-op thread (OpenMP's thread pool does not survive a fork) and has not
+    touched CUDA."""
+    import torch.multiprocessing as mp
+
+    mp.start_processes(_spawned, args=(world_size, free_port(), fn, kwargs), nprocs=world_size,
+                       join=True, start_method=start_method)

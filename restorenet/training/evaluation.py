@@ -81,7 +81,7 @@ def evaluate(model: nn.Module, adapter: ModelAdapter, evalset: EvalSet,
     per_key = {}
     for key, (level, pairs) in evalset.groups.items():
         per_key[key] = _mean_scores([
-            adapter.score(adapter.restore(model, degraded.to(device), level).float().cpu(),
+            adapter.score(adapter.output_for_scoring(adapter.restore(model, degraded.to(device), level)),
                           clean, level, crop_border)
             for degraded, clean in pairs])
     model.train(was_training)
