@@ -62,6 +62,7 @@ setup(
         "matplotlib",
         "scikit-image",
         "pillow",
+        "pypng",  # 16-bit RGB PNG (Pillow reads it as 8-bit, cannot write it): restorenet.data.images
     ],
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "triton==3.8.0; platform_system == 'Linux'", "ninja"],

@@ -334,7 +334,7 @@ class _Run:
         autocast = (torch.autocast(ctx.device.type, dtype=self.amp_dtype)
                     if self.amp_dtype is not None else nullcontext())
         with autocast:
-            loss = self.adapter.loss(net, batch)
+            loss = self.adapter.batch_loss(net, batch)
         if not torch.isfinite(loss):
             raise FloatingPointError(f"loss became {loss.item()} at step {self.step + 1}")
         self.optimizer.zero_grad(set_to_none=True)

@@ -5,7 +5,7 @@ take its own share of one global batch:
 
     batch = adapter.make_batch(task, clean, generator)   # the whole global batch
     batch = batch.shard(rank, world_size)                # this process's rows
-    loss  = adapter.loss(model, batch)                   # a mean over its rows
+    loss  = adapter.batch_loss(model, batch)             # a mean over its rows
 
 Every loss is a mean of equally weighted rows, so the mean of the ranks' losses
 (what DistributedDataParallel's gradient average differentiates) is the loss of
@@ -107,8 +107,13 @@ class ModelAdapter:
         picks = torch.randint(len(task.levels), (n,), generator=generator)
         return [task.levels[i] for i in picks.tolist()]
 
-    def loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
-        return l1_loss(self.forward(model, batch.inputs, batch.levels), batch.target)
+    def batch_loss(self, model: nn.Module, batch: Batch) -> torch.Tensor:
+        """The training loss of ``model`` on ``batch`` (a mean over its rows)."""
+        return self.loss(self.forward(model, batch.inputs, batch.levels), batch.target)
+
+    def loss(self, output, target: torch.Tensor) -> torch.Tensor:
+        """The loss of a model output (the benchmarks call this one too)."""
+        return l1_loss(output, target)
 
     def forward(self, model: nn.Module, inputs: torch.Tensor, levels) -> torch.Tensor:
         return model(inputs, levels) if self.takes_level else model(inputs)
@@ -154,11 +159,9 @@ class HyperResAdapter(ModelAdapter):
 class AdaRevDAdapter(ModelAdapter):
     """Deep supervision on every reversible column's output."""
 
-    def loss(self, model, batch):
-        output = model(batch.inputs)
+    def loss(self, output, target):
         columns = output if isinstance(output, (list, tuple)) else [output]
-        per_column = [l1_loss(out, batch.target) + 0.01 * fft_l1_loss(out, batch.target)
-                      for out in columns]
+        per_column = [l1_loss(out, target) + 0.01 * fft_l1_loss(out, target) for out in columns]
         return torch.stack(per_column).mean()
 
 
@@ -175,8 +178,8 @@ class LevelEstimatorAdapter(ModelAdapter):
         batch = super().make_batch(task, data, generator)
         return Batch(batch.inputs, batch.levels, batch.levels)
 
-    def loss(self, model, batch):
-        return l1_loss(model(batch.inputs).float(), batch.target)
+    def loss(self, output, target):
+        return l1_loss(output.float(), target)
 
     def output_for_scoring(self, output, bits=8):
         return output.detach().float().cpu()  # a level, not an image
