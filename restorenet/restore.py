@@ -8,7 +8,8 @@
 ``--input`` is an image file or a folder of them (PNG, JPEG, BMP, TIFF; any size;
 8- or 16-bit); each result is written to ``--output`` as ``<name>.png`` at the
 input's bit depth. ``--weights`` is a trainer's ``model.pt`` or checkpoint (the
-model name and config come from the file).
+model name and config come from the file), or an authors' released checkpoint
+with ``--model NAME`` (converted by ``restorenet.weights.from_released``).
 
 Large images are cut into ``--tile`` x ``--tile`` tiles overlapping by
 ``--overlap`` pixels, restored ``--tile-batch`` at a time and blended back with
@@ -37,26 +38,43 @@ import torch
 import torch.nn as nn
 from tqdm.auto import tqdm
 
-from restorenet.models.adarevd import _tile_shape  # the tile clamped to small images, as AdaRevD.restore
 from restorenet.data import IMAGE_EXTENSIONS, list_images, read_image, write_image
+from restorenet.models.adarevd import _tile_shape  # the tile clamped to small images, as AdaRevD.restore
 from restorenet.ops import BACKENDS, tile_blend, tile_gather, tile_plan, use_backend
+from restorenet.registry import list_models
 from restorenet.training.adapters import LevelEstimatorAdapter, ModelAdapter, get_adapter
-from restorenet.training.checkpoint import model_from_file, read_file
+from restorenet.training.checkpoint import is_restorenet_file, model_from_file, read_file
 from restorenet.training.distributed import default_threads
 
 __all__ = ["load_weights", "restore_image", "restore_files", "main"]
 
 
-def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu") -> tuple[str, nn.Module]:
+def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu",
+                 model_name: str | None = None) -> tuple[str, nn.Module]:
     """``(model name, model in eval mode on device)`` from a weights file.
 
-    Reads restorenet model files and training checkpoints. Released checkpoints
-    (the authors' files) join here once ``restorenet.weights.from_released``
-    converts them."""
+    Reads restorenet model files and training checkpoints (name and config inside);
+    any other file is taken as the authors' released checkpoint of ``model_name``
+    (paper configuration) and converted by ``restorenet.weights.from_released``."""
     contents = read_file(path)
-    model = model_from_file(contents, path)
-    name = contents["model"] if "model_kwargs" in contents else contents["config"]["model"]
+    if is_restorenet_file(contents):
+        model = model_from_file(contents, path)
+        name = contents["model"] if "model_kwargs" in contents else contents["config"]["model"]
+    elif model_name is None:
+        raise ValueError(f"weights: {path} is not a restorenet model file or checkpoint; for "
+                         f"an authors' released checkpoint name its model (--model)")
+    else:
+        name, model = model_name, _from_released(model_name, contents, path)
     return name, model.to(device)
+
+
+def _from_released(name: str, contents, path) -> nn.Module:
+    try:
+        from restorenet.weights import from_released
+    except ImportError:  # restorenet.weights arrives with the converters of released weights
+        raise ValueError(f"weights: {path} is not a restorenet model file, and this version "
+                         f"cannot convert released checkpoints (no restorenet.weights)") from None
+    return from_released(name, contents)
 
 
 @torch.no_grad()
@@ -83,14 +101,14 @@ def _reference_for(path: Path, reference_dir: Path) -> Path:
 
 
 def restore_files(weights: str | os.PathLike, inputs: str | os.PathLike, output: str | os.PathLike,
-                  *, level: float | None = None, tile: int = 384, overlap: int = 32,
+                  *, model: str | None = None, level: float | None = None, tile: int = 384, overlap: int = 32,
                   tile_batch: int = 4, device: str = "cpu", backend: str | None = None,
                   reference: str | os.PathLike | None = None, crop_border: int = 0,
                   progress: bool = True) -> dict:
     """Restore every image of ``inputs`` into ``output``; returns per-image scores
     (``{"images": {name: {"psnr": ..}}, "mean": {..}}``, empty without ``reference``)."""
     dev = torch.device(device)
-    name, model = load_weights(weights, dev)
+    name, net = load_weights(weights, dev, model)
     adapter = get_adapter(name)
     if isinstance(adapter, LevelEstimatorAdapter):
         raise ValueError(f"weights: {weights} holds {name}, which estimates a level; it does "
@@ -117,7 +135,7 @@ def restore_files(weights: str | os.PathLike, inputs: str | os.PathLike, output:
     with use_backend(backend) if backend else nullcontext():
         for path in tqdm(files, disable=not progress, desc="restore", unit="image"):
             img, bits = read_image(path)
-            restored = restore_image(model, adapter, img.unsqueeze(0).to(dev), level, tile=tile,
+            restored = restore_image(net, adapter, img.unsqueeze(0).to(dev), level, tile=tile,
                                      overlap=overlap, tile_batch=tile_batch)[0].float().cpu()
             write_image(out_dir / f"{path.stem}.png", restored, bits)
             if reference_dir is not None:
@@ -135,7 +153,10 @@ def restore_files(weights: str | os.PathLike, inputs: str | os.PathLike, output:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m restorenet.restore", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--weights", required=True, metavar="FILE", help="model.pt or a checkpoint")
+    p.add_argument("--weights", required=True, metavar="FILE", help="model.pt, a training "
+                   "checkpoint, or an authors' released checkpoint (with --model)")
+    p.add_argument("--model", choices=list_models(), metavar="NAME", help="the model of a "
+                   "released checkpoint (paper configuration): " + ", ".join(list_models()))
     p.add_argument("--input", required=True, metavar="PATH_OR_DIR", help="an image or a folder")
     p.add_argument("--output", required=True, metavar="DIR", help="folder for <name>.png results")
     p.add_argument("--level", type=float, help="degradation level, for models that take one")
@@ -159,7 +180,8 @@ def main(argv: Sequence[str] | None = None) -> dict:
         parser.error(f"--threads must be >= 1, got {args.threads}")
     torch.set_num_threads(args.threads or default_threads())
     try:
-        result = restore_files(args.weights, args.input, args.output, level=args.level,
+        result = restore_files(args.weights, args.input, args.output, model=args.model,
+                               level=args.level,
                                tile=args.tile, overlap=args.overlap, tile_batch=args.tile_batch,
                                device=args.device, backend=args.backend, reference=args.reference,
                                crop_border=args.crop_border, progress=not args.no_progress)

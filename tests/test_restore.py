@@ -1,4 +1,6 @@
 import json
+import sys
+import types
 
 import pytest
 import torch
@@ -111,3 +113,23 @@ def test_level_estimators_are_refused(tmp_path, images):
     path = save_model(tmp_path / "est.pt", "hyperres_level_estimator", {}, model.state_dict())
     with pytest.raises(ValueError, match="estimates a level"):
         restore_files(path, images / "in", tmp_path / "out", progress=False)
+
+
+def test_released_checkpoints_need_a_model_name_and_go_through_from_released(
+        hyperres_file, tmp_path, monkeypatch):
+    _, model = hyperres_file
+    released = tmp_path / "released.pth"
+    torch.save({"params": model.state_dict()}, released)  # not a restorenet file
+    with pytest.raises(ValueError, match="name its model"):
+        load_weights(released)
+    calls = []
+
+    def from_released(name, checkpoint, **cfg):  # stands in for restorenet.weights'
+        calls.append((name, sorted(checkpoint)))
+        return model
+
+    fake = types.ModuleType("restorenet.weights")
+    fake.from_released = from_released
+    monkeypatch.setitem(sys.modules, "restorenet.weights", fake)
+    name, loaded = load_weights(released, model_name="hyperres")
+    assert name == "hyperres" and loaded is model and calls == [("hyperres", ["params"])]

@@ -35,7 +35,7 @@ from restorenet.registry import create_model
 
 __all__ = ["CHECKPOINT_FORMAT", "MODEL_FORMAT", "rng_state", "set_rng_state", "atomic_save",
            "save_checkpoint", "latest_checkpoint", "read_file", "save_model", "load_model",
-           "model_from_file", "ema_weights"]
+           "model_from_file", "is_restorenet_file", "ema_weights"]
 
 CHECKPOINT_FORMAT = "restorenet-checkpoint"
 MODEL_FORMAT = "restorenet-model"
@@ -148,6 +148,11 @@ def save_model(path: str | os.PathLike, model_name: str, model_kwargs: dict,
     return atomic_save({"format": MODEL_FORMAT, "version": VERSION, "model": model_name,
                         "model_kwargs": dict(model_kwargs), "state_dict": state_dict,
                         "ema": ema, "step": step, "config": config}, path)
+
+
+def is_restorenet_file(contents) -> bool:
+    """A restorenet model file's or checkpoint's contents (not someone else's file)."""
+    return isinstance(contents, dict) and contents.get("format") in (MODEL_FORMAT, CHECKPOINT_FORMAT)
 
 
 def model_from_file(contents: dict, path: str | os.PathLike = "file") -> nn.Module:
