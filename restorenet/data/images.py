@@ -72,7 +72,8 @@ def read_image(path: str | os.PathLike) -> tuple[torch.Tensor, int]:
 
 
 def write_image(path: str | os.PathLike, img: torch.Tensor, bits: int = 8) -> None:
-    """Write ``[3, H, W]`` floats in [0, 1] (clamped, rounded) as an 8- or 16-bit file."""
+    """Write ``[3, H, W]`` floats in [0, 1] (clamped, rounded) as an 8- or 16-bit file
+    (its folder is created if needed)."""
     path = Path(path)
     if not isinstance(img, torch.Tensor) or img.dim() != 3 or img.shape[0] != 3:
         raise ValueError(f"img must be a [3, H, W] tensor, got "
@@ -83,6 +84,7 @@ def write_image(path: str | os.PathLike, img: torch.Tensor, bits: int = 8) -> No
     if bits == 16 and suffix in (".jpg", ".jpeg", ".bmp"):
         raise ValueError(f"path: {suffix} files are 8-bit; write a 16-bit image as .png or "
                          f".tif, got {path}")
+    path.parent.mkdir(parents=True, exist_ok=True)
     scale = float(2**bits - 1)
     array = (img.detach().float().cpu().clamp(0, 1) * scale).round().permute(1, 2, 0).numpy()
     array = array.astype(np.uint8 if bits == 8 else np.uint16)
