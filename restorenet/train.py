@@ -56,6 +56,7 @@ import math
 import os
 import random
 import time
+import warnings
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any, Sequence
@@ -103,13 +104,6 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
 _TRAINER_DEFAULTS = dict(batch=8, crop=64, lr=1e-3, weight_decay=0.0, betas=(0.9, 0.999))
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Settings that decide what a run computes: a resumed run takes them from its
-# checkpoint, and an explicit different value is an error.
-RUN_KEYS = ("model", "task", "model_kwargs", "batch", "crop", "lr", "weight_decay", "betas",
-            "seed", "amp", "ema", "grad_clip", "data", "paired", "level", "val", "eval_size",
-            "crop_border")
-
-
 def _positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
@@ -151,7 +145,8 @@ def resolve_config(model: str, width: int | None = None, model_kwargs: dict | No
 
 
 def _fresh_config(model, task, steps, width, model_kwargs, small, **run) -> dict:
-    """The full, checked config of a new run (``run``: the other RUN_KEYS)."""
+    """The full config of a new run (``run``: the other settings that decide what it
+    computes -- the ones a resumed run takes from its checkpoint)."""
     if model not in list_models():
         raise ValueError(f"model must be one of {list_models()}, got {model!r}")
     if run["paired"] is None and task is None:
@@ -171,7 +166,9 @@ def _fresh_config(model, task, steps, width, model_kwargs, small, **run) -> dict
 
 
 def _resumed_config(saved: dict, path, steps, width, model_kwargs, small, **given) -> dict:
-    """The checkpoint's config; explicit settings must agree with it."""
+    """The checkpoint's config; settings given explicitly must agree with it (only the
+    length, ``steps``, and the session's own flags -- output, evaluation and checkpoint
+    intervals, threads, device, progress -- may change)."""
     cfg = dict(saved)
     if width is not None or model_kwargs or small is False:
         given["model_kwargs"], _ = resolve_config(saved["model"], width, model_kwargs,
@@ -217,6 +214,16 @@ def _check_amp(amp: str | None, device: torch.device) -> torch.dtype | None:
     if device.type == "cuda" and amp == "bf16" and not torch.cuda.is_bf16_supported():
         raise ValueError(f"amp: this GPU ({torch.cuda.get_device_name(device)}) has no bf16; "
                          f"use --amp fp16")
+    # Where torch cannot autocast to a dtype on a device it only warns and runs in fp32
+    # (e.g. fp16 on CPU before torch 2.5): make that an error instead.
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        with torch.autocast(device.type, dtype=AMP_DTYPES[amp]):
+            pass
+    refusals = [str(w.message) for w in caught if "autocast" in str(w.message).lower()]
+    if refusals:
+        raise ValueError(f"amp: torch {torch.__version__} cannot autocast to {amp} on "
+                         f"{device.type} ({refusals[0]})")
     return AMP_DTYPES[amp]
 
 

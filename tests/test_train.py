@@ -2,6 +2,7 @@ import json
 import math
 import shlex
 import subprocess
+import warnings
 
 import pytest
 import torch
@@ -186,6 +187,20 @@ def test_amp_trains_in_bf16_and_fp16_with_a_scaler(tmp_path):
     scaler = load(tmp_path / "fp16" / "checkpoint.pt")["scaler"]
     assert scaler["scale"] > 1  # the fp16 run scales its loss
     assert load(tmp_path / "bf16" / "checkpoint.pt")["scaler"] == {}  # disabled scaler
+
+
+def test_amp_that_torch_cannot_autocast_is_an_error(monkeypatch, tmp_path):
+    real_autocast = torch.autocast
+
+    class RefusingAutocast(real_autocast):  # as torch does where a dtype is unsupported
+        def __init__(self, device_type, dtype=None, **kwargs):
+            warnings.warn("In CPU autocast, but the target dtype is not supported. "
+                          "Disabling autocast.")
+            super().__init__(device_type, dtype=dtype, enabled=False)
+
+    monkeypatch.setattr(torch, "autocast", RefusingAutocast)
+    with pytest.raises(ValueError, match="^amp: torch .* cannot autocast to fp16 on cpu"):
+        train(**{**TINY_HYPERRES, "steps": 1, "out": tmp_path, "amp": "fp16"})
 
 
 @pytest.mark.parametrize("kwargs, name", [
