@@ -9,10 +9,14 @@ initialised and the trainer runs as before.
 
 Threads. PyTorch's default is one thread per *logical CPU of the machine*,
 which on a shared or containerised machine oversubscribes the cores it may
-really use. :func:`default_threads` is the CPUs this process may run on
-(``os.sched_getaffinity``), capped by the cgroup's CPU quota
-(``/sys/fs/cgroup/cpu.max``) where one is set, divided among the processes
-torchrun starts on this machine (``LOCAL_WORLD_SIZE``), at least 1.
+really use -- and an intra-op thread that is descheduled stalls its siblings at
+every OpenMP barrier, so a step can run many times slower with 2 threads than
+with 1 on a busy machine (the README's timings). :func:`default_threads` is the
+CPUs this process may run on (``os.sched_getaffinity``), capped by the cgroup's
+CPU quota (``/sys/fs/cgroup/cpu.max``) where one is set, less the CPUs the
+1-minute load average says are busy, divided among the processes torchrun
+starts on this machine (``LOCAL_WORLD_SIZE``), at least 1. ``--threads N``
+overrides it.
 """
 from __future__ import annotations
 
@@ -24,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "setup", "teardown", "default_threads", "available_cpus"]
+__all__ = ["DistContext", "setup", "teardown", "default_threads", "available_cpus", "idle_cpus",
+           "spawn_local", "free_port"]
 
 
 def _cgroup_cpu_limit(path: Path = Path("/sys/fs/cgroup/cpu.max")) -> float | None:
@@ -43,9 +48,20 @@ def available_cpus() -> int:
     return max(1, min(cpus, math.ceil(limit)) if limit else cpus)
 
 
+def idle_cpus() -> int:
+    """:func:`available_cpus` less the ones other work keeps busy (the 1-minute load
+    average, rounded down), at least 1."""
+    cpus = available_cpus()
+    try:
+        busy = int(os.getloadavg()[0])
+    except (AttributeError, OSError):  # no load average on this platform
+        busy = 0
+    return max(1, min(cpus, cpus - busy))
+
+
 def default_threads() -> int:
-    """:func:`available_cpus` shared by the processes torchrun runs on this machine."""
-    return max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """:func:`idle_cpus` shared by the processes torchrun runs on this machine."""
+    return max(1, idle_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass(frozen=True)
