@@ -178,8 +178,7 @@ def test_amp_trains_in_bf16_and_fp16_with_a_scaler(tmp_path):
     runs = {}
     for amp in (None, "bf16", "fp16"):
         runs[amp] = train(steps=2, out=tmp_path / str(amp), amp=amp, grad_clip=0.1,
-                          eval_every=100, **{**TINY_HYPERRES, "threads": 2})
-        assert torch.get_num_threads() == 2  # --threads
+                          eval_every=100, **TINY_HYPERRES)
     fp32, bf16, fp16 = (runs[a]["train"]["loss"] for a in (None, "bf16", "fp16"))
     # Same data, lower precision: close to the fp32 losses, but not equal to them.
     for low in (bf16, fp16):
@@ -187,6 +186,14 @@ def test_amp_trains_in_bf16_and_fp16_with_a_scaler(tmp_path):
     scaler = load(tmp_path / "fp16" / "checkpoint.pt")["scaler"]
     assert scaler["scale"] > 1  # the fp16 run scales its loss
     assert load(tmp_path / "bf16" / "checkpoint.pt")["scaler"] == {}  # disabled scaler
+
+
+def test_threads_sets_the_torch_thread_count(tmp_path):
+    # The count is set first thing (here a bad model name stops the run right after).
+    with pytest.raises(ValueError, match="^model"):
+        train(**{**TINY_HYPERRES, "model": "no_such_model", "steps": 1, "out": tmp_path,
+                 "threads": 2})
+    assert torch.get_num_threads() == 2
 
 
 def test_amp_that_torch_cannot_autocast_is_an_error(monkeypatch, tmp_path):
