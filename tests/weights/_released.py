@@ -99,3 +99,88 @@ def nafnet_forward(sd, inp, p: str = ""):
         x = F.pixel_shuffle(conv(sd, f"{p}ups.{i}.0", x), 2) + skip
         x = _blocks(sd, f"{p}decoders.{i}.", x)
     return conv(sd, p + "ending", x, padding=1) + inp
+
+
+# --- MHNet (github.com/Tombs98/MHNet, top-level MHNet.py) ------------------------------
+
+def mhnet_keys(width: int = 8, enc=(1, 1, 1, 1), dec=(1, 1, 1, 1), num_cab: int = 1,
+               heads: int = 8) -> dict[str, tuple]:
+    w, bottom = width, width * 16
+    t = {"intro.weight": (w, 3, 3, 3), "intro2.weight": (w, 3, 3, 3),
+         "concat12.weight": (w, 2 * w, 1, 1), "ending.weight": (3, w, 3, 3)}
+    t |= nafnet_keys("stage1.", 3, w, enc, 0, dec)
+    t |= {"stage1.middle_blks.0.temperature": (heads, 1, 1),
+          "stage1.middle_blks.0.qkv.weight": (3 * bottom, bottom, 1, 1),
+          "stage1.middle_blks.0.qkv_dwconv.weight": (3 * bottom, 1, 3, 3),
+          "stage1.middle_blks.0.project_out.weight": (bottom, bottom, 1, 1),
+          **{f"stage1.middle_blks.0.attn{j}": (1,) for j in range(1, 5)}}
+    d = max(int(w / 8), 4)
+    for n in range(1, 5):
+        for j in range(num_cab):
+            t |= nafblock_keys(f"stage2.CABG{n}.{j}.", w)
+        t |= {f"stage2.norm{n}.weight": (w,), f"stage2.norm{n}.bias": (w,),
+              f"stage2.conv_enc{n}.weight": (w, w, 1, 1), f"stage2.conv_dnc{n}.weight": (w, w, 1, 1),
+              f"stage2.skff{n}.conv_du.0.weight": (d, w, 1, 1),
+              **{f"stage2.skff{n}.fcs.{k}.weight": (w, d // 2, 1, 1) for k in range(3)}}
+    for tap in ("enc", "dec"):
+        t[f"stage2.up_{tap}1.up.0.weight"] = (4 * w, 2 * w, 1, 1)
+        for i in (2, 3):
+            for j in range(i):
+                c = w * 2 ** (i - j)
+                t[f"stage2.up_{tap}{i}.{j}.up.0.weight"] = (2 * c, c, 1, 1)
+    return t
+
+
+def topk_attention_forward(sd, p, x, heads):
+    """The released Attention: four separately top-k-masked softmaxes, each times v,
+    mixed by the scalars attn1..attn4."""
+    b, c, h, w = x.shape
+    qkv = conv(sd, p + "qkv_dwconv", conv(sd, p + "qkv", x), padding=1, groups=3 * c)
+    q, k, v = (t.reshape(b, heads, c // heads, h * w) for t in qkv.chunk(3, dim=1))
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    attn = (q @ k.transpose(-2, -1)) * sd[p + "temperature"]
+    C = c // heads
+    out = 0
+    for j, kj in enumerate([int(C / 2), int(C * 2 / 3), int(C * 3 / 4), int(C * 4 / 5)], 1):
+        mask = torch.zeros_like(attn).scatter_(-1, attn.topk(kj, dim=-1).indices, 1.0)
+        masked = torch.where(mask > 0, attn, torch.full_like(attn, float("-inf")))
+        out = out + (masked.softmax(dim=-1) @ v) * sd[f"{p}attn{j}"]
+    return conv(sd, p + "project_out", out.reshape(b, c, h, w))
+
+
+def affm_forward(sd, p, f, f_e, f_d):
+    z = gate(conv(sd, p + "conv_du.0", (f + f_e + f_d).mean((2, 3), keepdim=True)))
+    a, a_e, a_d = (conv(sd, f"{p}fcs.{k}", z).softmax(dim=1) for k in range(3))
+    return a * f + a_e * f_e + a_d * f_d
+
+
+def mhnet_forward(sd, img, heads=8):
+    """Released MHNet.forward (H, W multiples of 16; the unused intro/ending skipped)."""
+    p = "stage1."
+    x, encs, decs = conv(sd, p + "intro", img, padding=1), [], []
+    for i in range(4):
+        x = _blocks(sd, f"{p}encoders.{i}.", x)
+        encs.append(x)
+        x = conv(sd, f"{p}downs.{i}", x, stride=2)
+    x = topk_attention_forward(sd, p + "middle_blks.0.", x, heads)
+    for i in range(4):
+        x = F.pixel_shuffle(conv(sd, f"{p}ups.{i}.0", x), 2) + encs[3 - i]
+        x = _blocks(sd, f"{p}decoders.{i}.", x)
+        decs.append(x)
+
+    def up(name, t):
+        return F.pixel_shuffle(conv(sd, name + ".up.0", t), 2)
+
+    def taps(tap, feats):
+        return [feats[0], up(f"stage2.up_{tap}1", feats[1]),
+                up(f"stage2.up_{tap}2.1", up(f"stage2.up_{tap}2.0", feats[2])),
+                up(f"stage2.up_{tap}3.2", up(f"stage2.up_{tap}3.1", up(f"stage2.up_{tap}3.0", feats[3])))]
+
+    enc_taps, dec_taps = taps("enc", encs), taps("dec", decs[::-1])
+    x = conv(sd, "concat12", torch.cat([conv(sd, "intro2", img, padding=1), decs[3]], 1))
+    for n in range(1, 5):
+        x = layer_norm2d(x, sd[f"stage2.norm{n}.weight"], sd[f"stage2.norm{n}.bias"])
+        x = _blocks(sd, f"stage2.CABG{n}.", x) + x
+        x = affm_forward(sd, f"stage2.skff{n}.", x, conv(sd, f"stage2.conv_enc{n}", enc_taps[n - 1]),
+                         conv(sd, "stage2.conv_dnc1", dec_taps[n - 1]))
+    return conv(sd, "ending", x, padding=1) + img
