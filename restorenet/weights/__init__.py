@@ -27,6 +27,8 @@ __all__ = ["CheckpointMismatch", "from_released", "CONVERTERS"]
 CONVERTERS: dict[str, str] = {
     "nafnet": "restorenet.weights.nafnet",
     "mhnet": "restorenet.weights.mhnet",
+    "hyperres": "restorenet.weights.hyperres",
+    "hyperres_level_estimator": "restorenet.weights.hyperres_level_estimator",
 }
 
 

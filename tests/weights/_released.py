@@ -11,10 +11,10 @@ import torch
 import torch.nn.functional as F
 
 
-def random_state(table: dict[str, tuple], seed: int = 0) -> dict[str, torch.Tensor]:
+def random_state(table: dict[str, tuple], seed: int = 0, std: float = 0.5) -> dict[str, torch.Tensor]:
     """Random values for every key (none zero-initialised: a zero beta would hide a block)."""
     g = torch.Generator().manual_seed(seed)
-    return {k: 0.5 * torch.randn(shape, generator=g) for k, shape in table.items()}
+    return {k: std * torch.randn(shape, generator=g) for k, shape in table.items()}
 
 
 def conv(sd, name, x, **kw):
@@ -184,3 +184,69 @@ def mhnet_forward(sd, img, heads=8):
         x = affm_forward(sd, f"stage2.skff{n}.", x, conv(sd, f"stage2.conv_enc{n}", enc_taps[n - 1]),
                          conv(sd, "stage2.conv_dnc1", dec_taps[n - 1]))
     return conv(sd, "ending", x, padding=1) + img
+
+
+# --- HyperRes (github.com/ifryed/HyperRes, models/HyperRes.py, models/NoiseNet.py) -----
+
+def hyperres_keys(meta_blocks: int = 1, channels: int = 3) -> dict[str, tuple]:
+    w = 64  # the released HyperRes hard-codes 64 channels
+    p = w * (w * 9 + 1)
+    t = {"conv1.module.weight": (w, channels, 3, 3), "conv1.module.bias": (w,),
+         "conv2.module.weight": (w, w, 3, 3), "conv2.module.bias": (w,),
+         "conv3.module.weight": (4 * w, w, 3, 3), "conv3.module.bias": (4 * w,),
+         "conv4.module.weight": (w, w, 3, 3), "conv4.module.bias": (w,),
+         "conv5.module.weight": (channels, w, 3, 3), "conv5.module.bias": (channels,)}
+    for n in range(1, meta_blocks + 1):
+        for k in (1, 2):
+            t |= {f"res_blocks_meta.{n}.hy_conv{k}.fc.weight": (p, 1),
+                  f"res_blocks_meta.{n}.hy_conv{k}.fc.bias": (p,)}
+    return t
+
+
+def hyperres_forward(sd, images, levels, norm_factor=255):
+    """Released HyperRes.forward: one image batch per level; the levels divided by
+    ``norm_factor`` only when the smallest is >= 1."""
+    if min(levels) >= 1:
+        levels = [lv / norm_factor for lv in levels]
+    outs = []
+    for x, c in zip(images, levels):
+        f0 = conv(sd, "conv1.module", x, stride=2, padding=1)
+        f, n = f0, 1
+        while f"res_blocks_meta.{n}.hy_conv1.fc.weight" in sd:
+            h = f
+            for k in (1, 2):
+                fc = f"res_blocks_meta.{n}.hy_conv{k}.fc"
+                generated = sd[fc + ".weight"][:, 0] * c + sd[fc + ".bias"]
+                cout = f.shape[1]
+                kernel = generated[:cout * cout * 9].reshape(cout, cout, 3, 3)
+                h = F.conv2d(h, kernel, generated[cout * cout * 9:], padding=1)
+                h = F.relu(h) if k == 1 else h + f
+            f, n = h, n + 1
+        x = conv(sd, "conv2.module", f, padding=1) + f0
+        x = F.relu(F.pixel_shuffle(conv(sd, "conv3.module", x, padding=1), 2))
+        x = F.relu(conv(sd, "conv4.module", x, padding=1))
+        outs.append(conv(sd, "conv5.module", x, padding=1))
+    return outs
+
+
+def noisenet_keys(width: int = 64, crop: int = 128) -> dict[str, tuple]:
+    t = {"conv1.weight": (width, 3, 3, 3), "conv1.bias": (width,)}
+    for i in (0, 2, 4, 6):
+        for k in (1, 2):
+            t |= {f"conv_seq.{i}.conv{k}.weight": (width, width, 3, 3), f"conv_seq.{i}.conv{k}.bias": (width,)}
+    t |= {"fc_seq.0.weight": (32, width * (crop // 32) ** 2), "fc_seq.0.bias": (32,),
+          "fc_seq.2.weight": (16, 32), "fc_seq.2.bias": (16,),
+          "fc_seq.4.weight": (1, 16), "fc_seq.4.bias": (1,)}
+    return t
+
+
+def noisenet_forward(sd, crop):
+    """Released NoiseNet.forward on an already cropped batch: [N, 1]."""
+    x = conv(sd, "conv1", crop, stride=2, padding=1)
+    for i in (0, 2, 4, 6):
+        p = f"conv_seq.{i}."
+        x = F.max_pool2d(conv(sd, p + "conv2", F.relu(conv(sd, p + "conv1", x, padding=1)), padding=1) + x, 2)
+    x = x.flatten(1)
+    x = F.relu(F.linear(x, sd["fc_seq.0.weight"], sd["fc_seq.0.bias"]))
+    x = F.relu(F.linear(x, sd["fc_seq.2.weight"], sd["fc_seq.2.bias"]))
+    return F.linear(x, sd["fc_seq.4.weight"], sd["fc_seq.4.bias"])
