@@ -29,6 +29,7 @@ CONVERTERS: dict[str, str] = {
     "mhnet": "restorenet.weights.mhnet",
     "hyperres": "restorenet.weights.hyperres",
     "hyperres_level_estimator": "restorenet.weights.hyperres_level_estimator",
+    "constyle_nafnet": "restorenet.weights.constyle_nafnet",
 }
 
 

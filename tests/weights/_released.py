@@ -250,3 +250,92 @@ def noisenet_forward(sd, crop):
     x = F.relu(F.linear(x, sd["fc_seq.0.weight"], sd["fc_seq.0.bias"]))
     x = F.relu(F.linear(x, sd["fc_seq.2.weight"], sd["fc_seq.2.bias"]))
     return F.linear(x, sd["fc_seq.4.weight"], sd["fc_seq.4.bias"])
+
+
+# --- ConStyle-NAFNet (github.com/Dongqi-Fan/IRConStyle, archs/ConStyle*_arch.py) ------
+
+_STYLE_CONVS = {1: [(3, 16, 1), (16, 16, 1), (16, 32, 2)], 2: [(32, 32, 1), (32, 64, 2)],
+                3: [(64, 128, 1), (128, 128, 2)], 4: [(128, 256, 1), (256, 256, 2)]}
+
+
+def constyle_encoder_keys(p: str = "ConStyle.encoder_q.") -> dict[str, tuple]:
+    t = {f"{p}stage{n}.{j}.0.weight": (cout, cin, 3, 3)
+         for n, convs in _STYLE_CONVS.items() for j, (cin, cout, _) in enumerate(convs)}
+    for n, fan_in in ((1, 256), (2, 128)):
+        t |= {f"{p}mlp{n}.0.weight": (128, fan_in), f"{p}mlp{n}.0.bias": (128,),
+              **{f"{p}mlp{n}.1.{b}": (128,) for b in ("weight", "bias", "running_mean", "running_var")},
+              f"{p}mlp{n}.1.num_batches_tracked": ()}
+    return t
+
+
+def constyle_nafnet_keys(dim: int = 8, left=(1, 1, 1), bottom: int = 1, right=(1, 1, 1),
+                         train: bool = False) -> dict[str, tuple]:
+    t = constyle_encoder_keys()
+    if train:
+        t |= constyle_encoder_keys("ConStyle.encoder_k.")
+        t |= {"ConStyle.queue": (128, 65760), "ConStyle.queue_ptr": (1,)}
+    t |= {"Preprocess_Module.0.weight": (dim, 3, 3, 3), "local_fusion.weight": (3 * dim, 8 * dim, 1, 1),
+          "Finetune_Module.0.weight": (3, 2 * dim, 3, 3),
+          "mlp.0.weight": (4 * dim, 128), "mlp.0.bias": (4 * dim,),
+          "AffineTransform0.0.weight": (dim, 32, 1, 1), "AffineTransform1.0.weight": (dim, 64, 1, 1),
+          "AffineTransform2.0.weight": (dim, 128, 1, 1)}
+    for n in (1, 2, 3):
+        c = n * dim
+        t[f"DC{n}.down.0.weight"] = (c // 4, c, 3, 3)
+        for j in range(left[n - 1]):
+            t |= nafblock_keys(f"Process_Module_l{n}.{j}.", c)
+        for j in range(right[n - 1]):
+            t |= nafblock_keys(f"Process_Module_r{n}.{j}.", (n + 1) * dim)
+    for j in range(bottom):
+        t |= nafblock_keys(f"Process_Module_bottom.{j}.", 4 * dim)
+    # UC(n_feat, down_in, down_out): up conv n_feat -> 4 n_feat, then a 1x1 down_in -> down_out
+    for n, (feat, down_in, down_out) in {3: (3, 6, 4), 2: (4, 6, 3), 1: (3, 4, 2)}.items():
+        t |= {f"UC{n}.up.0.weight": (4 * feat * dim, feat * dim, 3, 3),
+              f"UC{n}.down.weight": (down_out * dim, down_in * dim, 1, 1)}
+    return t
+
+
+def constyle_state(table, seed=0, std=0.2):
+    """Random values, with BatchNorm statistics a BatchNorm can hold."""
+    sd = random_state(table, seed, std)
+    for k in sd:
+        if k.endswith("running_var"):
+            sd[k] = sd[k].abs() + 0.5
+        elif k.endswith("num_batches_tracked"):
+            sd[k] = torch.tensor(7)
+    return sd
+
+
+def constyle_encoder_forward(sd, img, p="ConStyle.encoder_q."):
+    feas, x = [], img
+    for n, convs in _STYLE_CONVS.items():
+        for j, (_, _, stride) in enumerate(convs):
+            x = F.leaky_relu(conv(sd, f"{p}stage{n}.{j}.0", x, stride=stride, padding=1), 0.1)
+        feas.append(x)
+    x, out = x.mean((2, 3)), []
+    for n in (1, 2):
+        x = F.linear(x, sd[f"{p}mlp{n}.0.weight"], sd[f"{p}mlp{n}.0.bias"])
+        b = f"{p}mlp{n}.1."
+        x = F.gelu(F.batch_norm(x, sd[b + "running_mean"], sd[b + "running_var"], sd[b + "weight"],
+                                sd[b + "bias"], training=False, eps=1e-5))
+        out.append(x)
+    return out, feas[:3]
+
+
+def constyle_nafnet_forward(sd, img):
+    """The released test path: query, feas = ConStyle.encoder_q(lq); net(lq, query[1], feas)."""
+    (_, q), feas = constyle_encoder_forward(sd, img)
+    q = F.linear(q, sd["mlp.0.weight"], sd["mlp.0.bias"])[..., None, None]
+    injected = [F.leaky_relu(conv(sd, f"AffineTransform{i}.0", f), 0.1) for i, f in enumerate(feas)]
+    x, skips = conv(sd, "Preprocess_Module.0", img, padding=1), []
+    for n in (1, 2, 3):
+        x = _blocks(sd, f"Process_Module_l{n}.", x)
+        skips.append(x)
+        x = torch.cat([F.pixel_unshuffle(conv(sd, f"DC{n}.down.0", x, padding=1), 2), injected[n - 1]], 1)
+    x = _blocks(sd, "Process_Module_bottom.", x)
+    x = conv(sd, "local_fusion", torch.cat([x, x * q], 1))
+    for n in (3, 2, 1):
+        x = F.pixel_shuffle(conv(sd, f"UC{n}.up.0", x, padding=1), 2)
+        x = conv(sd, f"UC{n}.down", torch.cat([x, skips[n - 1]], 1))
+        x = _blocks(sd, f"Process_Module_r{n}.", x)
+    return conv(sd, "Finetune_Module.0", x, padding=1) + img
