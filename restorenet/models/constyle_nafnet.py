@@ -42,7 +42,12 @@ Training (two phases, as in the paper):
        parts = moco(clean=gt, query=style)
        (l1(restored, gt) + parts["loss"]).backward()
 
-2. ``model.freeze_style_encoder()`` and train on the restoration loss alone.
+2. ``model.freeze_style_encoder()`` and train on the restoration loss alone. As
+   released, the frozen encoder's BatchNorm layers still follow the model's
+   train/eval mode (in training they normalise with batch statistics and keep
+   updating their running statistics: the released phase 2 only stops the
+   gradients); ``freeze_style_encoder(batch_norm="frozen")`` keeps them in eval
+   mode instead (restorenet's earlier choice; it also lets batch 1 train).
 
 Faithful to the released code (github.com/Dongqi-Fan/IRConStyle:
 ``archs/ConStyle_NAFNet_arch.py``, ``archs/ConStyle_arch.py``,
@@ -98,6 +103,7 @@ STYLE_CHANNELS = (32, 64, 128, 256)  # ConStyle encoder features at H/2 .. H/16
 # by the model and by the loss alike, so both see the same image for a given input.
 SIZE_MULTIPLE = 8
 MOCO_VARIANTS = ("released", "normalized")
+FROZEN_BATCH_NORM = ("follow", "frozen")
 
 
 class StyleCode(NamedTuple):
@@ -211,7 +217,7 @@ class ConStyleNAFNet(nn.Module):
         dec_blocks = check_int_sequence("dec_blocks", dec_blocks, 0, length=levels)
         check_int("middle_blocks", middle_blocks, 0)
         self.in_channels = in_channels
-        self.style_frozen = False
+        self.style_frozen = self.style_bn_frozen = False
         self.style_encoder = ConStyleEncoder(in_channels, latent_dim)
 
         w = width
@@ -236,17 +242,21 @@ class ConStyleNAFNet(nn.Module):
         self.size_multiple = SIZE_MULTIPLE
 
     # ---- two-phase training -------------------------------------------------------------
-    def freeze_style_encoder(self, frozen: bool = True) -> "ConStyleNAFNet":
-        """Phase 2: stop training the style encoder (no grads, BatchNorm in eval mode)."""
+    def freeze_style_encoder(self, frozen: bool = True, batch_norm: str = "follow") -> "ConStyleNAFNet":
+        """Phase 2: stop training the style encoder (no grads). ``batch_norm="follow"``
+        (released): its BatchNorm keeps following the model's train/eval mode;
+        ``"frozen"``: it stays in eval mode (running statistics, frozen)."""
+        check_choice("batch_norm", batch_norm, FROZEN_BATCH_NORM)
         self.style_frozen = frozen
+        self.style_bn_frozen = frozen and batch_norm == "frozen"
         for p in self.style_encoder.parameters():
             p.requires_grad_(not frozen)
-        self.style_encoder.train(self.training and not frozen)
+        self.style_encoder.train(self.training and not self.style_bn_frozen)
         return self
 
     def train(self, mode: bool = True) -> "ConStyleNAFNet":
         super().train(mode)
-        if self.style_frozen:
+        if self.style_bn_frozen:
             self.style_encoder.eval()  # frozen BatchNorm statistics stay frozen
         return self
 

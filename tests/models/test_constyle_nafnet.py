@@ -122,9 +122,23 @@ def test_latent_modulates_the_bottom():
 
 # ---- two-phase training ---------------------------------------------------------------
 
-def test_freeze_style_encoder_stops_its_grads():
+def test_freeze_style_encoder_keeps_batch_norm_in_the_models_mode_as_released():
     m = tiny_model()
     m.freeze_style_encoder()
+    m.train()
+    assert m.style_encoder.training  # batch statistics, running statistics still updated
+    before = m.style_encoder.mlp[0][1].running_mean.clone()
+    m(torch.randn(2, 3, 16, 16)).square().mean().backward()
+    assert not torch.equal(before, m.style_encoder.mlp[0][1].running_mean)
+    assert all(p.grad is None and not p.requires_grad for p in m.style_encoder.parameters())
+    assert not m.eval().style_encoder.training
+    with pytest.raises(ValueError, match="^batch_norm must be one of"):
+        m.freeze_style_encoder(batch_norm="eval")
+
+
+def test_freeze_style_encoder_stops_its_grads():
+    m = tiny_model()
+    m.freeze_style_encoder(batch_norm="frozen")
     m.train()
     assert not m.style_encoder.training  # BatchNorm stays in eval mode
     assert m.intro.training
