@@ -283,6 +283,28 @@ def _level_as(level, x: Tensor, check_values: bool):
 
 
 # ------------------------------------------------------------- blind estimator
+def _check_estimator_sizes(in_channels: int, width: int, crop_size: int) -> None:
+    check_int("in_channels", in_channels, 1)
+    check_int("width", width, 1)
+    if check_int("crop_size", crop_size, 32) % 32:
+        raise ValueError(f"crop_size must be a multiple of 32 (the features reach crop/32), "
+                         f"got {crop_size}")
+
+
+def _check_crop_input(x: Tensor, in_channels: int, crop_size: int) -> None:
+    check_image("x", x, in_channels)
+    if min(x.shape[-2:]) < crop_size:
+        raise ValueError(f"x must be at least {crop_size}x{crop_size}, "
+                         f"got spatial size {tuple(x.shape[-2:])}")
+
+
+def level_regressor(width: int, crop_size: int) -> nn.Sequential:
+    """The estimators' head: flatten the (crop/32)^2 map, FC 32 -> ReLU -> FC 16 -> ReLU -> FC 1."""
+    side = crop_size // 32
+    return nn.Sequential(nn.Flatten(), nn.Linear(width * side * side, 32), nn.ReLU(),
+                         nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+
+
 class NoiseResBlock(nn.Module):
     """NoiseNet's residual block: ``x + conv3x3(ReLU(conv3x3(x)))`` (no ReLU after the sum)."""
 
@@ -320,11 +342,7 @@ class NoiseNet(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64, crop_size: int = 128,
                  crop: str = "random", clamp_negative: bool = False):
         super().__init__()
-        check_int("in_channels", in_channels, 1)
-        check_int("width", width, 1)
-        if check_int("crop_size", crop_size, 32) % 32:
-            raise ValueError(f"crop_size must be a multiple of 32 (the features reach crop/32), "
-                             f"got {crop_size}")
+        _check_estimator_sizes(in_channels, width, crop_size)
         self.crop = check_choice("crop", crop, ESTIMATOR_CROPS)
         if not isinstance(clamp_negative, bool):
             raise ValueError(f"clamp_negative must be a bool, got {clamp_negative!r}")
@@ -334,10 +352,7 @@ class NoiseNet(nn.Module):
         for _ in range(4):
             stages += [NoiseResBlock(width), nn.MaxPool2d(2)]
         self.stages = nn.Sequential(*stages)
-        side = crop_size // 32
-        self.regressor = nn.Sequential(
-            nn.Flatten(), nn.Linear(width * side * side, 32), nn.ReLU(),
-            nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.regressor = level_regressor(width, crop_size)
         released_init_(self, 0.001)
 
     def crop_position(self, h: int, w: int) -> tuple[int, int]:
@@ -349,10 +364,7 @@ class NoiseNet(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [N, C, H, W] with H, W >= crop_size; returns the levels [N]."""
-        check_image("x", x, self.in_channels)
-        if min(x.shape[-2:]) < self.crop_size:
-            raise ValueError(f"x must be at least {self.crop_size}x{self.crop_size}, "
-                             f"got spatial size {tuple(x.shape[-2:])}")
+        _check_crop_input(x, self.in_channels, self.crop_size)
         top, left = self.crop_position(*x.shape[-2:])
         x = x[..., top:top + self.crop_size, left:left + self.crop_size]
         level = self.regressor(self.stages(self.head(x))).squeeze(1)
@@ -380,20 +392,13 @@ class BlindLevelEstimator(nn.Module):
 
     def __init__(self, in_channels: int = 3, width: int = 64, crop_size: int = 128):
         super().__init__()
-        check_int("in_channels", in_channels, 1)
-        check_int("width", width, 1)
-        if check_int("crop_size", crop_size, 32) % 32:
-            raise ValueError(f"crop_size must be a multiple of 32 (the features reach crop/32), "
-                             f"got {crop_size}")
+        _check_estimator_sizes(in_channels, width, crop_size)
         self.in_channels, self.crop_size = in_channels, crop_size
         convs = [nn.Conv2d(in_channels, width, 3, stride=2, padding=1), nn.ReLU()]
         for _ in range(4):
             convs += [conv3x3(width, width), nn.ReLU(), nn.MaxPool2d(2)]
         self.features = nn.Sequential(*convs)
-        side = crop_size // 32
-        self.regressor = nn.Sequential(
-            nn.Flatten(), nn.Linear(width * side * side, 32), nn.ReLU(),
-            nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 1))
+        self.regressor = level_regressor(width, crop_size)
 
     def center_crop(self, x: Tensor) -> Tensor:
         h, w = x.shape[-2:]
@@ -402,10 +407,7 @@ class BlindLevelEstimator(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """``x`` [N, C, H, W] with H, W >= crop_size; returns the levels [N]."""
-        check_image("x", x, self.in_channels)
-        if min(x.shape[-2:]) < self.crop_size:
-            raise ValueError(f"x must be at least {self.crop_size}x{self.crop_size}, "
-                             f"got spatial size {tuple(x.shape[-2:])}")
+        _check_crop_input(x, self.in_channels, self.crop_size)
         level = self.regressor(self.features(self.center_crop(x))).squeeze(1)
         return level if self.training else level.clamp_min(0)
 
