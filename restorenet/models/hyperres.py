@@ -27,9 +27,10 @@ are taken as already normalised (so ``[0.5, 25]`` is used as it is, not divided)
 ``level_rule="divide"`` always divides by 255 (the paper's ``c = level / 255``; a
 sample's condition then never depends on the other levels of its batch). (The
 released ``setLevel``, used by its blind test, tests the *largest* level instead;
-both rules agree on one level per batch and on every training level.) For super-resolution the input is
-the low-res image already upscaled back to the target size (bicubic); this
-model does not resize. Every such level is finite and >= 0, so a NaN, infinite
+both rules agree on one level per batch and on every training level.)
+
+For super-resolution the input is the low-res image already upscaled back to the
+target size (bicubic); this model does not resize. Every such level is finite and >= 0, so a NaN, infinite
 or negative level is rejected (it would silently give a NaN or meaningless
 image): on the host for a number or a sequence, in exactly one host read per
 forward for a tensor (``allow_nonfinite=True`` skips the check).
