@@ -7,7 +7,7 @@ from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.ops import available_backends, rev_coupling_forward, rev_coupling_invert, use_backend
 from restorenet.registry import count_parameters, create_model
 
-TINY = dict(width=4, enc_blocks=(1, 1, 1, 1), middle_blocks=1)
+TINY = dict(width=4, enc_blocks=(1, 1, 1, 1), middle_blocks=1, encoder="nafnet")
 
 
 def tiny_model(num_decoders=2, dtype=torch.float32, seed=0, **cfg):
