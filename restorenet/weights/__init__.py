@@ -26,6 +26,7 @@ __all__ = ["CheckpointMismatch", "from_released", "CONVERTERS"]
 # maps a released state dict to the model's. One line per model.
 CONVERTERS: dict[str, str] = {
     "nafnet": "restorenet.weights.nafnet",
+    "adarevd": "restorenet.weights.adarevd",
 }
 
 
