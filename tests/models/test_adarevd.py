@@ -35,15 +35,17 @@ def trainable(model):
 
 def test_paper_size_builds_on_meta():
     with torch.device("meta"):
-        model = create_model("adarevd")
+        model = create_model("adarevd")  # AdaRevD-B as released: UFPNet encoder
         nafnet_encoder = NAFNetEncoder(width=64, enc_blocks=(1, 1, 1, 28), middle_blocks=1)
     assert model.num_decoders == 4 and len(model.decoder.columns) == 4 and len(model.heads) == 4
-    enc = count_parameters(model.encoder)
-    assert enc == count_parameters(nafnet_encoder)
-    assert 55e6 < enc < 70e6  # NAFNet-width64's encoder: 28 blocks at 512 channels
+    assert count_parameters(model) == 152_449_386 and count_parameters(model.encoder) == 74_044_562
+    # The UFPNet encoder is a NAFNet one plus the kernel prior, estimator and attention.
+    assert count_parameters(model.encoder) - count_parameters(nafnet_encoder) == sum(
+        count_parameters(m) for m in (model.encoder.kernel_estimator, model.encoder.kernel_prior,
+                                      model.encoder.kernel_downs, *(model.encoder.stages[i][0].kernel_attention
+                                                                    for i in range(3))))
     columns = [count_parameters(c) for c in model.decoder.columns]
     assert len(set(columns)) == 1 and 5e6 < columns[0] < 40e6
-    assert count_parameters(model) > enc + 4 * columns[0]
     assert all(not p.requires_grad for p in model.encoder.parameters())
     assert model.exit_idx == (4, 4, 3, 3, 2, 1)
     assert create_model("adarevd", num_decoders=8, **TINY).exit_idx == (7, 6, 5, 2, 2, 2)
@@ -52,7 +54,7 @@ def test_paper_size_builds_on_meta():
 
 def test_inherit_encoder_copies_nafnet_weights():
     torch.manual_seed(0)
-    nafnet = NAFNet(**TINY, dec_blocks=(1, 1, 1, 1))
+    nafnet = NAFNet(**{k: v for k, v in TINY.items() if k != "encoder"}, dec_blocks=(1, 1, 1, 1))
     model = create_model("adarevd", **TINY)
     model.inherit_encoder(nafnet)
     img = torch.rand(1, 3, 16, 16)
@@ -82,6 +84,27 @@ def test_train_forward_backward_odd_size():
     with torch.no_grad():
         last = model(img)
     torch.testing.assert_close(last, outs[-1].detach())
+
+
+def test_alpha_at_the_bound_is_clamped_in_place_and_keeps_its_gradient():
+    # Released rule: |a| >= 1e-3 (sign kept) written into the parameter before the forward,
+    # which then uses it as it is: an alpha at the bound still learns, on either path.
+    model = tiny_model(num_decoders=2, dtype=torch.float64).train()
+    with torch.no_grad():
+        alphas = model.decoder.columns[1].alphas[2]
+        alphas[0, :3] = torch.tensor([1e-5, -1e-3, -2e-6], dtype=torch.float64).view(3, 1, 1)
+    torch.manual_seed(1)
+    img = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    grads = []
+    for memory_efficient in (False, True):
+        model.memory_efficient = memory_efficient
+        model.zero_grad(set_to_none=True)
+        sum((o * o).sum() for o in model(img)).backward()
+        grads.append(alphas.grad.clone())
+    torch.testing.assert_close(alphas[0, :3].flatten(), torch.tensor([1e-3, -1e-3, -1e-3], dtype=torch.float64),
+                               rtol=0, atol=0)
+    assert (grads[0][0, :3] != 0).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-7, atol=1e-12)
 
 
 @pytest.mark.parametrize("num_decoders, dropout", [(1, 0.0), (2, 0.0), (3, 0.0), (4, 0.0), (8, 0.0), (2, 0.3)])
@@ -160,7 +183,7 @@ def test_bytes_kept_for_backward_are_flat_in_k():
     # 2x3x64x64: 0.97 MiB for every K; before, 0.97 / 1.22 / 1.72 / 2.72 MiB for
     # K = 1 / 2 / 4 / 8). With anchors the extra is exactly the anchored state sets.
     img = torch.rand(2, 3, 64, 64)
-    cfg = dict(width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1)
+    cfg = dict(width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1, encoder="nafnet")
     kept = {}
     for k in (1, 2, 4, 8):
         torch.manual_seed(0)
