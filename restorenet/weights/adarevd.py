@@ -5,6 +5,7 @@ with the UFPNet encoder (every released config) or the NAFNet one, into
 
     model = from_released("adarevd", "AdaRevD-B-GoPro.pth")                 # UFPNet encoder
     model = from_released("adarevd", ckpt, encoder="nafnet", num_decoders=8)  # other configs
+    model = from_released_parts("net_g_200000.pth", "classifier/GoPro.pth")  # body + classifier files
     load_encoder(model, "NAFNet-GoPro-width64.pth")  # an encoder from a NAFNet/UFPNet checkpoint
 
 The layouts are the same module for module; only names differ:
@@ -23,8 +24,9 @@ The layouts are the same module for module; only names differ:
 
 Dropped (the released forward never reads them): the flow prior's ``kernel_size``,
 ``base_dist_mean`` and ``base_dist_var`` buffers (used only by its log-likelihood).
-A checkpoint written with ``pretrain: true`` has no classifier (``ape.*``): it does not
-load (its classifier keys are reported missing).
+A checkpoint written with ``pretrain: true`` (the main body) has no classifier (``ape.*``):
+alone it does not load (its classifier keys are reported missing); with the classifier's
+own file, as the released test options read them, use ``from_released_parts``.
 """
 from __future__ import annotations
 
@@ -123,6 +125,21 @@ def _drop_unused_prior_buffers(state: dict[str, torch.Tensor], prefix: str) -> d
 def convert(released: Mapping[str, torch.Tensor], model: nn.Module, **cfg) -> dict[str, torch.Tensor]:
     state = _drop_unused_prior_buffers(dict(released), "encoder.")
     return rename(state, [*encoder_rules(), *_decoder_rules(), *_classifier_rules()])
+
+
+def from_released_parts(checkpoint, classifier, *, checkpoint_key: str | None = None, **cfg) -> nn.Module:
+    """AdaRevD from the two files the released test options read: the main body's
+    checkpoint (trained with ``pretrain: true``: no ``ape.*`` keys) and the classifier's
+    (``save_classifier.py``: a raw dict of the ``ape.*`` keys without ``ape.``), loaded
+    strictly together (``from_released``)."""
+    from restorenet.weights import from_released
+
+    body = unwrap(read_checkpoint(checkpoint), checkpoint_key)
+    if any(k.startswith("ape.") for k in body):
+        raise ValueError("checkpoint already holds a classifier (ape.* keys): load it with "
+                         "from_released('adarevd', checkpoint) alone")
+    head = unwrap(read_checkpoint(classifier))
+    return from_released("adarevd", {**body, **{"ape." + k: v for k, v in head.items()}}, **cfg)
 
 
 # Keys of a whole released NAFNet / UFPNet that its encoder half never reads: the

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 import restorenet
 from _released import conv, gate, layer_norm2d, nafblock_forward, nafblock_keys, nafnet_keys, random_state
 from restorenet.weights import CheckpointMismatch, from_released
-from restorenet.weights.adarevd import convert, load_encoder
+from restorenet.weights.adarevd import convert, from_released_parts, load_encoder
 
 W, K, KS, EW = 4, 2, 3, 4  # width, columns, kernel size, kernel-estimator width
 CFG = dict(width=W, enc_blocks=(1, 1, 1, 1), middle_blocks=1, num_decoders=K, kernel_size=KS,
@@ -318,3 +318,21 @@ def test_load_encoder_takes_a_whole_network_or_its_encoder(encoder):
     with pytest.raises(CheckpointMismatch, match="missing keys"):
         load_encoder(restorenet.create_model("adarevd", **CFG), released_state(encoder_keys("", W, (1, 1, 1, 1),
                                                                                             "nafnet")))
+
+
+def test_body_and_classifier_files_load_together(tmp_path):
+    # The released test options: the main body (pretrain run, no ape.*) and save_classifier.py's file.
+    sd = released_state(adarevd_keys(encoder="nafnet"))
+    body = {k: v for k, v in sd.items() if not k.startswith("ape.")}
+    torch.save({"params": body}, tmp_path / "net_g.pth")
+    torch.save({k[len("ape."):]: v for k, v in sd.items() if k.startswith("ape.")}, tmp_path / "GoPro.pth")
+    cfg = dict(CFG, encoder="nafnet")
+    parts = from_released_parts(tmp_path / "net_g.pth", tmp_path / "GoPro.pth", **cfg)
+    whole = from_released("adarevd", sd, **cfg)
+    assert not parts.training
+    for (name, a), b in zip(parts.state_dict().items(), whole.state_dict().values()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    with pytest.raises(CheckpointMismatch, match="classifier.logit_scale"):  # the body alone
+        from_released("adarevd", body, **cfg)
+    with pytest.raises(ValueError, match="already holds a classifier"):
+        from_released_parts(sd, tmp_path / "GoPro.pth", **cfg)
