@@ -192,9 +192,11 @@ class DecoderColumn(nn.Module):
         """|a_i| >= ``ALPHA_MIN`` (sign kept), written into the parameters themselves before
         every forward, as the released code does: the forward then uses the parameter
         as it is, so an alpha at the bound still gets its full gradient (a clamp inside
-        the forward would give it exactly zero from then on)."""
+        the forward would give it exactly zero from then on). Written through ``.data``,
+        as released, so autograd does not see it: a graph built by an earlier forward
+        (two forwards, one backward) stays valid."""
         for a in self.alphas:
-            a.copy_(signed_clamp(a))
+            a.data.copy_(signed_clamp(a.data))
 
     def coupling_alpha(self, i: int, state_dtype: torch.dtype) -> torch.Tensor:
         """a_i as the fused coupling ops take it: [C], fp32 (fp64 for fp64 states),

@@ -105,6 +105,9 @@ def test_alpha_at_the_bound_is_clamped_in_place_and_keeps_its_gradient():
                                rtol=0, atol=0)
     assert (grads[0][0, :3] != 0).all()
     torch.testing.assert_close(grads[1], grads[0], rtol=1e-7, atol=1e-12)
+    # Untracked by autograd, as released: two forwards, then one backward.
+    model.memory_efficient = False
+    sum(o.sum() for o in model(img) + model(img)).backward()
 
 
 @pytest.mark.parametrize("num_decoders, dropout", [(1, 0.0), (2, 0.0), (3, 0.0), (4, 0.0), (8, 0.0), (2, 0.3)])
