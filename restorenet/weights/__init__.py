@@ -26,6 +26,10 @@ __all__ = ["CheckpointMismatch", "from_released", "CONVERTERS"]
 # maps a released state dict to the model's. One line per model.
 CONVERTERS: dict[str, str] = {
     "nafnet": "restorenet.weights.nafnet",
+    "mhnet": "restorenet.weights.mhnet",
+    "hyperres": "restorenet.weights.hyperres",
+    "hyperres_level_estimator": "restorenet.weights.hyperres_level_estimator",
+    "constyle_nafnet": "restorenet.weights.constyle_nafnet",
     "adarevd": "restorenet.weights.adarevd",
 }
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Union
 
 import torch
 import torch.nn as nn
@@ -77,9 +77,13 @@ def unwrap(obj: Mapping, checkpoint_key: str | None = None) -> dict[str, torch.T
     return dict(state)
 
 
-def rename(state: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, str]]) -> dict[str, torch.Tensor]:
+Replacement = Union[str, Callable[["re.Match"], str]]
+
+
+def rename(state: Mapping[str, torch.Tensor], rules: Iterable[tuple[str, Replacement]]) -> dict[str, torch.Tensor]:
     """Apply the first matching ``(pattern, replacement)`` rule (``re.sub``, anchored
-    at the key's start) to every key. A key no rule matches keeps its name, so a key
+    at the key's start; the replacement may be a function of the match, e.g. to
+    shift an index) to every key. A key no rule matches keeps its name, so a key
     of another layout surfaces as *unexpected* when loaded."""
     compiled = [(re.compile(f"^(?:{pattern})"), repl) for pattern, repl in rules]
     out = {}

@@ -8,6 +8,7 @@ ffn_project`` and ``sca.proj``.
 """
 from __future__ import annotations
 
+import re
 from typing import Mapping
 
 import torch
@@ -35,6 +36,7 @@ def naf_block_rules(released: str, ours: str) -> list[tuple[str, str]]:
 
 def nafnet_rules(released: str = "", ours: str = "") -> list[tuple[str, str]]:
     """Rules for a whole released ``NAFNet`` under a prefix (MHNet's stage 1 is one)."""
+    released = re.escape(released)
     return [
         *naf_block_rules(released + r"encoders\.(\d+)\.(\d+)\.", ours + r"encoder.stages.\1.\2."),
         *naf_block_rules(released + r"middle_blks\.(\d+)\.", ours + r"encoder.middle.\1."),
