@@ -87,11 +87,11 @@ def ufpnet_rules(released: str, ours: str) -> list[tuple[str, str]]:
     ]
 
 
-def encoder_rules(released: str = r"encoder\.", ours: str = "encoder.") -> list[tuple[str, str]]:
-    """Rules for a released UFPNet or NAFNet encoder under a prefix (UFPNet's parts first:
-    its kernel-attention keys sit inside the NAFNet block names)."""
+def encoder_rules(released: str = "encoder.", ours: str = "encoder.") -> list[tuple[str, str]]:
+    """Rules for a released UFPNet or NAFNet encoder under the (literal) prefix ``released``
+    (UFPNet's parts first: its kernel-attention keys sit inside the NAFNet block names)."""
     naf = [(pattern, repl.replace("encoder.", ours, 1)) for pattern, repl in nafnet_rules(released, "")]
-    return ufpnet_rules(released, ours) + naf
+    return ufpnet_rules(re.escape(released), ours) + naf
 
 
 def _decoder_rules() -> list[tuple[str, str]]:

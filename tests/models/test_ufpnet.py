@@ -1,5 +1,5 @@
 """UFPNet's encoder (AdaRevD's default): kernel-attention block, flow kernel prior, sizes.
-The whole encoder against the released forward: tests/weights/test_adarevd.py."""
+The whole encoder against the released forward: tests/weights/test_adarevd_weights.py."""
 import pytest
 import torch
 import torch.nn.functional as F
