@@ -39,13 +39,15 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from restorenet._checks import check_image, check_int, check_int_sequence
-from restorenet.models.blocks import (LayerNorm2d, NAFBlock, scaled_residual_add, downsample, pad_to_multiple,
-                                      upsample)
+from restorenet.models.blocks import (LayerNorm2d, NAFBlock, SimplifiedChannelAttention, scaled_residual_add,
+                                      downsample, pad_to_multiple, upsample)
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.models.ufpnet import UFPNetEncoder
 from restorenet.ops._common import autocast_dtype
+from restorenet.ops.naf_elementwise import simple_gate
 from restorenet.ops.rev_columns import column_forward, reversible_columns
 from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan, tile_schedule
 from restorenet.registry import register_model
@@ -57,6 +59,10 @@ ALPHA_MIN = 1e-3  # |a| is kept above this so the coupling stays invertible
 DOWN_NORM_EPS = 1e-5  # the LayerNorm after each level's 2x2 down conv (released: 1e-5)
 CLASSIFIER_NORM_EPS = 1e-6  # the classifier's LayerNorm (released: 1e-6)
 ENCODERS = ("ufpnet", "nafnet")
+ENCODER_POOLINGS = ("local", "global")
+# The released evaluation encoders (UFPNetLocal / NAFNetLocal, NAFNet's "TLC"): each SCA
+# averages over a window of 1.5x the 256-pixel training size, 384 / 2**level pixels.
+LOCAL_POOL_WINDOW = 384
 # rev_anchor_every="auto" (measured: restorenet.ops.rev_columns's anchor table):
 # L_i in half precision (autocast or a half model): a state set every 2 columns;
 # fp32: every 4 columns, only when K > 4 (pure reversible is fine up to K = 4);
@@ -155,6 +161,47 @@ def signed_clamp(a: torch.Tensor, eps: float = ALPHA_MIN) -> torch.Tensor:
     would keep an exact 0, which makes the coupling singular)."""
     sign = torch.where(a < 0, -torch.ones_like(a), torch.ones_like(a))
     return sign * a.abs().clamp_min(eps)
+
+
+# ------------------------------------------------------------ encoder pooling
+
+
+class LocalChannelAttention(SimplifiedChannelAttention):
+    """SCA with the mean over a ``window`` x ``window`` neighbourhood instead of the whole
+    image, as the released evaluation encoders compute it (NAFNet's test-time local
+    converter, ``AvgPool2d`` of ``local_arch.py``)::
+
+        t * conv1x1( replicate_pad( avgpool_{kh x kw, stride 1}(t) ) )
+        kh = min(H, window), kw = min(W, window); the pad centres the map back to H x W
+        (an odd pad puts its extra row/column at the end)
+
+    Where the window covers the whole feature (H, W <= window) it is the global mean:
+    the fused op of :class:`SimplifiedChannelAttention`, unchanged. Same parameters
+    (``proj``) and state dict."""
+
+    def __init__(self, channels: int, window: int):
+        super().__init__(channels)
+        self.window = check_int("window", window, 1)
+
+    def _attend(self, x: torch.Tensor, gated: bool) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h <= self.window and w <= self.window:
+            return super()._attend(x, gated)
+        t = simple_gate(x) if gated else x
+        pooled = F.avg_pool2d(t, (min(h, self.window), min(w, self.window)), stride=1)
+        ph, pw = h - pooled.shape[-2], w - pooled.shape[-1]
+        pooled = F.pad(pooled, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2), mode="replicate")
+        return t * self.proj(pooled.to(self.proj.weight.dtype)).to(t.dtype)
+
+
+def use_local_pooling(encoder: nn.Module, window: int = LOCAL_POOL_WINDOW) -> None:
+    """Give every SCA of a NAFNet/UFPNet encoder's level l a ``window >> l`` local mean
+    (parameters kept), as the released ``NAFNetLocal`` / ``UFPNetLocal`` do."""
+    for level, stage in enumerate([*encoder.stages, encoder.middle]):
+        for block in stage:
+            local = LocalChannelAttention(block.sca.proj.in_channels, max(window >> level, 1))
+            local.proj = block.sca.proj
+            block.sca = local
 
 
 # ------------------------------------------------------------------ one column
@@ -332,6 +379,11 @@ class AdaRevD(nn.Module):
             ``UFPNetEncoder``; released: 19, 64, True -- the released encoder draws
             Gaussian noise at every forward, so outputs are random unless
             ``kernel_noise=False``). Ignored with ``encoder="nafnet"``.
+        encoder_pooling: "local" (default, released: the evaluation encoders are
+            ``UFPNetLocal`` / ``NAFNetLocal``, whose SCA averages over a 384 / 2**l
+            window at level l, see ``LocalChannelAttention``; the same as "global" for
+            inputs up to 384 px, e.g. the training crops) or "global" (the whole-image
+            mean at any size).
         num_decoders: K, the number of reversible columns (S/B/L: 2/4/8).
         memory_efficient: rebuild states in backward instead of storing activations.
         rev_anchor_every: with ``memory_efficient``, keep the states entering every
@@ -356,10 +408,13 @@ class AdaRevD(nn.Module):
                  num_decoders: int = 4, memory_efficient: bool = True,
                  dropout: float = 0.0, exit_idx: Sequence[int] | None = None,
                  rev_anchor_every: Union[int, None, str] = "auto", encoder: str = "ufpnet",
-                 kernel_size: int = 19, estimator_width: int = 64, kernel_noise: bool = True):
+                 kernel_size: int = 19, estimator_width: int = 64, kernel_noise: bool = True,
+                 encoder_pooling: str = "local"):
         super().__init__()
         if encoder not in ENCODERS:
             raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        if encoder_pooling not in ENCODER_POOLINGS:
+            raise ValueError(f"encoder_pooling must be one of {ENCODER_POOLINGS}, got {encoder_pooling!r}")
         enc_blocks = check_int_sequence("enc_blocks", enc_blocks, 0, length=NUM_LEVELS)  # one per decoder level
         check_int("num_decoders", num_decoders, 1)  # in_channels, width: NAFNetEncoder's; dropout: NAFBlock's
         self.in_channels = in_channels
@@ -376,6 +431,8 @@ class AdaRevD(nn.Module):
                                          estimator_width=estimator_width, kernel_noise=kernel_noise)
         else:
             self.encoder = NAFNetEncoder(in_channels, width, enc_blocks, middle_blocks)
+        if encoder_pooling == "local":
+            use_local_pooling(self.encoder)
         self.encoder.requires_grad_(False)  # inherited from a trained UFPNet/NAFNet, kept fixed
         self.feature_scales = nn.ParameterList(
             nn.Parameter(torch.ones(1, c, 1, 1)) for c in self.encoder.channels)

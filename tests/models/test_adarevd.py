@@ -2,7 +2,9 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from restorenet.models.adarevd import AdaRevD, psnr_class, signed_clamp
+import torch.nn.functional as F
+
+from restorenet.models.adarevd import AdaRevD, LocalChannelAttention, psnr_class, signed_clamp
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.ops import available_backends, rev_coupling_forward, rev_coupling_invert, use_backend
 from restorenet.registry import count_parameters, create_model
@@ -47,6 +49,9 @@ def test_paper_size_builds_on_meta():
     columns = [count_parameters(c) for c in model.decoder.columns]
     assert len(set(columns)) == 1 and 5e6 < columns[0] < 40e6
     assert all(not p.requires_grad for p in model.encoder.parameters())
+    # The released evaluation encoder (UFPNetLocal): local SCA means, 384 / 2**level pixels.
+    windows = [[b.sca.window for b in stage] for stage in (*model.encoder.stages, model.encoder.middle)]
+    assert windows == [[384], [192], [96], [48] * 28, [24]]
     assert model.exit_idx == (4, 4, 3, 3, 2, 1)
     assert create_model("adarevd", num_decoders=8, **TINY).exit_idx == (7, 6, 5, 2, 2, 2)
     assert create_model("adarevd", num_decoders=3, **TINY).exit_idx == (3,) * 6
@@ -84,6 +89,29 @@ def test_train_forward_backward_odd_size():
     with torch.no_grad():
         last = model(img)
     torch.testing.assert_close(last, outs[-1].detach())
+
+
+@pytest.mark.parametrize("shape", [(9, 12), (4, 13), (3, 4)])
+def test_local_channel_attention_is_the_released_local_pooling(shape):
+    # local_arch.AvgPool2d (fast_imp=False, auto_pad) as released, written out: a box mean
+    # by cumulative sums, replicate-padded back to H x W; the global mean when it fits.
+    torch.manual_seed(0)
+    c, window = 6, 4  # even: the replicate pad is uneven (one more row at the end)
+    sca = LocalChannelAttention(c, window).double()
+    x = torch.randn(2, 2 * c, *shape, dtype=torch.float64)
+    t = x[:, :c] * x[:, c:]
+    h, w = shape
+    if window >= h and window >= w:
+        pooled = t.mean((2, 3), keepdim=True)
+    else:
+        s = F.pad(t.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        k1, k2 = min(h, window), min(w, window)
+        box = (s[..., k1:, k2:] + s[..., :-k1, :-k2] - s[..., :-k1, k2:] - s[..., k1:, :-k2]) / (k1 * k2)
+        bh, bw = box.shape[-2:]
+        pooled = F.pad(box, ((w - bw) // 2, (w - bw + 1) // 2, (h - bh) // 2, (h - bh + 1) // 2), mode="replicate")
+    want = t * F.conv2d(pooled, sca.proj.weight, sca.proj.bias)
+    torch.testing.assert_close(sca.gated(x), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sca(t), want, rtol=1e-10, atol=1e-10)
 
 
 def test_alpha_at_the_bound_is_clamped_in_place_and_keeps_its_gradient():

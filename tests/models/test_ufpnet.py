@@ -93,6 +93,7 @@ def test_encoder_features_shapes_noise_and_freezing():
     assert not model.encoder.training  # frozen: always in eval mode
     sum(o.mean() for o in model(img)).backward()
     assert all(p.grad is None for p in model.encoder.parameters())
+    assert model.eval().restore(torch.rand(1, 3, 20, 36), tile=16, overlap=0).shape == (1, 3, 20, 36)
     quiet = restorenet.create_model("adarevd", num_decoders=1, kernel_noise=False, **SMALL).encoder
     torch.testing.assert_close(quiet.kernel_map(img), quiet.kernel_map(img), rtol=0, atol=0)
 
