@@ -513,6 +513,7 @@ MODELS = {
     # copy would not see the same), and its kernel estimator does not shrink with width.
     "adarevd": ModelSpec(dict(width=2, enc_blocks=(1, 1, 1, 1), middle_blocks=1, num_decoders=2, encoder="nafnet"),
                          ctor=dict(width=SIZES, in_channels=SIZES, middle_blocks=COUNTS, encoder=("unet", 3, None),
+                                   encoder_pooling=("tlc", None),
                                    enc_blocks=LEVELS + ((1, 1, 1), 8), num_decoders=(0, -1, 1.5, True, "2"),
                                    dropout=(-0.1, 1.0, "0", True))),
     "constyle_nafnet": ModelSpec(dict(width=4, enc_blocks=(1, 1, 1), middle_blocks=1, dec_blocks=(1, 1, 1),

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 
 from restorenet._checks import check_image, check_int, check_int_sequence
 from restorenet.models.blocks import (LayerNorm2d, NAFBlock, SimplifiedChannelAttention, scaled_residual_add,
-                                      downsample, pad_to_multiple, upsample)
+                                      downsample, upsample)
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.models.ufpnet import UFPNetEncoder
 from restorenet.ops._common import autocast_dtype
@@ -192,6 +192,17 @@ class LocalChannelAttention(SimplifiedChannelAttention):
         ph, pw = h - pooled.shape[-2], w - pooled.shape[-1]
         pooled = F.pad(pooled, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2), mode="replicate")
         return t * self.proj(pooled.to(self.proj.weight.dtype)).to(t.dtype)
+
+
+def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad H and W on the bottom/right up to a multiple by reflection, as the released
+    evaluation (``check_image_size``, mode "reflect") and UFPNet's encoder do. An image
+    too small to reflect that far (pad >= its size) is zero-padded instead."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "constant")
 
 
 def use_local_pooling(encoder: nn.Module, window: int = LOCAL_POOL_WINDOW) -> None:
@@ -471,7 +482,7 @@ class AdaRevD(nn.Module):
     def classify(self, img: torch.Tensor) -> torch.Tensor:
         """Patch-exit logits [N, 6] of image crops (for training the classifier)."""
         check_image("img", img, self.in_channels)
-        feats = self.encode(pad_to_multiple(img, self.size_multiple))
+        feats = self.encode(reflect_pad_to_multiple(img, self.size_multiple))
         return self.classifier(feats[3])
 
     # -- training / plain inference
@@ -480,7 +491,7 @@ class AdaRevD(nn.Module):
         """Train: list of K restored images (one per column). Eval: the last one."""
         check_image("img", img, self.in_channels)
         h, w = img.shape[-2:]
-        x = pad_to_multiple(img, self.size_multiple)
+        x = reflect_pad_to_multiple(img, self.size_multiple)
         e0, e1, e2, e3, e4 = self.encode(x)
         states = (e3, e2, e1, e0)
         if not self.training:
@@ -501,7 +512,7 @@ class AdaRevD(nn.Module):
                 batched: bool = True):
         """Tiled inference where each tile exits after ``exit_idx[class]`` columns.
 
-        The encoder sees the whole image (padded to a multiple of 16). Feature level l
+        The encoder sees the whole image (reflect-padded to a multiple of 16). Feature level l
         is cut into tiles of ``tile / 2**l`` overlapping by ``overlap / 2**l``; border
         tiles are shifted inward so every tile has full size. Where the padded image is
         smaller than ``tile`` in a dimension, the tile is clamped to the image there
@@ -559,7 +570,7 @@ class AdaRevD(nn.Module):
 
     def _restore_batched(self, entries, tile, overlap, depth_of_class):
         """One ragged pass over all images: see ``restorenet.ops.tiles``."""
-        xs = [pad_to_multiple(e, self.size_multiple) for e in entries]
+        xs = [reflect_pad_to_multiple(e, self.size_multiple) for e in entries]
         # Tiles run as one batch only if they share a shape: group the tensors by the
         # tile they get (clamped on small images). Usually there is one group.
         groups: dict[tuple, list[int]] = {}
@@ -610,7 +621,7 @@ class AdaRevD(nn.Module):
         """The authors' way, one batch of same-size images: gather the tiles still in
         at every column (a host sync each time)."""
         n, (h, w) = img.shape[0], img.shape[-2:]
-        x = pad_to_multiple(img, self.size_multiple)
+        x = reflect_pad_to_multiple(img, self.size_multiple)
         hp, wp = x.shape[-2:]
         th, tw = min(tile, hp), min(tile, wp)
         ys, xs = _tile_starts(hp, th, overlap), _tile_starts(wp, tw, overlap)

@@ -114,6 +114,16 @@ def test_local_channel_attention_is_the_released_local_pooling(shape):
     torch.testing.assert_close(sca(t), want, rtol=1e-10, atol=1e-10)
 
 
+def test_images_are_reflect_padded_to_the_encoder_multiple():
+    # Released evaluation: check_image_size(img, 16) pads by reflection (bottom/right).
+    model = tiny_model(num_decoders=1).eval()
+    img = torch.rand(1, 3, 21, 30)
+    padded = F.pad(img, (0, 2, 0, 11), mode="reflect")
+    with torch.no_grad():
+        torch.testing.assert_close(model(img), model(padded)[..., :21, :30], rtol=0, atol=0)
+        assert not torch.allclose(model(img), model(F.pad(img, (0, 2, 0, 11)))[..., :21, :30])
+
+
 def test_alpha_at_the_bound_is_clamped_in_place_and_keeps_its_gradient():
     # Released rule: |a| >= 1e-3 (sign kept) written into the parameter before the forward,
     # which then uses it as it is: an alpha at the bound still learns, on either path.
