@@ -21,7 +21,10 @@ at H/8 ... H -- with x = e4 (16w, H/16) fixed for all columns::
     L(a, b) = FCNAFBlock( PS2(conv1x1(a)) + LN(conv2x2_s2(b)) )    (L3 has no b; LN eps 1e-5)
 
 The alphas are clamped to |a| >= 1e-3 (sign kept) in place on the parameters before
-each forward, as released (``DecoderColumn.clamp_alphas_``).
+each forward, as released (``DecoderColumn.clamp_alphas_``). As the released evaluation
+code: images are reflect-padded to a multiple of 16, and the encoder's SCA means are
+local, over 384 / 2**level pixels (``encoder_pooling="local"``: NAFNet's TLC; global for
+inputs up to 384 px, so training crops see the released training encoder).
 
 Each update is invertible given the already-updated coarser state:
 ``c = (c' - L(...)) / a``, so training does not need to keep activations: with
