@@ -30,6 +30,7 @@ CONVERTERS: dict[str, str] = {
     "hyperres": "restorenet.weights.hyperres",
     "hyperres_level_estimator": "restorenet.weights.hyperres_level_estimator",
     "constyle_nafnet": "restorenet.weights.constyle_nafnet",
+    "adarevd": "restorenet.weights.adarevd",
 }
 
 
