@@ -69,11 +69,8 @@ def load_weights(path: str | os.PathLike, device: torch.device | str = "cpu",
 
 
 def _from_released(name: str, contents, path) -> nn.Module:
-    try:
-        from restorenet.weights import from_released
-    except ImportError:  # restorenet.weights arrives with the converters of released weights
-        raise ValueError(f"weights: {path} is not a restorenet model file, and this version "
-                         f"cannot convert released checkpoints (no restorenet.weights)") from None
+    from restorenet.weights import from_released  # on use: the converters import every model
+
     return from_released(name, contents)
 
 
