@@ -165,7 +165,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "fastest for the device)")
     p.add_argument("--reference", metavar="DIR", help="clean images of the same names: print PSNR/SSIM")
     p.add_argument("--crop-border", type=int, default=0, help="pixels the metrics leave out per side")
-    p.add_argument("--threads", type=int, help="CPU threads (default: the idle CPUs this process may use)")
+    p.add_argument("--threads", type=int, help="CPU threads (default: the CPUs this process may use)")
     p.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     return p
 

@@ -34,8 +34,7 @@ schedule then follows the new length).
 Precision and speed: ``--amp bf16|fp16`` (autocast; fp16 with a gradient
 scaler), ``--ema DECAY``, ``--compile`` (torch.compile), ``--grad-clip NORM``,
 ``--threads N`` (default: the CPUs this process may use -- affinity and cgroup
-quota -- that the load average does not show busy, divided among the processes
-torchrun starts on the machine).
+quota -- divided among the processes torchrun starts on the machine).
 
 Several processes: under ``torchrun`` the model runs in DistributedDataParallel
 (NCCL on CUDA, one GPU per process; Gloo on CPU). ``--batch`` is the global
@@ -524,7 +523,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--out", help="output folder (default runs/<model>-<task>)")
     run.add_argument("--seed", type=int, help="seed of the model, crops and degradations (default 0)")
     run.add_argument("--device", default="cpu", help="cpu or cuda (under torchrun: cuda:LOCAL_RANK)")
-    run.add_argument("--threads", type=int, help="CPU threads per process (default: the idle "
+    run.add_argument("--threads", type=int, help="CPU threads per process (default: the "
                      "CPUs this process may use, divided among torchrun's local processes)")
     run.add_argument("--no-progress", action="store_true", help="hide the progress bar")
 

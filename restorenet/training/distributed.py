@@ -9,14 +9,14 @@ initialised and the trainer runs as before.
 
 Threads. PyTorch's default is one thread per *logical CPU of the machine*,
 which on a shared or containerised machine oversubscribes the cores it may
-really use -- and an intra-op thread that is descheduled stalls its siblings at
-every OpenMP barrier, so a step can run many times slower with 2 threads than
-with 1 on a busy machine (the README's timings). :func:`default_threads` is the
-CPUs this process may run on (``os.sched_getaffinity``), capped by the cgroup's
-CPU quota (``/sys/fs/cgroup/cpu.max``) where one is set, less the CPUs the
-1-minute load average says are busy, divided among the processes torchrun
-starts on this machine (``LOCAL_WORLD_SIZE``), at least 1. ``--threads N``
-overrides it.
+really use. :func:`default_threads` is the CPUs this process may run on
+(``os.sched_getaffinity``), capped by the cgroup's CPU quota
+(``/sys/fs/cgroup/cpu.max``) where one is set, divided among the processes
+torchrun starts on this machine (``LOCAL_WORLD_SIZE``), at least 1: a function
+of the machine, not of its momentary load, so two runs of one command use the
+same thread count (bitwise resume needs that). On a machine busy with other
+jobs an intra-op thread that is descheduled stalls its siblings at every OpenMP
+barrier; pass ``--threads 1`` there (the README's timings).
 """
 from __future__ import annotations
 
@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-__all__ = ["DistContext", "setup", "teardown", "default_threads", "available_cpus", "idle_cpus",
+__all__ = ["DistContext", "setup", "teardown", "default_threads", "available_cpus",
            "spawn_local", "free_port"]
 
 
@@ -48,20 +48,9 @@ def available_cpus() -> int:
     return max(1, min(cpus, math.ceil(limit)) if limit else cpus)
 
 
-def idle_cpus() -> int:
-    """:func:`available_cpus` less the ones other work keeps busy (the 1-minute load
-    average, rounded down), at least 1."""
-    cpus = available_cpus()
-    try:
-        busy = int(os.getloadavg()[0])
-    except (AttributeError, OSError):  # no load average on this platform
-        busy = 0
-    return max(1, min(cpus, cpus - busy))
-
-
 def default_threads() -> int:
-    """:func:`idle_cpus` shared by the processes torchrun runs on this machine."""
-    return max(1, idle_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    """:func:`available_cpus` shared by the processes torchrun runs on this machine."""
+    return max(1, available_cpus() // int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
 
 
 @dataclass(frozen=True)

@@ -47,20 +47,16 @@ def test_batch_must_split_over_the_processes(monkeypatch, tmp_path):
         train(out=tmp_path, **RUN)
 
 
-def test_default_threads_shares_the_idle_cpus_among_local_processes(monkeypatch):
+def test_default_threads_shares_the_cpus_among_local_processes(monkeypatch):
     cpus = available_cpus()
     assert 1 <= cpus <= (os.cpu_count() or cpus)
     monkeypatch.setattr(distributed, "available_cpus", lambda: 8)
-    monkeypatch.setattr(os, "getloadavg", lambda: (0.4, 0.0, 0.0))
+    monkeypatch.setattr(os, "getloadavg", lambda: (250.0, 0.0, 0.0))  # load never changes it
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
     assert default_threads() == 8
     monkeypatch.setenv("LOCAL_WORLD_SIZE", "3")
     assert default_threads() == 2
-    monkeypatch.setattr(os, "getloadavg", lambda: (5.7, 0.0, 0.0))  # 5 CPUs busy elsewhere
-    assert default_threads() == 1
-    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
-    assert default_threads() == 3
-    monkeypatch.setattr(os, "getloadavg", lambda: (250.0, 0.0, 0.0))
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "16")
     assert default_threads() == 1
 
 
