@@ -52,7 +52,7 @@ import triton.language as tl
 from restorenet_kernels._launch import canonical_strides, interpreting
 
 # Channel chunk of the masked tail loops: the smallest tile tl.dot accepts.
-TAIL = 16
+TAIL = tl.constexpr(16)
 
 
 # ------------------------------------------------------------------ device code
