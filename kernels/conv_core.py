@@ -49,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from restorenet_kernels._launch import canonical_strides, interpreting
+from restorenet_kernels._launch import canonical_strides, interpreter_takes_scalar_bounds, interpreting
 
 # Channel chunk of the masked tail loops: the smallest tile tl.dot accepts.
 TAIL = tl.constexpr(16)
@@ -401,6 +401,7 @@ def launch(kernel, grid, args, constexprs: dict, configs, interp_tile: dict):
     """Run ``kernel``: autotuned over ``configs`` on a GPU, ``interp_tile`` under the
     interpreter. ``grid(meta)`` maps a config's constexprs to the launch grid."""
     if interpreting():
+        interpreter_takes_scalar_bounds()
         kernel[grid(interp_tile)](*args, **constexprs, **interp_tile)
         return
     frozen = tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs)
