@@ -343,35 +343,41 @@ def _config(num_warps: int, num_stages: int, **tile) -> triton.Config:
 
 
 def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularity: int | None = None):
-    """GPU launch configurations of a conv kernel.
+    """GPU launch configurations of a conv kernel (the autotuner's choices).
 
     kind: "fwd" (tiles BLOCK_P x BLOCK_CO, reduction BLOCK_CI), "dgrad" (BLOCK_P x
     BLOCK_CI, reduction BLOCK_CO) or "wgrad" (BLOCK_M (tap, ci) rows x BLOCK_CO,
     reduction BLOCK_P; its channel tiles are fixed, only BLOCK_P and the
-    warps / stages vary, since the grid and partial buffers follow the channel tiles).
+    stages vary, since the grid and partial buffers follow the channel tiles).
     granularity: channel tiles of exactly this size (slim_conv2d: 16, so that work
-    follows the widths); None: as wide as the channels allow (up to 64).
+    follows the widths); None: as wide as the channels allow (64; 32 for fp64).
 
-    Forward / input gradient: a pixel tile of 256 (128 for fp64) against at most
-    64 channels, so for ``hyper_conv2d`` the generated weight tile (2 loads per
-    element, W and B) costs fewer loads than the activation tile:
+    Forward / input gradient: a pixel tile of 256 (64-128 for fp64) against at
+    most 64 channels, so for ``hyper_conv2d`` the generated weight tile (2 loads
+    per element, W and B) costs fewer loads than the activation tile:
     loads per MAC = 1/BLOCK_CO + 2/BLOCK_P (see ``hyper_conv2d_fwd_kernel``).
+    The reduction step is 32 channels for 16-bit data and 16 for fp32 / fp64,
+    which keeps 3-4 pipeline stages within sm_80's shared memory.
     """
-    wide = torch.finfo(dtype).bits == 64
-    n_out = granularity or pow2_clamp(c_out if kind != "dgrad" else c_in, 16, 32 if wide else 64)
-    n_red = granularity or pow2_clamp(c_in if kind != "dgrad" else c_out, 16, 32 if wide else 64)
+    bits = torch.finfo(dtype).bits
+    widest = 32 if bits == 64 else 64
+    n_out = granularity or pow2_clamp(c_out if kind != "dgrad" else c_in, 16, widest)
+    n_red = granularity or pow2_clamp(c_in if kind != "dgrad" else c_out, 16, widest)
     if kind == "wgrad":
         tile = dict(BLOCK_CO=n_out, BLOCK_CI=n_red, BLOCK_M=64)
-        if wide:
-            return [_config(4, 2, BLOCK_P=32, **tile)]
-        return [_config(4, 3, BLOCK_P=64, **tile), _config(4, 4, BLOCK_P=32, **tile)]
+        warps = 8 if 64 * n_out * bits >= 64 * 32 * 32 else 4  # accumulators of 32 KB or more
+        if bits == 64:
+            return [_config(warps, 2, BLOCK_P=32, **tile)]
+        return [_config(warps, 3, BLOCK_P=64, **tile), _config(warps, 4, BLOCK_P=32, **tile)]
     out_name, red_name = ("BLOCK_CO", "BLOCK_CI") if kind == "fwd" else ("BLOCK_CI", "BLOCK_CO")
-    if wide:
-        return [_config(4, 2, BLOCK_P=64, **{out_name: n_out, red_name: min(n_red, 16)}),
-                _config(8, 2, BLOCK_P=128, **{out_name: n_out, red_name: min(n_red, 16)})]
-    sizes = [(256, 8, 3), (128, 4, 4)] if n_out <= 32 else [(256, 8, 3), (256, 8, 4)]
-    return [_config(w, st, BLOCK_P=p, **{out_name: n_out, red_name: min(n_red, 32 if w == 8 else 64)})
-            for p, w, st in sizes]
+    red = min(n_red, 32 if bits == 16 else 16)
+    if bits == 64:
+        sizes = [(64, 4, 2), (128, 8, 2)]
+    elif n_out > 32:
+        sizes = [(256, 8, 3), (256, 8, 4)]
+    else:
+        sizes = [(256, 8, 3), (128, 4, 4)]
+    return [_config(w, st, BLOCK_P=p, **{out_name: n_out, red_name: red}) for p, w, st in sizes]
 
 
 def interpreter_config(kind: str, c_in: int, c_out: int, granularity: int | None = None) -> dict:
