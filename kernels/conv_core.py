@@ -28,7 +28,10 @@ The mainloops are shaped for the tensor cores and the copy engines:
   16-byte vector loads that Triton's pipeliner turns into ``cp.async``
   (``num_stages`` buffers deep). A last partial block runs in a second, masked
   loop of ``TAIL``-channel chunks (so channel work follows the bound at
-  16-channel granularity).
+  16-channel granularity). In NCHW the activation tile is contiguous along
+  pixels, but each tap shifts it by one element, so 16-bit activations there
+  load 2 bytes at a time, synchronously (cp.async moves 4-16 aligned bytes;
+  fp32 gets 4-byte cp.async): channels_last is the layout for 16-bit convs.
 * weight gradient: the GEMM's M side is ``BLOCK_M = 64`` (tap, input channel)
   rows, ``64 // BLOCK_CI`` taps of ``BLOCK_CI`` channels, so even 16-channel
   tiles fill wgmma's M = 64 (a 3x3 conv at 16 channels: three programs of 4, 4
