@@ -84,28 +84,47 @@ def weight_tile(w_ptr, wb_ptr, offs, mask, c, OUT_DTYPE: tl.constexpr, ACC_DTYPE
 
 
 @triton.jit
+def _gemm_step(acc, a_n, pix, pix_ok, s_ac, k0, k_end, w_ptr, wb_ptr, c, offs_n, n_mask, s_wk, s_wn, w_tap,
+               GENERATED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_K: tl.constexpr, MASKED: tl.constexpr, INDEX64: tl.constexpr):
+    """acc += A[pixels, k0 + (0..BLOCK_K)] @ K[k0 + .., n]: the activation tile at
+    pixel offsets ``pix`` (read where ``pix_ok``) with channels ``s_ac`` apart, the
+    weight tile at ``w_tap + k * s_wk + n * s_wn``. MASKED: channels from ``k_end`` on
+    are not read (a whole block is not masked, so its loads can vectorise)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    a_mask = pix_ok[:, None]
+    w_mask = n_mask[None, :]
+    if MASKED:
+        k_mask = offs_k < k_end
+        a_mask = a_mask & k_mask[None, :]
+        w_mask = w_mask & k_mask[:, None]
+    at = tl.load(a_n + pix[:, None] + offset(offs_k, INDEX64)[None, :] * s_ac, mask=a_mask, other=0.0)
+    w_offs = offs_k[:, None] * s_wk + offs_n[None, :] * s_wn + w_tap
+    kt = weight_tile(w_ptr, wb_ptr, w_offs, w_mask, c, at.dtype, ACC_DTYPE, GENERATED)
+    return tl.dot(at, kt, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _tap(k, KH: tl.constexpr, KW: tl.constexpr):
+    """(r, s) of reduction step k: the tap runs fastest (divisions by constants)."""
+    tap = k % (KH * KW)
+    r = tap // KW
+    return r, tap - r * KW
+
+
+@triton.jit
 def _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask, ci0, ci_end, k,
               H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
               KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr, ACC_DTYPE: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
               INDEX64: tl.constexpr):
     """acc += x[pixels, ci0 + (0..BLOCK_K), tap k % (KH*KW)] @ K[ci0 + .., co, tap]."""
-    tap = k % (KH * KW)
-    r = tap // KW
-    s = tap - r * KW
+    r, s = _tap(k, KH, KW)
     ih, iw = ih0 + r, iw0 + s
-    x_mask = (p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W))[:, None]
-    w_mask = co_mask[None, :]
-    offs_ci = ci0 + tl.arange(0, BLOCK_K)
-    if MASKED:
-        ci_mask = offs_ci < ci_end
-        x_mask = x_mask & ci_mask[None, :]
-        w_mask = w_mask & ci_mask[:, None]
+    x_ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     pix = offset(ih, INDEX64) * s_xh + offset(iw, INDEX64) * s_xw
-    xt = tl.load(x_n + pix[:, None] + offset(offs_ci, INDEX64)[None, :] * s_xc, mask=x_mask, other=0.0)
-    w_offs = offs_ci[:, None] * s_wi + offs_co[None, :] * s_wo + (r * s_wh + s * s_ww)
-    kt = weight_tile(w_ptr, wb_ptr, w_offs, w_mask, c, xt.dtype, ACC_DTYPE, GENERATED)
-    return tl.dot(xt, kt, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return _gemm_step(acc, x_n, pix, x_ok, s_xc, ci0, ci_end, w_ptr, wb_ptr, c, offs_co, co_mask, s_wi, s_wo,
+                      r * s_wh + s * s_ww, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_K, MASKED, INDEX64)
 
 
 @triton.jit
@@ -140,9 +159,7 @@ def _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, c
                 DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
                 INDEX64: tl.constexpr):
     """acc += dy[(q + pad - tap) / stride, co0 + (0..BLOCK_K)] @ K[co0 + .., ci, tap]."""
-    tap = k % (KH * KW)
-    r = tap // KW
-    s = tap - r * KW
+    r, s = _tap(k, KH, KW)
     # Input pixel q gets tap (r, s) from output pixel (q + pad - (r, s)) / stride,
     # when that is a whole number inside the output (stride 1 is a compile-time
     # constant, so the division folds away there).
@@ -151,18 +168,9 @@ def _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, c
     oh, ow = th_c // stride, tw_c // stride
     hit = (p_mask & (th >= 0) & (tw >= 0) & (th_c % stride == 0) & (tw_c % stride == 0)
            & (oh < H_out) & (ow < W_out))
-    dy_mask = hit[:, None]
-    w_mask = ci_mask[None, :]
-    offs_co = co0 + tl.arange(0, BLOCK_K)
-    if MASKED:
-        co_mask = offs_co < co_end
-        dy_mask = dy_mask & co_mask[None, :]
-        w_mask = w_mask & co_mask[:, None]
     pix = offset(oh, INDEX64) * s_dyh + offset(ow, INDEX64) * s_dyw
-    dyt = tl.load(dy_n + pix[:, None] + offset(offs_co, INDEX64)[None, :] * s_dyc, mask=dy_mask, other=0.0)
-    w_offs = offs_co[:, None] * s_wo + offs_ci[None, :] * s_wi + (r * s_wh + s * s_ww)
-    kt = weight_tile(w_ptr, wb_ptr, w_offs, w_mask, c, dyt.dtype, ACC_DTYPE, GENERATED)
-    return tl.dot(dyt, kt, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    return _gemm_step(acc, dy_n, pix, hit, s_dyc, co0, co_end, w_ptr, wb_ptr, c, offs_ci, ci_mask, s_wo, s_wi,
+                      r * s_wh + s * s_ww, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_K, MASKED, INDEX64)
 
 
 @triton.jit
