@@ -392,11 +392,14 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
 
 
 def interpreter_config(kind: str, c_in: int, c_out: int, granularity: int | None = None) -> dict:
-    """The one tile the interpreter runs (numpy pays per program, not per element)."""
+    """The one tile the interpreter runs (numpy pays per program and per step, not
+    per element). The reduction block of the forward and input gradient ignores
+    ``granularity``: the masked 16-channel tail keeps their work at 16 channels."""
     n_out = granularity or pow2_clamp(c_out if kind != "dgrad" else c_in, 16, 64)
-    n_red = granularity or pow2_clamp(c_in if kind != "dgrad" else c_out, 16, 32)
+    n_red = pow2_clamp(c_in if kind != "dgrad" else c_out, 16, 32)
     if kind == "wgrad":
-        return dict(BLOCK_CO=n_out, BLOCK_CI=n_red, BLOCK_M=64, BLOCK_P=64)
+        n_red = granularity or n_red
+        return dict(BLOCK_CO=n_out, BLOCK_CI=n_red, BLOCK_M=256, BLOCK_P=64)  # a 3x3 conv: 1-2 tap groups
     out_name, red_name = ("BLOCK_CO", "BLOCK_CI") if kind == "fwd" else ("BLOCK_CI", "BLOCK_CO")
     return {"BLOCK_P": 128, out_name: n_out, red_name: n_red}
 
