@@ -363,7 +363,7 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
     granularity: channel tiles of exactly this size (slim_conv2d: 16, so that work
     follows the widths); None: as wide as the channels allow (64; 32 for fp64).
 
-    Forward / input gradient: a pixel tile of 256 (64-128 for fp64) against at
+    Forward / input gradient: a pixel tile of 256 (128 for fp64) against at
     most 64 channels, so for ``hyper_conv2d`` the generated weight tile (2 loads
     per element, W and B) costs fewer loads than the activation tile:
     loads per MAC = 1/BLOCK_CO + 2/BLOCK_P (see ``hyper_conv2d_fwd_kernel``).
@@ -382,8 +382,8 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
         return [_config(warps, 3, BLOCK_P=64, **tile), _config(warps, 4, BLOCK_P=32, **tile)]
     out_name, red_name = ("BLOCK_CO", "BLOCK_CI") if kind == "fwd" else ("BLOCK_CI", "BLOCK_CO")
     red = min(n_red, 32 if bits == 16 else 16)
-    if bits == 64:
-        sizes = [(64, 4, 2), (128, 8, 2)]
+    if bits == 64:  # (64 pixels at 4 warps leaves one 4-byte spill with Triton 3.6's slim fp64)
+        sizes = [(128, 8, 2)]
     elif n_out > 32:
         sizes = [(256, 8, 3), (256, 8, 4)]
     else:
