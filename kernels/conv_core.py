@@ -386,8 +386,8 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
         sizes = [(128, 8, 2)]
     elif n_out > 32:
         sizes = [(256, 8, 3), (256, 8, 4)]
-    else:
-        sizes = [(256, 8, 3), (128, 4, 4)]
+    else:  # narrow tiles at 4 warps: the weight tile still spreads in cp.async-sized pieces
+        sizes = [(256, 4, 3), (128, 4, 4)]
     return [_config(w, st, BLOCK_P=p, **{out_name: n_out, red_name: red}) for p, w, st in sizes]
 
 
