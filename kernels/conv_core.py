@@ -161,8 +161,8 @@ def _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, c
     """acc += dy[(q + pad - tap) / stride, co0 + (0..BLOCK_K)] @ K[co0 + .., ci, tap]."""
     r, s = _tap(k, KH, KW)
     # Input pixel q gets tap (r, s) from output pixel (q + pad - (r, s)) / stride,
-    # when that is a whole number inside the output (stride 1 is a compile-time
-    # constant, so the division folds away there).
+    # when that is a whole number inside the output (the stride is a compile-time
+    # constant: no division at stride 1, a shift at 2).
     th, tw = ih + padding - r, iw + padding - s
     th_c, tw_c = tl.maximum(th, 0), tl.maximum(tw, 0)  # keep // and % on non-negatives
     oh, ow = th_c // stride, tw_c // stride
@@ -376,18 +376,21 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
     n_red = granularity or pow2_clamp(c_in if kind != "dgrad" else c_out, 16, widest)
     if kind == "wgrad":
         tile = dict(BLOCK_CO=n_out, BLOCK_CI=n_red, BLOCK_M=64)
-        warps = 8 if 64 * n_out * bits >= 64 * 32 * 32 else 4  # accumulators of 32 KB or more
+        # 8 warps: the gathered [64 rows, BLOCK_P] activation tile needs an address per
+        # element where it cannot vectorise (NCHW, odd channel counts), per stage.
         if bits == 64:
-            return [_config(warps, 2, BLOCK_P=32, **tile)]
-        return [_config(warps, 3, BLOCK_P=64, **tile), _config(warps, 4, BLOCK_P=32, **tile)]
+            return [_config(8, 2, BLOCK_P=32, **tile)]
+        return [_config(8, 3, BLOCK_P=64, **tile), _config(8, 4, BLOCK_P=32, **tile)]
     out_name, red_name = ("BLOCK_CO", "BLOCK_CI") if kind == "fwd" else ("BLOCK_CI", "BLOCK_CO")
     red = min(n_red, 32 if bits == 16 else 16)
     if bits == 64:  # (64 pixels at 4 warps leaves one 4-byte spill with Triton 3.6's slim fp64)
         sizes = [(128, 8, 2)]
     elif n_out > 32:
         sizes = [(256, 8, 3), (256, 8, 4)]
-    else:  # narrow tiles at 4 warps: the weight tile still spreads in cp.async-sized pieces
+    elif bits == 16:  # narrow tiles at 4 warps: the weight tile still spreads in cp.async-sized pieces
         sizes = [(256, 4, 3), (128, 4, 4)]
+    else:
+        sizes = [(256, 8, 3), (128, 4, 3)]
     return [_config(w, st, BLOCK_P=p, **{out_name: n_out, red_name: red}) for p, w, st in sizes]
 
 

@@ -34,7 +34,7 @@ from restorenet_kernels.conv_core import (
 @triton.jit
 def hyper_conv2d_fwd_kernel(
     x_ptr, level_ptr, w_ptr, wb_ptr, bias_ptr, bias_base_ptr, y_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
     s_xn, s_xc, s_xh, s_xw, s_yn, s_yc, s_yh, s_yw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_BASE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -73,7 +73,7 @@ def hyper_conv2d_fwd_kernel(
 @triton.jit
 def hyper_conv2d_dgrad_kernel(
     dy_ptr, level_ptr, w_ptr, wb_ptr, dx_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
     s_dyn, s_dyc, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INDEX64: tl.constexpr,
@@ -96,7 +96,7 @@ def hyper_conv2d_dgrad_kernel(
 def hyper_conv2d_wgrad_kernel(
     dy_ptr, x_ptr, level_ptr, w_ptr, bias_ptr,
     dw_part_ptr, dwb_part_ptr, dlevel_part_ptr, dbias_part_ptr, dbias_base_part_ptr,
-    N, C_in, H, W, C_out, H_out, W_out, stride, padding, n_split,
+    N, C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, n_split,
     s_dyn, s_dyc, s_dyp, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,

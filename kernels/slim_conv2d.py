@@ -43,7 +43,7 @@ GRANULARITY = 16
 @triton.jit
 def slim_conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, in_width_ptr, out_width_ptr, y_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
     s_xn, s_xc, s_xh, s_xw, s_yn, s_yc, s_yh, s_yw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -72,7 +72,7 @@ def slim_conv2d_fwd_kernel(
 @triton.jit
 def slim_conv2d_dgrad_kernel(
     dy_ptr, w_ptr, in_width_ptr, out_width_ptr, dx_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
     s_dyn, s_dyc, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INDEX64: tl.constexpr,
@@ -96,7 +96,7 @@ def slim_conv2d_dgrad_kernel(
 @triton.jit
 def slim_conv2d_wgrad_kernel(
     dy_ptr, x_ptr, in_width_ptr, out_width_ptr, dw_part_ptr, dbias_part_ptr,
-    N, C_in, H, W, C_out, H_out, W_out, stride, padding, n_split,
+    N, C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, n_split,
     s_dyn, s_dyc, s_dyp, s_xn, s_xc, s_xh, s_xw,
     KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
