@@ -387,8 +387,8 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
         sizes = [(128, 8, 2)]
     elif n_out > 32:
         sizes = [(256, 8, 3), (256, 8, 4)]
-    elif bits == 16:  # narrow tiles at 4 warps: the weight tile still spreads in cp.async-sized pieces
-        sizes = [(256, 4, 3), (128, 4, 4)]
+    elif bits == 16:  # narrow tiles at 4 warps: the weight tile still spreads in cp.async-sized
+        sizes = [(128, 4, 3), (128, 4, 4)]  # pieces (256 pixels at 4 warps spill at odd channel counts)
     else:
         sizes = [(256, 8, 3), (128, 4, 3)]
     return [_config(w, st, BLOCK_P=p, **{out_name: n_out, red_name: red}) for p, w, st in sizes]
