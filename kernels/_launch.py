@@ -9,6 +9,8 @@ launchers give it few, big tiles).
 """
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 
 import torch
@@ -18,6 +20,27 @@ import triton.language as tl
 def interpreting() -> bool:
     """True when Triton runs kernels in its CPU interpreter (``TRITON_INTERPRET=1``)."""
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+@functools.cache
+def interpreter_takes_scalar_bounds() -> None:
+    """Let Triton 3.6's interpreter run ``range`` over a runtime scalar with NumPy >= 2.4.
+
+    That interpreter holds every scalar as a 1-element array and gives tensors
+    ``__index__ = int(array)``, which NumPy 2.4 refuses for a 1-D array (Triton
+    3.8 squeezes the array first). This wraps its tensor patching to use 3.8's
+    definition; nothing changes where the interpreter squeezes already."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+    if "squeeze" in inspect.getsource(patch_tensor):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
 
 
 def launch_options() -> dict:
