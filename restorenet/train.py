@@ -92,7 +92,7 @@ SMALL_CONFIGS: dict[str, dict[str, Any]] = {
                               dec_blocks=(1, 1, 1, 1)), batch=8, crop=64, lr=1e-3),
     "mhnet": dict(model=dict(width=8, enc_blocks=(1, 1, 1, 1), dec_blocks=(1, 1, 1, 1),
                              cabg_blocks=1), batch=8, crop=64, lr=1e-3),
-    "adarevd": dict(model=dict(width=8, num_decoders=2, enc_blocks=(1, 1, 1, 1)),
+    "adarevd": dict(model=dict(width=8, num_decoders=2, enc_blocks=(1, 1, 1, 1), estimator_width=8),
                     batch=8, crop=64, lr=1e-3, weight_decay=1e-3, betas=(0.9, 0.9)),
     "constyle_nafnet": dict(model=dict(width=8, enc_blocks=(1, 1, 1), middle_blocks=1,
                                        dec_blocks=(1, 1, 1)), batch=8, crop=64, lr=1e-3),
