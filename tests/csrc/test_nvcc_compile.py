@@ -126,14 +126,31 @@ _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-def spilling_kernels(ptxas_output: str) -> list[str]:
-    """Entry functions for which ptxas -v reports spill stores or loads."""
+# Spills that predate the check, outside the conv core: a few registers saved
+# to the stack around subroutine calls (64-bit integer division, the slow path
+# of a division; nvcc 13.0), not loop-carried pressure. (source, arch) -> {mangled
+# kernel name fragment: spill-store bytes at most}. Any other spill, or a larger
+# one, fails; a fix that removes one should remove its entry.
+KNOWN_SPILLS = {
+    ("channel_attention.cu", "sm_80"): {"scaled_residual_backward_kernelIf": 20},
+    ("channel_attention.cu", "sm_90a"): {"scaled_residual_backward_kernelId": 20},
+    ("naf_elementwise.cu", "sm_80"): {"layer_norm2d_backward_kernelIf": 12},
+    ("naf_elementwise.cu", "sm_90a"): {"layer_norm2d_backward_kernelId": 16},
+    ("tiles.cu", "sm_80"): {"tile_blend_kernelId": 8},
+}
+
+
+def spilling_kernels(ptxas_output: str, known: dict[str, int] | None = None) -> list[str]:
+    """Entry functions for which ptxas -v reports spill stores or loads, less
+    those in ``known`` (name fragment -> bytes) that spill no more than listed."""
     spilled, entry = [], None
     for line in ptxas_output.splitlines():
         if m := _ENTRY.search(line):
             entry = m.group(1)
         elif (m := _SPILLS.search(line)) and (int(m.group(1)) or int(m.group(2))):
-            spilled.append(f"{entry}: {m.group(0)}")
+            allowed = [b for fragment, b in (known or {}).items() if fragment in (entry or "")]
+            if not (allowed and int(m.group(1)) <= allowed[0] and int(m.group(2)) <= allowed[0]):
+                spilled.append(f"{entry}: {m.group(0)}")
     return spilled
 
 
@@ -143,15 +160,22 @@ def test_spill_parser_finds_spills():
            "ptxas info    : Compiling entry function '_Z1gv' for 'sm_90a'\n"
            "    16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n")
     assert spilling_kernels(log) == ["_Z1gv: 8 bytes spill stores, 8 bytes spill loads"]
+    assert spilling_kernels(log, {"_Z1g": 8}) == []
+    assert len(spilling_kernels(log, {"_Z1g": 4})) == 1  # a listed spill that grew
+
+
+def test_conv_core_has_no_known_spills():
+    assert not any(source in ("hyper_conv2d.cu", "slim_conv2d.cu") for source, _ in KNOWN_SPILLS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", [p.name for p in KERNEL_FILES])
 def test_kernel_compiles(builds, source, arch):
-    """Compiles, and no kernel spills registers to local memory."""
+    """Compiles, and no kernel spills registers to local memory (but KNOWN_SPILLS)."""
     output = _wait(builds[f"{source}:{arch}"])
     assert "Compiling entry function" in output, "ptxas -v reported no kernel"
-    assert not spilling_kernels(output), "\n".join(spilling_kernels(output))
+    spills = spilling_kernels(output, KNOWN_SPILLS.get((source, arch), {}))
+    assert not spills, "\n".join(spills)
 
 
 def _sass_functions(sass: str) -> dict[str, str]:
