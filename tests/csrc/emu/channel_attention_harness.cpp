@@ -78,9 +78,6 @@ int emu_sr_backward(int dtype, const int64_t* shape, const void* g, const int64_
 // of a block on the shared sums aborts; values are checked elsewhere.
 // "quick" (ThreadSanitizer, slow): fewer launches that still take both
 // layouts, gating and a 16-bit type.
-#include <cstdio>
-#include <string>
-
 #include "sanitize_util.h"
 
 namespace {
@@ -118,7 +115,7 @@ int run_case(int dtype, int64_t n, int64_t c, int64_t h, int64_t w, bool channel
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  const bool quick = rn_harness::quick_run(argc, argv);
   std::mt19937 rng(0);
   int failures = 0;
   failures += run_case<float>(0, 2, 5, 7, 9, false, true, true, rng) != 0;
@@ -128,11 +125,6 @@ int main(int argc, char** argv) {
     failures += run_case<double>(3, 3, 9, 4, 11, false, false, true, rng) != 0;
     failures += run_case<__nv_bfloat16>(2, 2, 40, 3, 3, false, true, true, rng) != 0;
   }
-  if (failures != 0) {
-    std::printf("%d cases returned a CUDA error\n", failures);
-    return 1;
-  }
-  std::printf("all cases ran\n");
-  return 0;
+  return rn_harness::report_cases(failures);
 }
 #endif

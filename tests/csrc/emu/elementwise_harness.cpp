@@ -82,9 +82,6 @@ int emu_simple_gate_backward(int dtype, const int64_t* shape, const void* dy, co
 // gradient in both layouts) on exactly-sized buffers. Built with
 // -fsanitize=thread a race between the emulated threads of a block aborts;
 // values are checked elsewhere. "quick" (ThreadSanitizer, slow): fewer launches.
-#include <cstdio>
-#include <string>
-
 #include "sanitize_util.h"
 
 namespace {
@@ -125,7 +122,7 @@ int rev_invert(int dtype, int64_t n, int64_t c, int64_t h, int64_t w, bool chann
 }  // namespace
 
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  const bool quick = rn_harness::quick_run(argc, argv);
   std::mt19937 rng(0);
   int failures = 0;
   failures += layer_norm<float>(0, 2, 5, 6, 7, false, rng) != 0;
@@ -137,11 +134,6 @@ int main(int argc, char** argv) {
     failures += rev_invert<__nv_bfloat16>(2, 3, 16, 4, 9, true, rng) != 0;
     failures += rev_invert<double>(3, 2, 3, 9, 9, false, rng) != 0;
   }
-  if (failures != 0) {
-    std::printf("%d cases returned a CUDA error\n", failures);
-    return 1;
-  }
-  std::printf("all cases ran\n");
-  return 0;
+  return rn_harness::report_cases(failures);
 }
 #endif

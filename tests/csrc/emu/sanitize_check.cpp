@@ -3,8 +3,6 @@
 // -fsanitize=address any load or store out of bounds aborts, built with
 // -fsanitize=thread a shared-memory race between the emulated threads of a
 // block (a missing __syncthreads) aborts. Values are checked elsewhere.
-#include <cstdio>
-#include <string>
 #include <vector>
 
 #include "harness.cpp"
@@ -54,7 +52,7 @@ int run(const Case& c, int dtype, std::mt19937& rng) {
 // With "quick" (ThreadSanitizer, ~10x slower): fewer runs that still take
 // every code path (several tiles, items per block, both layouts, WMMA).
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  const bool quick = rn_harness::quick_run(argc, argv);
   std::mt19937 rng(0);
   const Case cases[] = {
       {2, 5, 70, 9, 11, 3, 3, 2, 1, false, true},   // two c_out tiles, stride 2
@@ -76,10 +74,5 @@ int main(int argc, char** argv) {
     setenv("RESTORENET_CUDA_TENSOR_CORES", "0", 1);
     failures += run<__nv_bfloat16, float>(cases[0], 2, rng) != 0;  // SIMT
   }
-  if (failures != 0) {
-    std::printf("%d cases returned a CUDA error\n", failures);
-    return 1;
-  }
-  std::printf("all cases ran\n");
-  return 0;
+  return rn_harness::report_cases(failures);
 }

@@ -5,7 +5,9 @@
 #pragma once
 
 #include <cstdint>
+#include <cstdio>
 #include <random>
+#include <string>
 #include <vector>
 
 namespace rn_harness {
@@ -25,6 +27,19 @@ inline void dense_strides(bool channels_last, int64_t ch, int64_t h, int64_t w, 
   } else {
     out[0] = ch * h * w, out[1] = h * w, out[2] = w, out[3] = 1;
   }
+}
+
+// "quick": the run under ThreadSanitizer (slow), fewer cases.
+inline bool quick_run(int argc, char** argv) { return argc > 1 && std::string(argv[1]) == "quick"; }
+
+// A sanitizer main's exit: tests/csrc/emu_build.py's run_sanitized looks for "all cases ran".
+inline int report_cases(int failures) {
+  if (failures != 0) {
+    std::printf("%d cases returned a CUDA error\n", failures);
+    return 1;
+  }
+  std::printf("all cases ran\n");
+  return 0;
 }
 
 }  // namespace rn_harness
