@@ -481,8 +481,8 @@ struct ConvGemmArgs {
 // loads and an FMA per element; slim: a gather over the sample's active
 // channels), so its loads are register-staged instead -- issued before the
 // GEMM of stage s, consumed after it, so their latency hides behind the
-// tensor-core work just as the copies' does -- and stored into the slot two
-// barriers before stage s + kStages - 1 is consumed.
+// tensor-core work just as the copies' does -- and stored into the slot at
+// least one barrier before stage s + kStages - 1 is consumed.
 template <typename Policy, bool kBackwardInput, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(ConvGemmArgs<Policy> a) {
   using scalar_t = typename Policy::scalar_t;
