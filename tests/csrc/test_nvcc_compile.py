@@ -127,13 +127,12 @@ _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
 # Spills that predate the check, outside the conv core: a few registers saved
-# to the stack around subroutine calls (64-bit integer division, the slow path
-# of a division; nvcc 13.0), not loop-carried pressure. (source, arch) -> {mangled
+# to the stack around the slow-path subroutine of a floating-point division
+# (nvcc 13.0), not loop-carried pressure; a reciprocal would change the
+# results' bits. (source, arch) -> {mangled
 # kernel name fragment: spill-store bytes at most}. Any other spill, or a larger
 # one, fails; a fix that removes one should remove its entry.
 KNOWN_SPILLS = {
-    ("channel_attention.cu", "sm_80"): {"scaled_residual_backward_kernelIf": 20},
-    ("channel_attention.cu", "sm_90a"): {"scaled_residual_backward_kernelId": 20},
     ("naf_elementwise.cu", "sm_80"): {"layer_norm2d_backward_kernelIf": 12},
     ("naf_elementwise.cu", "sm_90a"): {"layer_norm2d_backward_kernelId": 16},
     ("tiles.cu", "sm_80"): {"tile_blend_kernelId": 8},
