@@ -62,9 +62,10 @@ setup(
         "matplotlib",
         "scikit-image",
         "pillow",
+        "pypng",  # 16-bit RGB PNG (Pillow reads it as 8-bit, cannot write it): restorenet.data.images
     ],
     extras_require={
-        "dev": ["pytest", "pytest-benchmark", "triton==3.8.0; platform_system == 'Linux'", "ninja"],
+        "dev": ["pytest", "pytest-benchmark", "pytest-xdist", "triton==3.8.0; platform_system == 'Linux'", "ninja"],
         # Peer libraries the benchmarks compare with (skipped with a reason when absent).
         "peers": ["revlib==1.7.2"],
     },

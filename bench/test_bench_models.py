@@ -33,7 +33,7 @@ LEVELS = (15.0, 35.0, 55.0, 75.0)  # HyperRes denoising sigmas (raw levels)
 # Tiny CPU configurations: a few NAF blocks of width 8, so each call is milliseconds.
 TINY = {
     "hyperres": dict(width=16, num_blocks=2),
-    "adarevd": dict(width=8, num_decoders=2, enc_blocks=(1, 1, 1, 1), middle_blocks=1),
+    "adarevd": dict(width=8, num_decoders=2, enc_blocks=(1, 1, 1, 1), middle_blocks=1, estimator_width=8),
     "mhnet": dict(width=8, enc_blocks=(1, 1, 1, 1), dec_blocks=(1, 1, 1, 1), heads=2, cabg_blocks=1),
     "constyle_nafnet": dict(width=8, enc_blocks=(1, 1, 1), middle_blocks=1, dec_blocks=(1, 1, 1)),
     "ddsnet": dict(width=32, depth=2),

@@ -78,7 +78,7 @@ if ON_GPU:
     DTYPE = torch.bfloat16
     COST_REPS = 10
 else:
-    CONFIG = dict(width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1)
+    CONFIG = dict(width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1, estimator_width=8)
     SIZE, TILE, OVERLAP, BATCHES = (64, 96), 48, 16, (1, 2)
     DTYPE = torch.float32
     COST_REPS = 3

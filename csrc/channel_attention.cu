@@ -190,7 +190,9 @@ __global__ void __launch_bounds__(kThreads)
   if (c < s.c) {
     const acc_t b = beta[c];
     for (int64_t m = split * chunk + tile.lane; m < end; m += tile.lanes) {
-      const int64_t n = m / hw, p = m % hw, h = p / s.w, w = p % s.w;
+      int64_t n, p, h, w;  // divmod: 32-bit division when it fits (the 64-bit one's call made ptxas spill)
+      divmod(m, hw, n, p);
+      divmod(p, s.w, h, w);
       const acc_t gv = to_acc(g[offset(gs, n, c, h, w)]);
       if (dz != nullptr) store_as(dz + offset(dzs, n, c, h, w), b * gv);
       if (partial != nullptr) acc += gv * to_acc(z[offset(zs, n, c, h, w)]);

@@ -10,6 +10,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
+#include <type_traits>
 #include <utility>
 
 #include <cuda_bf16.h>
@@ -109,6 +110,59 @@ inline cudaError_t current_sm_count(int* count) {
   cudaError_t err = cudaGetDevice(&device);
   if (err != cudaSuccess) return err;
   return cudaDeviceGetAttribute(count, cudaDevAttrMultiProcessorCount, device);
+}
+
+// ---------------------------------------------------------------- asynchronous copies
+// cp.async (sm_80+): a thread copies 4, 8 or 16 bytes from global to shared
+// memory without passing them through registers. Copies are grouped:
+// cp_async_commit() closes the thread's current group, cp_async_wait<N>()
+// blocks until at most the N most recently committed groups of THIS thread
+// are still in flight. Other threads see the data only after a barrier that
+// follows the wait. `zero_fill` copies no byte from `gmem` and fills the
+// destination with zeros (cp.async's src-size 0 form: padding, masked
+// elements); `gmem` must still be a valid address, e.g. the tensor's base.
+// Both addresses must be aligned to kBytes. Before Ampere the copy is a plain
+// synchronous one (same results, no overlap). Under emulation the copies are
+// recorded and done at the wait that covers them (cuda_emu.h), so a kernel
+// that reads a stage before waiting for it reads stale data.
+template <int kBytes>
+__device__ __forceinline__ void cp_async(void* smem, const void* gmem, bool zero_fill) {
+  static_assert(kBytes == 4 || kBytes == 8 || kBytes == 16, "cp.async copies 4, 8 or 16 bytes");
+#if defined(RN_CUDA_EMULATION)
+  rn_emu::cp_async(smem, gmem, kBytes, zero_fill ? 0 : kBytes);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  const int src_bytes = zero_fill ? 0 : kBytes;
+  if constexpr (kBytes == 16) {  // .cg: cache in L2 only (streamed tiles); only 16-byte copies have it
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(src_bytes) : "memory");
+  } else {
+    asm volatile("cp.async.ca.shared.global [%0], [%1], %2, %3;\n" ::"r"(dst), "l"(gmem), "n"(kBytes),
+                 "r"(src_bytes) : "memory");
+  }
+#else
+  using word_t = std::conditional_t<kBytes == 16, int4, std::conditional_t<kBytes == 8, int2, int>>;
+  word_t v{};
+  if (!zero_fill) v = *static_cast<const word_t*>(gmem);
+  *static_cast<word_t*>(smem) = v;
+#endif
+}
+
+__device__ __forceinline__ void cp_async_commit() {
+#if defined(RN_CUDA_EMULATION)
+  rn_emu::cp_async_commit();
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+#endif
+}
+
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  static_assert(N >= 0, "a group count");
+#if defined(RN_CUDA_EMULATION)
+  rn_emu::cp_async_wait(N);
+#elif defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+#endif
 }
 
 // ---------------------------------------------------------------- deterministic reductions

@@ -11,9 +11,11 @@
 //                 so a narrow sample costs less; plain parameter partials.
 //
 // All three passes are implicit GEMMs on one tiling scheme: a block of 256
-// threads owns a 64 x 64 output tile, steps through the reduction 16 at a time
-// through shared memory, and each thread accumulates a 4 x 4 micro-tile
-// (rows ty + 16 i, columns tx + 16 j) in fp32 (fp64 for double).
+// threads owns a 64 x 64 output tile, streams the reduction through a
+// multi-stage shared-memory pipeline (cp.async copies in commit groups, one
+// barrier per stage; TileFormat and conv_gemm_kernel say how), and each
+// thread accumulates a 4 x 4 micro-tile (rows ty + 16 i, columns tx + 16 j)
+// in fp32 (fp64 for double).
 //
 //   pass            GEMM rows   GEMM columns      reduction
 //   forward         c_out       output pixels     (c_in, tap)   per sample
@@ -35,7 +37,9 @@
 //   Sample sample(const Params&, const Geometry&, int64_t n)         per-sample state
 //   Bounds conv_bounds(const Sample&, const Geometry&, bool bwd_in)  active rows / reduction channels
 //   Bounds param_bounds(const Sample&, const Geometry&)              active c_out rows / c_in channels
-//   acc_t weight(const Params&, const Sample&, int64_t wi)           weight operand at W index wi
+//   struct WeightRaw;                                                the global reads behind one weight element
+//   WeightRaw load_weight(const Params&, int64_t wi)                 those reads at W index wi
+//   acc_t form_weight(const Sample&, const WeightRaw&)               the weight operand from them
 //   acc_t bias(const Params&, const Sample&, int row)                forward bias of output channel row
 //   struct ParamEpilogue { ctor; fold(...); store(...); }            parameter-gradient partials
 //
@@ -80,27 +84,66 @@ constexpr int kSide = 16;
 constexpr int kMicro = 4;                  // outputs per thread along each tile side
 constexpr int kTileM = kSide * kMicro;     // GEMM rows per block
 constexpr int kTileN = kSide * kMicro;     // GEMM columns per block
-constexpr int kTileK = 16;                 // reduction elements per shared-memory step
-constexpr int kLoads = kTileK * kTileM / kThreads;  // elements of one operand tile per thread
+constexpr int kStepK = 16;                 // reduction depth of one GEMM step (one WMMA k; the work counter's unit)
 constexpr int kLdC = kTileN + 4;           // leading dimension of the fp32 result tile (tensor cores)
 constexpr int64_t kChunk = 256;            // pixels per work item of the backward-params pass
 constexpr size_t kMaxSplitBytes = size_t(256) << 20;  // workspace cap for split partial sums
-static_assert(kTileM * kTileK == kLoads * kThreads && kTileN * kTileK == kLoads * kThreads,
-              "each thread loads the same number of elements of both operand tiles");
-static_assert(kChunk % kTileK == 0, "a work item is a whole number of reduction steps");
+static_assert(kTileM == kTileN, "one run mapping serves both operand tiles");
+static_assert(kChunk % 32 == 0, "a work item is a whole number of pipeline stages");
 
-// Shared-memory operand tiles: acc_t on the SIMT path, the 16-bit input type
-// on the tensor-core path. Rows are padded: by 1 against bank conflicts
-// (SIMT), by 8 elements for WMMA (leading dimension a multiple of 16 bytes,
-// fragment pointers 32-byte aligned).
+// The shared-memory pipeline of one kernel instantiation.
+//
+// Operand tiles hold kStageK reduction elements x 64 GEMM rows or columns per
+// stage; kStages stages rotate through shared memory. Tiles are acc_t on the
+// SIMT path and the 16-bit input type on the tensor-core path. Where the tile
+// keeps the input type (kCopy), global elements reach shared memory by
+// cp.async: 16 bytes (kVec elements) at a time where a run is contiguous and
+// aligned in both memories, element by element (4 or 8 bytes) otherwise, and
+// zero-filled by cp.async's src-size-0 form where the element is padding or
+// past a bound. 16-bit elements that cannot form a 16-byte run, and every
+// element of a converted (fp32 SIMT) tile, are loaded by ordinary loads and
+// stored: cp.async has no 2-byte form and cannot convert.
+//
+// Depth and stage count keep the static shared memory under 48 KiB: 16-bit
+// tensor cores 3 x 32 deep (30 KiB), fp32 3 x 16 (26 KiB), fp64 2 x 16 (34 KiB).
+//
+// Layouts: an operand slot is stored [k][index] (index fastest, leading
+// dimension kLdIdx) or, on tensor cores only, [index][k] (k fastest, kLdK),
+// whichever makes the source's unit-stride direction contiguous in shared
+// memory too. Padding: tensor cores +8 elements (leading dimension a multiple
+// of 16 bytes, fragment pointers 32-byte aligned); SIMT rows on 16-byte
+// boundaries for copied types, +1 against bank conflicts for converted ones.
 template <typename scalar_t, bool kTensorCores>
 struct TileFormat {
   using acc_t = typename AccType<scalar_t>::type;
   using elem_t = std::conditional_t<kTensorCores, scalar_t, acc_t>;
-  static constexpr int kPad = kTensorCores ? 8 : 1;
-  static constexpr int kLdA = kTileM + kPad;
-  static constexpr int kLdB = kTileN + kPad;
+  static constexpr bool kCopy = std::is_same_v<elem_t, scalar_t>;
+  static constexpr int kVec = kCopy ? 16 / int(sizeof(elem_t)) : 1;
+  static constexpr int kStageK = sizeof(elem_t) == 2 ? 32 : 16;
+  static constexpr int kStages = sizeof(elem_t) == 8 ? 2 : 3;
+  static constexpr int kLoads = kStageK * kTileM / kThreads;  // elements of one operand per thread and stage
+  static constexpr int kRuns = kLoads / kVec;                 // runs of kVec elements per thread and stage
+  static constexpr int kLdIdx = kTileM + (kTensorCores ? 8 : (kCopy ? kVec : 1));
+  static constexpr int kLdK = kStageK + 8;
+  static constexpr int kSlot = kTensorCores && kTileM * kLdK > kStageK * kLdIdx ? kTileM * kLdK : kStageK * kLdIdx;
+  static constexpr size_t kStageBytes = size_t(2) * kStages * kSlot * sizeof(elem_t);
+  static constexpr size_t kCTileBytes = kTensorCores ? size_t(kTileM) * kLdC * sizeof(float) : 0;
+  static constexpr size_t kSmemBytes = kStageBytes > kCTileBytes ? kStageBytes : kCTileBytes;
+  static_assert(kStageK % kStepK == 0 && kLoads % kVec == 0 && kChunk % kStageK == 0, "whole steps and runs");
+  static_assert(kSmemBytes + 2048 <= 48 * 1024, "static shared memory per block");
 };
+
+// Where element (k, index) of an operand stage slot lives.
+struct OperandLayout {
+  bool k_fastest;
+  int ld;
+  __device__ __forceinline__ int at(int k, int index) const { return k_fastest ? index * ld + k : k * ld + index; }
+};
+
+template <typename Tile>
+__device__ __forceinline__ OperandLayout layout_of(bool k_fastest) {
+  return k_fastest ? OperandLayout{true, Tile::kLdK} : OperandLayout{false, Tile::kLdIdx};
+}
 
 template <typename T> struct IsHalfWidth { static constexpr bool value = false; };
 template <> struct IsHalfWidth<__half> { static constexpr bool value = true; };
@@ -121,19 +164,32 @@ struct TensorCoreTile {
     nvcuda::wmma::fill_fragment(acc[0], 0.0f);
     nvcuda::wmma::fill_fragment(acc[1], 0.0f);
   }
-  // acc += A * B over one kTileK = 16 step. A[row][k] is stored as a_tile[k][row]
-  // (column-major, leading dimension lda); B[k][col] as b_tile[k][col] (row-major).
-  // A warp whose 16 rows all lie at or past `active_rows` skips (its rows of A
-  // are zero): warp-uniform, so the collective calls stay whole-warp.
-  __device__ __forceinline__ void step(const T* a_tile, int lda, const T* b_tile, int ldb, int active_rows) {
+  // acc += A * B over the kStepK-deep step at reduction offset k0 of a stage.
+  // A[row][k] is the A slot's element (k, row), B[k][col] the B slot's
+  // (k, col); a k-fastest slot is a row-major A / column-major B for WMMA.
+  // A warp whose 16 rows all lie at or past `active_rows` skips (its rows of
+  // A are zero): warp-uniform, so the collective calls stay whole-warp.
+  __device__ __forceinline__ void step(const T* a_tile, OperandLayout la, const T* b_tile, OperandLayout lb, int k0,
+                                       int active_rows) {
     namespace wmma = nvcuda::wmma;
     if (row0() >= active_rows) return;
-    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, wmma::col_major> a;
-    wmma::load_matrix_sync(a, a_tile + row0(), lda);
+    if (la.k_fastest) {
+      if (lb.k_fastest) step_as<wmma::row_major, wmma::col_major>(a_tile, la, b_tile, lb, k0);
+      else step_as<wmma::row_major, wmma::row_major>(a_tile, la, b_tile, lb, k0);
+    } else {
+      if (lb.k_fastest) step_as<wmma::col_major, wmma::col_major>(a_tile, la, b_tile, lb, k0);
+      else step_as<wmma::col_major, wmma::row_major>(a_tile, la, b_tile, lb, k0);
+    }
+  }
+  template <typename LA, typename LB>
+  __device__ __forceinline__ void step_as(const T* a_tile, OperandLayout la, const T* b_tile, OperandLayout lb, int k0) {
+    namespace wmma = nvcuda::wmma;
+    wmma::fragment<wmma::matrix_a, 16, 16, 16, T, LA> a;
+    wmma::load_matrix_sync(a, a_tile + la.at(k0, row0()), la.ld);
 #pragma unroll
     for (int f = 0; f < 2; ++f) {
-      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, wmma::row_major> b;
-      wmma::load_matrix_sync(b, b_tile + col0() + 16 * f, ldb);
+      wmma::fragment<wmma::matrix_b, 16, 16, 16, T, LB> b;
+      wmma::load_matrix_sync(b, b_tile + lb.at(k0, col0() + 16 * f), lb.ld);
       wmma::mma_sync(acc[f], a, b, acc[f]);
     }
   }
@@ -147,16 +203,24 @@ struct TensorCoreTile {
   }
 #else
   __device__ void zero() { __trap(); }
-  __device__ void step(const T*, int, const T*, int, int) { __trap(); }
+  __device__ void step(const T*, OperandLayout, const T*, OperandLayout, int, int) { __trap(); }
   __device__ void store(float*, int) const { __trap(); }
 #endif
 };
 
 #if defined(RN_CUDA_EMULATION)
 // Emulation builds count the GEMM work done, in units of one 16-row slice of a
-// block tile times one kTileK step, so tests can check that the work follows
+// block tile times one kStepK step, so tests can check that the work follows
 // the active channels (tests/csrc/test_slim_conv2d_emulated.py).
 inline std::atomic<long long> emu_gemm_work{0};
+#endif
+
+// Test hook: emulation tests build the core with RN_CONV_CORE_TEST_WAIT_SLACK=1
+// to let one more cp.async group be in flight than the pipeline allows, and
+// check that the emulation then gives wrong results
+// (tests/csrc/test_slim_conv2d_emulated.py). Always 0 in real builds.
+#ifndef RN_CONV_CORE_TEST_WAIT_SLACK
+#define RN_CONV_CORE_TEST_WAIT_SLACK 0
 #endif
 
 // ------------------------------------------------ per-thread micro-tile helpers
@@ -171,17 +235,18 @@ __device__ __forceinline__ void zero_micro(acc_t (&m)[kMicro][kMicro]) {
 }
 
 // The SIMT step over the first kRows micro-rows only (the others are past the
-// sample's row bound and stay zero): straight-line code per row count.
-template <int kRows, typename elem_t, int kLdA, int kLdB, typename acc_t>
-__device__ __forceinline__ void simt_step(const elem_t (&a_tile)[kTileK][kLdA], const elem_t (&b_tile)[kTileK][kLdB],
-                                          acc_t (&acc)[kMicro][kMicro], int tx, int ty) {
+// sample's row bound and stay zero): straight-line code per row count. The
+// tiles are [k][index] with leading dimension kLd, already offset to the step.
+template <int kRows, int kLd, typename elem_t, typename acc_t>
+__device__ __forceinline__ void simt_step(const elem_t* a_tile, const elem_t* b_tile, acc_t (&acc)[kMicro][kMicro],
+                                          int tx, int ty) {
 #pragma unroll
-  for (int k = 0; k < kTileK; ++k) {
+  for (int k = 0; k < kStepK; ++k) {
     acc_t av[kRows], bv[kMicro];
 #pragma unroll
-    for (int i = 0; i < kRows; ++i) av[i] = a_tile[k][ty + kSide * i];
+    for (int i = 0; i < kRows; ++i) av[i] = a_tile[k * kLd + ty + kSide * i];
 #pragma unroll
-    for (int j = 0; j < kMicro; ++j) bv[j] = b_tile[k][tx + kSide * j];
+    for (int j = 0; j < kMicro; ++j) bv[j] = b_tile[k * kLd + tx + kSide * j];
 #pragma unroll
     for (int i = 0; i < kRows; ++i)
 #pragma unroll
@@ -189,33 +254,43 @@ __device__ __forceinline__ void simt_step(const elem_t (&a_tile)[kTileK][kLdA], 
   }
 }
 
-// One kTileK reduction step of the block GEMM, C[row][col] += sum_k A[k][row] B[k][col],
-// from the shared operand tiles: on tensor cores into `tc`, otherwise as
-// outer products into the thread's micro-tile `acc`. Only the first
-// `active_rows` rows of the tile (block-uniform, >= 1) need products; 16-row
-// slices wholly past them are skipped.
-template <bool kTensorCores, typename scalar_t, typename elem_t, int kLdA, int kLdB, typename acc_t>
-__device__ __forceinline__ void gemm_step(TensorCoreTile<scalar_t>& tc, const elem_t (&a_tile)[kTileK][kLdA],
-                                          const elem_t (&b_tile)[kTileK][kLdB], acc_t (&acc)[kMicro][kMicro],
-                                          int tx, int ty, int active_rows) {
+// The GEMM steps of one pipeline stage, C[row][col] += sum_k A[k][row] B[k][col]
+// over the stage's first `depth` reduction elements (block-uniform; a step
+// wholly past them is skipped, so the work follows the reduction at kStepK
+// granularity): on tensor cores into `tc`, otherwise as outer products into
+// the thread's micro-tile `acc`. Only the first `active_rows` rows of the
+// tile (block-uniform, >= 1) need products; 16-row slices wholly past them
+// are skipped.
+template <bool kTensorCores, typename Tile, typename scalar_t, typename elem_t, typename acc_t>
+__device__ __forceinline__ void gemm_stage(TensorCoreTile<scalar_t>& tc, const elem_t* a_tile, OperandLayout la,
+                                           const elem_t* b_tile, OperandLayout lb, acc_t (&acc)[kMicro][kMicro],
+                                           int tx, int ty, int active_rows, int depth) {
+  const int slices = int(min64(active_rows, kTileM) + kSide - 1) / kSide;
+#pragma unroll
+  for (int k0 = 0; k0 < Tile::kStageK; k0 += kStepK) {
+    if (k0 >= depth) break;
 #if defined(RN_CUDA_EMULATION)
-  if (threadIdx.x == 0) emu_gemm_work += (min64(active_rows, kTileM) + kSide - 1) / kSide;
+    if (threadIdx.x == 0) emu_gemm_work += slices;
 #endif
-  if constexpr (kTensorCores) {
-    tc.step(&a_tile[0][0], kLdA, &b_tile[0][0], kLdB, active_rows);
-  } else {
-    switch ((min64(active_rows, kTileM) + kSide - 1) / kSide) {
-      case 1: simt_step<1>(a_tile, b_tile, acc, tx, ty); break;
-      case 2: simt_step<2>(a_tile, b_tile, acc, tx, ty); break;
-      case 3: simt_step<3>(a_tile, b_tile, acc, tx, ty); break;
-      default: simt_step<4>(a_tile, b_tile, acc, tx, ty); break;
+    if constexpr (kTensorCores) {
+      tc.step(a_tile, la, b_tile, lb, k0, active_rows);
+    } else {  // SIMT slots are [k][index]
+      const elem_t* a = a_tile + k0 * Tile::kLdIdx;
+      const elem_t* b = b_tile + k0 * Tile::kLdIdx;
+      switch (slices) {
+        case 1: simt_step<1, Tile::kLdIdx>(a, b, acc, tx, ty); break;
+        case 2: simt_step<2, Tile::kLdIdx>(a, b, acc, tx, ty); break;
+        case 3: simt_step<3, Tile::kLdIdx>(a, b, acc, tx, ty); break;
+        default: simt_step<4, Tile::kLdIdx>(a, b, acc, tx, ty); break;
+      }
     }
   }
 }
 
-// After the last gemm_step: on tensor cores, moves the fragments to the SIMT
-// thread mapping in `acc` through the shared fp32 tile c_tile (kTileM rows,
-// leading dimension kLdC); a no-op on the SIMT path. Block-collective.
+// After the last gemm_stage (and a barrier: c_tile aliases the stage slots):
+// on tensor cores, moves the fragments to the SIMT thread mapping in `acc`
+// through the shared fp32 tile c_tile (kTileM rows, leading dimension kLdC);
+// a no-op on the SIMT path. Block-collective.
 template <bool kTensorCores, typename scalar_t, typename acc_t>
 __device__ __forceinline__ void gemm_result(const TensorCoreTile<scalar_t>& tc, float* c_tile,
                                             acc_t (&acc)[kMicro][kMicro], int tx, int ty) {
@@ -226,22 +301,89 @@ __device__ __forceinline__ void gemm_result(const TensorCoreTile<scalar_t>& tc, 
     for (int i = 0; i < kMicro; ++i)
 #pragma unroll
       for (int j = 0; j < kMicro; ++j) acc[i][j] = c_tile[(ty + kSide * i) * kLdC + tx + kSide * j];
-    __syncthreads();  // the caller's next sample / item rewrites c_tile
+    __syncthreads();  // the caller's next sample / item rewrites c_tile's memory
   }
 }
 
-// Load slot of element e (= tid + s * kThreads) of a kTileK x 64 operand tile:
-// its reduction step k and its index along the 64-wide side. k_fastest puts
-// consecutive e on consecutive k, otherwise on consecutive indices; callers
-// pick whichever is the unit-stride direction in global memory (coalescing).
-__device__ __forceinline__ void load_slot(int e, bool k_fastest, int& k, int& index) {
-  static_assert(kTileM == kTileN, "one slot mapping serves both operand tiles");
-  if (k_fastest) {
-    k = e % kTileK;
-    index = e / kTileK;
+// ------------------------------------------------ staging operand tiles
+// What an operand's element offset function returns for an element that is
+// not read from memory.
+constexpr int64_t kZero = -1;  // padding, off the stride grid, past a bound or the end
+constexpr int64_t kOne = -2;   // the ones column of the backward-params pass
+
+// Start (k, index) of run q (0 <= q < kThreads * kRuns) of kVec elements: the
+// runs go along k (along_k) or along the index, consecutive q on consecutive
+// runs, so consecutive threads read consecutive memory when `along_k` is the
+// source's unit-stride direction (coalescing).
+template <typename Tile>
+__device__ __forceinline__ void run_start(int q, bool along_k, int& k, int& index) {
+  if (along_k) {
+    constexpr int per_index = Tile::kStageK / Tile::kVec;
+    k = (q % per_index) * Tile::kVec;
+    index = q / per_index;
   } else {
-    index = e % kTileN;
-    k = e / kTileN;
+    constexpr int per_k = kTileM / Tile::kVec;
+    index = (q % per_k) * Tile::kVec;
+    k = q / per_k;
+  }
+}
+
+template <typename T>
+__device__ __forceinline__ const T* align_down(const T* p, int bytes) {
+  return reinterpret_cast<const T*>(reinterpret_cast<uintptr_t>(p) / bytes * bytes);
+}
+
+// One element into shared memory: by a cp.async of its 4 or 8 bytes
+// (zero-filled where it is not read) when the tile keeps the input type,
+// else by a load, conversion and store.
+template <typename Tile, typename scalar_t>
+__device__ __forceinline__ void stage_element(typename Tile::elem_t* dst, const scalar_t* src, int64_t off) {
+  using acc_t = typename Tile::acc_t;
+  if constexpr (Tile::kCopy && sizeof(scalar_t) >= 4) {
+    if (off != kOne) {
+      // Zero-fill reads nothing; its source is any aligned address in the tensor's allocation.
+      cp_async<int(sizeof(scalar_t))>(dst, off >= 0 ? src + off : align_down(src, sizeof(scalar_t)), off < 0);
+      return;
+    }
+  }
+  store_as(dst, off >= 0 ? to_acc(src[off]) : acc_t(off == kOne ? 1 : 0));
+}
+
+// Issues this thread's share of one operand's stage: kLoads elements, as
+// kRuns runs of kVec elements along the source's unit-stride direction
+// (`src_along_k`). `offset(k, index)` is an element's offset in `src` or
+// kZero / kOne. A run that is contiguous in the source and in the slot
+// (same fastest direction) and 16-byte aligned is one 16-byte cp.async, a
+// run of zeros one zero-filling cp.async; any other run goes element by element.
+template <typename Tile, typename scalar_t, typename Offset>
+__device__ __forceinline__ void stage_operand(typename Tile::elem_t* slot, OperandLayout layout, const scalar_t* src,
+                                              bool src_along_k, int tid, const Offset& offset) {
+  constexpr int V = Tile::kVec;
+#pragma unroll
+  for (int q = 0; q < Tile::kRuns; ++q) {
+    int k, index;
+    run_start<Tile>(tid + q * kThreads, src_along_k, k, index);
+    const int dk = src_along_k ? 1 : 0, di = 1 - dk;
+    int64_t off[V];
+#pragma unroll
+    for (int v = 0; v < V; ++v) off[v] = offset(k + v * dk, index + v * di);
+    if constexpr (V > 1) {
+      if (src_along_k == layout.k_fastest) {
+        bool zeros = true, contiguous = off[0] >= 0;
+#pragma unroll
+        for (int v = 0; v < V; ++v) {
+          zeros = zeros && off[v] == kZero;
+          contiguous = contiguous && off[v] == off[0] + v;
+        }
+        contiguous = contiguous && reinterpret_cast<uintptr_t>(src + off[0]) % 16 == 0;
+        if (zeros || contiguous) {
+          cp_async<16>(slot + layout.at(k, index), zeros ? align_down(src, 16) : src + off[0], zeros);
+          continue;
+        }
+      }
+    }
+#pragma unroll
+    for (int v = 0; v < V; ++v) stage_element<Tile>(slot + layout.at(k + v * dk, index + v * di), src, off[v]);
   }
 }
 
@@ -324,18 +466,39 @@ struct ConvGemmArgs {
 //                    convolution, stride handled by divisibility.
 // Rows past the sample's bound are written as zeros.
 // blockIdx.x: pixel tile (columns), blockIdx.y: channel tile (rows).
+//
+// The mainloop is a kStages-deep pipeline with one barrier per stage. At
+// iteration s, after waiting for its own copies of stage s and the barrier
+// (everyone's copies of stage s have landed; everyone is done with stage
+// s - 1's slots), each thread
+//   1. issues stage s + kStages - 1 into the slots stage s - 1 used: the
+//      activation by cp.async (one commit group per stage, empty past the
+//      end), the kernel tile's global reads into registers;
+//   2. decodes the reduction indices of stage s + kStages (threads < kStageK);
+//   3. runs the GEMM steps of stage s;
+//   4. forms the kernel tile from its registers and stores it to the slot.
+// The kernel tile is not copied: the policy forms it (hyper: c_n * W + B, two
+// loads and an FMA per element; slim: a gather over the sample's active
+// channels), so its loads are register-staged instead -- issued before the
+// GEMM of stage s, consumed after it, so their latency hides behind the
+// tensor-core work just as the copies' does -- and stored into the slot at
+// least one barrier before stage s + kStages - 1 is consumed.
 template <typename Policy, bool kBackwardInput, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(ConvGemmArgs<Policy> a) {
   using scalar_t = typename Policy::scalar_t;
   using acc_t = typename AccType<scalar_t>::type;
   using Tile = TileFormat<scalar_t, kTensorCores>;
   using elem_t = typename Tile::elem_t;
-  __shared__ __align__(32) elem_t k_tile[kTileK][Tile::kLdA];    // the sample's kernel, [r][row channel]
-  __shared__ __align__(32) elem_t src_tile[kTileK][Tile::kLdB];  // gathered activation, [r][pixel]
-  __shared__ __align__(32) float c_tile[kTensorCores ? kTileM : 1][kLdC];  // tensor-core result
-  // The step's reduction indices decoded once per block: channel (-1 past the
-  // end), tap, ky, kx. Double-buffered: step s+1 is decoded while step s loads.
-  __shared__ int r_chan[2][kTileK], r_tap[2][kTileK], r_ky[2][kTileK], r_kx[2][kTileK];
+  using WeightRaw = typename Policy::WeightRaw;
+  constexpr int kStageK = Tile::kStageK, kStages = Tile::kStages;
+  // kStages slots of the kernel tile (A), then kStages of the activation (B);
+  // the tensor-core result tile reuses the memory after the mainloop.
+  __shared__ __align__(128) unsigned char smem[Tile::kSmemBytes];
+  // The stages' reduction indices, decoded once per block: channel (-1 past
+  // the end), tap, ky, kx; one slot per stage in flight.
+  __shared__ int r_chan[kStages][kStageK], r_tap[kStages][kStageK], r_ky[kStages][kStageK], r_kx[kStages][kStageK];
+  // The tile's output pixels (y = -1 past the end).
+  __shared__ int col_y[kTileN], col_x[kTileN];
 
   const Geometry& g = a.g;
   const int tid = threadIdx.x;
@@ -346,22 +509,18 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(ConvGemmArgs<Policy
   const int taps = g.kh * g.kw;
   const int row0 = blockIdx.y * kTileM;
   const int64_t pix0 = int64_t(blockIdx.x) * kTileN;
-
-  // Which tile elements this thread loads; fixed for the whole kernel.
-  // Kernel tile: consecutive threads take consecutive r (k fastest).
-  int k_load_r[kLoads], k_load_row[kLoads];
-  // Activation tile: consecutive threads take the unit-stride direction of
-  // the source (pixels for NCHW, channels = r for channels_last).
-  int src_load_r[kLoads], src_load_col[kLoads], src_load_y[kLoads], src_load_x[kLoads];
-#pragma unroll
-  for (int s = 0; s < kLoads; ++s) {
-    const int e = tid + s * kThreads;
-    load_slot(e, true, k_load_r[s], k_load_row[s]);
-    load_slot(e, a.src_channels_last, src_load_r[s], src_load_col[s]);
-    // Output-pixel coordinates of the column; y = -1 marks a column past the end.
-    const int64_t p = pix0 + src_load_col[s];
-    src_load_y[s] = p < pixels ? int(p / dst_w) : -1;
-    src_load_x[s] = p < pixels ? int(p - int64_t(src_load_y[s]) * dst_w) : 0;
+  elem_t* const slots = reinterpret_cast<elem_t*>(smem);
+  auto k_slot = [&](int stage) { return slots + (stage % kStages) * Tile::kSlot; };
+  auto src_slot = [&](int stage) { return slots + (kStages + stage % kStages) * Tile::kSlot; };
+  // Tensor cores: the kernel tile k-fastest (its loads run along r), the
+  // activation with its source's unit-stride direction fastest (r for
+  // channels_last, pixels for NCHW). SIMT: both [k][index].
+  const OperandLayout k_layout = layout_of<Tile>(kTensorCores);
+  const OperandLayout src_layout = layout_of<Tile>(kTensorCores && a.src_channels_last);
+  if (tid < kTileN) {  // read after the first barrier of a sample's mainloop
+    const int64_t p = pix0 + tid;
+    col_y[tid] = p < pixels ? int(p / dst_w) : -1;
+    col_x[tid] = p < pixels ? int(p - (p / dst_w) * dst_w) : 0;
   }
 
   TensorCoreTile<scalar_t> tc;
@@ -373,70 +532,104 @@ __global__ void __launch_bounds__(kThreads) conv_gemm_kernel(ConvGemmArgs<Policy
     // Block-uniform: a tile wholly past the row bound runs no GEMM.
     const int active_rows = bounds.rows - row0;
     const int reduction = active_rows > 0 ? order.size() : 0;
+    const int steps = int(ceil_div(reduction, kStageK));
 
-    auto decode_step = [&](int r0, int buf) {  // called by threads tid < kTileK
-      const int r = r0 + tid;
+    auto decode = [&](int stage) {  // threads tid < kStageK
+      const int r = stage * kStageK + tid, slot = stage % kStages;
       int c = -1, tap = 0;
       if (r < reduction) order.decode(r, c, tap);
-      r_chan[buf][tid] = c;
-      r_tap[buf][tid] = tap;
-      r_ky[buf][tid] = tap / g.kw;
-      r_kx[buf][tid] = tap - (tap / g.kw) * g.kw;
+      r_chan[slot][tid] = c;
+      r_tap[slot][tid] = tap;
+      r_ky[slot][tid] = tap / g.kw;
+      r_kx[slot][tid] = tap - (tap / g.kw) * g.kw;
+    };
+    // Gathered activation, zero in the padding (and, backward, off the stride grid).
+    auto src_offset = [&](int slot, int k, int col) -> int64_t {
+      const int c = r_chan[slot][k], py = col_y[col];
+      if (c < 0 || py < 0) return kZero;
+      const int px = col_x[col], ky = r_ky[slot][k], kx = r_kx[slot][k];
+      if (!kBackwardInput) {
+        const int iy = py * g.stride - g.padding + ky;
+        const int ix = px * g.stride - g.padding + kx;
+        if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) return offset4(a.src_st, n, c, iy, ix);
+      } else {
+        // Input pixel (py, px) received tap (ky, kx) from output pixel (oy, ox)
+        // iff oy * stride - pad + ky == py, i.e. oy * stride == py + pad - ky.
+        const int oy_s = py + g.padding - ky, ox_s = px + g.padding - kx;  // oy * stride, ox * stride
+        if (oy_s >= 0 && ox_s >= 0) {
+          const int oy = oy_s / g.stride, ox = ox_s / g.stride;
+          if (oy * g.stride == oy_s && ox * g.stride == ox_s && oy < g.h_out && ox < g.w_out)
+            return offset4(a.src_st, n, c, oy, ox);
+        }
+      }
+      return kZero;
+    };
+    // The kernel tile's reads for one stage, into registers: element
+    // e = tid + s * kThreads is (k = e % kStageK, row = e / kStageK), so
+    // consecutive threads read consecutive r.
+    WeightRaw w_raw[Tile::kLoads];
+    bool w_live[Tile::kLoads];
+    auto load_weights = [&](int stage) {
+      const int slot = stage % kStages;
+#pragma unroll
+      for (int s = 0; s < Tile::kLoads; ++s) {
+        const int e = tid + s * kThreads, k = e % kStageK, row = row0 + e / kStageK;
+        const int c = r_chan[slot][k];
+        w_live[s] = c >= 0 && row < bounds.rows;
+        w_raw[s] = WeightRaw{};
+        if (w_live[s]) {
+          const int64_t wi = kBackwardInput ? weight_index(g, c, row, r_tap[slot][k]) : weight_index(g, row, c, r_tap[slot][k]);
+          w_raw[s] = Policy::load_weight(a.op, wi);
+        }
+      }
+    };
+    auto store_weights = [&](int stage) {
+      elem_t* slot = k_slot(stage);
+#pragma unroll
+      for (int s = 0; s < Tile::kLoads; ++s) {
+        const int e = tid + s * kThreads;
+        store_as(slot + k_layout.at(e % kStageK, e / kStageK),
+                 w_live[s] ? Policy::form_weight(sample, w_raw[s]) : acc_t(0));
+      }
+    };
+    // Starts stage `stage` (block-uniform): the activation's copies (one
+    // group, empty past the last stage) and the kernel tile's reads.
+    auto issue = [&](int stage) {
+      if (stage < steps) {
+        const int slot = stage % kStages;
+        stage_operand<Tile>(src_slot(stage), src_layout, a.src, a.src_channels_last, tid,
+                            [&](int k, int col) { return src_offset(slot, k, col); });
+        load_weights(stage);
+      }
+      cp_async_commit();
     };
 
     acc_t acc[kMicro][kMicro];
     zero_micro(acc);
-    if (reduction > 0) {
+    if (steps > 0) {
       if constexpr (kTensorCores) tc.zero();
-      if (tid < kTileK) decode_step(0, 0);
-      __syncthreads();
-      int buf = 0;
-      for (int r0 = 0; r0 < reduction; r0 += kTileK, buf ^= 1) {
-        // The sample's kernel tile, formed by the policy in acc_t as it is loaded.
-#pragma unroll
-        for (int s = 0; s < kLoads; ++s) {
-          const int k = k_load_r[s], row = row0 + k_load_row[s];
-          const int c = r_chan[buf][k];
-          acc_t v = acc_t(0);
-          if (c >= 0 && row < bounds.rows) {
-            const int64_t wi = kBackwardInput ? weight_index(g, c, row, r_tap[buf][k])
-                                              : weight_index(g, row, c, r_tap[buf][k]);
-            v = Policy::weight(a.op, sample, wi);
-          }
-          store_as(&k_tile[k][k_load_row[s]], v);
-        }
-        // Gathered activation, zero in the padding (and, backward, off the stride grid).
-#pragma unroll
-        for (int s = 0; s < kLoads; ++s) {
-          const int k = src_load_r[s];
-          const int c = r_chan[buf][k];
-          const int py = src_load_y[s], px = src_load_x[s];
-          acc_t v = acc_t(0);
-          if (c >= 0 && py >= 0) {
-            const int ky = r_ky[buf][k], kx = r_kx[buf][k];
-            if (!kBackwardInput) {
-              const int iy = py * g.stride - g.padding + ky;
-              const int ix = px * g.stride - g.padding + kx;
-              if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = to_acc(a.src[offset4(a.src_st, n, c, iy, ix)]);
-            } else {
-              // Input pixel (py, px) received tap (ky, kx) from output pixel (oy, ox)
-              // iff oy * stride - pad + ky == py, i.e. oy * stride == py + pad - ky.
-              const int oy_s = py + g.padding - ky, ox_s = px + g.padding - kx;  // oy * stride, ox * stride
-              if (oy_s >= 0 && ox_s >= 0) {
-                const int oy = oy_s / g.stride, ox = ox_s / g.stride;
-                if (oy * g.stride == oy_s && ox * g.stride == ox_s && oy < g.h_out && ox < g.w_out)
-                  v = to_acc(a.src[offset4(a.src_st, n, c, oy, ox)]);
-              }
-            }
-          }
-          store_as(&src_tile[k][src_load_col[s]], v);
-        }
-        if (tid < kTileK) decode_step(r0 + kTileK, buf ^ 1);
-        __syncthreads();
-        gemm_step<kTensorCores>(tc, k_tile, src_tile, acc, tx, ty, active_rows);
-        __syncthreads();
+      // Prologue: indices of the first kStages stages, then kStages - 1 stages in flight.
+      if (tid < kStageK) {
+        for (int t = 0; t < kStages; ++t) decode(t);
       }
-      gemm_result<kTensorCores>(tc, &c_tile[0][0], acc, tx, ty);
+      __syncthreads();
+      for (int t = 0; t < kStages - 1; ++t) {
+        issue(t);
+        if (t < steps) store_weights(t);
+      }
+      for (int s = 0; s < steps; ++s) {
+        cp_async_wait<kStages - 2 + RN_CONV_CORE_TEST_WAIT_SLACK>();  // this thread's copies of stage s
+        __syncthreads();
+        const int next = s + kStages - 1;
+        issue(next);
+        if (tid < kStageK) decode(s + kStages);  // into stage s's index slot, read last by issue(s)
+        gemm_stage<kTensorCores, Tile>(tc, k_slot(s), k_layout, src_slot(s), src_layout, acc, tx, ty, active_rows,
+                                       reduction - s * kStageK);
+        if (next < steps) store_weights(next);
+      }
+      cp_async_wait<0>();  // only empty groups are left
+      __syncthreads();     // every GEMM step is done before the slots are reused
+      gemm_result<kTensorCores>(tc, reinterpret_cast<float*>(smem), acc, tx, ty);
     }
 
     // Epilogue: add the policy's bias (forward) and store in the output's
@@ -490,17 +683,22 @@ struct ParamGradArgs {
   int64_t items;           // batch * chunks
 };
 
+// The mainloop over a chunk's pixels is conv_gemm_kernel's pipeline with both
+// operands copied (dy and x are plain gathers; the ones column is stored).
 template <typename Policy, bool kTensorCores>
 __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<Policy> a) {
   using scalar_t = typename Policy::scalar_t;
   using acc_t = typename AccType<scalar_t>::type;
   using Tile = TileFormat<scalar_t, kTensorCores>;
   using elem_t = typename Tile::elem_t;
-  __shared__ __align__(32) elem_t dy_tile[kTileK][Tile::kLdA];  // [pixel][co]
-  __shared__ __align__(32) elem_t x_tile[kTileK][Tile::kLdB];   // [pixel][column]
-  __shared__ __align__(32) float c_tile[kTensorCores ? kTileM : 1][kLdC];  // tensor-core result
-  // The step's pixels decoded once per block (row -1 past the chunk), double-buffered.
-  __shared__ int pix_y[2][kTileK], pix_x[2][kTileK];
+  constexpr int kStageK = Tile::kStageK, kStages = Tile::kStages;
+  // kStages slots of dy ([pixel][co]), then kStages of x ([pixel][column]);
+  // the tensor-core result tile reuses the memory after the mainloop.
+  __shared__ __align__(128) unsigned char smem[Tile::kSmemBytes];
+  // The stages' pixels decoded once per block (y = -1 past the chunk), one slot per stage in flight.
+  __shared__ int pix_y[kStages][kStageK], pix_x[kStages][kStageK];
+  // The tile's x columns: channel, ky, kx and kind (0: past the end, zero; 1: an input tap; 2: the ones column).
+  __shared__ int col_ci[kTileN], col_ky[kTileN], col_kx[kTileN], col_kind[kTileN];
   __shared__ acc_t partial[kThreads];  // for block-collective epilogue sums
 
   const Geometry& g = a.g;
@@ -514,20 +712,18 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<Poli
   const int64_t tile = int64_t(blockIdx.y) * gridDim.x + blockIdx.x;
   const int col_end = int(min64(int64_t(col0) + kTileN, reduction));  // (ci, tap) columns of this tile
   const bool has_bias_column = a.bias_column && col0 <= reduction && reduction < col0 + kTileN;
-
-  // Which tile elements this thread loads; consecutive threads take the
-  // unit-stride direction of the source tensor.
-  int dy_load_k[kLoads], dy_load_row[kLoads];
-  int x_load_k[kLoads], x_load_col[kLoads];
-  // The x column's (ci, ky, kx), fixed per load slot; kind 0: past the end
-  // (zero), 1: an input tap, 2: the ones column.
-  int x_ci[kLoads], x_ky[kLoads], x_kx[kLoads], x_kind[kLoads];
-#pragma unroll
-  for (int s = 0; s < kLoads; ++s) {
-    const int e = tid + s * kThreads;
-    load_slot(e, !a.dy_channels_last, dy_load_k[s], dy_load_row[s]);
-    load_slot(e, !a.order.channel_minor, x_load_k[s], x_load_col[s]);
-    const int col = col0 + x_load_col[s];
+  elem_t* const slots = reinterpret_cast<elem_t*>(smem);
+  auto dy_slot = [&](int stage) { return slots + (stage % kStages) * Tile::kSlot; };
+  auto x_slot = [&](int stage) { return slots + (kStages + stage % kStages) * Tile::kSlot; };
+  // The unit-stride direction of each source: NCHW dy runs along the pixels
+  // (k), channels_last dy along co; channel-minor x columns run along the
+  // columns, channel-major (NCHW) x along the pixels. Tensor cores store each
+  // tile with that direction fastest; SIMT tiles are [k][index].
+  const bool dy_along_k = !a.dy_channels_last, x_along_k = !a.order.channel_minor;
+  const OperandLayout dy_layout = layout_of<Tile>(kTensorCores && dy_along_k);
+  const OperandLayout x_layout = layout_of<Tile>(kTensorCores && x_along_k);
+  if (tid < kTileN) {  // read after the first barrier of an item's mainloop
+    const int col = col0 + tid;
     int ci = 0, tap = 0, kind = 0;
     if (col < reduction) {
       a.order.decode(col, ci, tap);
@@ -535,10 +731,10 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<Poli
     } else if (col == reduction && a.bias_column) {
       kind = 2;
     }
-    x_ci[s] = ci;
-    x_ky[s] = tap / g.kw;
-    x_kx[s] = tap - (tap / g.kw) * g.kw;
-    x_kind[s] = kind;
+    col_ci[tid] = ci;
+    col_ky[tid] = tap / g.kw;
+    col_kx[tid] = tap - (tap / g.kw) * g.kw;
+    col_kind[tid] = kind;
   }
 
   typename Policy::ParamEpilogue epilogue(a.op, g, a.order, a.bias_column, co0, col0, tx, ty);
@@ -547,58 +743,65 @@ __global__ void __launch_bounds__(kThreads) param_grad_kernel(ParamGradArgs<Poli
   for (int64_t item = blockIdx.z; item < a.items; item += gridDim.z) {
     const int64_t n = item / a.chunks;
     const int64_t p_begin = (item - n * a.chunks) * kChunk;
-    const int64_t p_end = min64(pixels, p_begin + kChunk);
+    const int p_count = int(min64(pixels, p_begin + kChunk) - p_begin);
     const typename Policy::Sample sample = Policy::sample(a.op, g, n);
     const Bounds bounds = Policy::param_bounds(sample, g);
     // Block-uniform: does this tile hold any (co, col) the sample uses?
     const int active_rows = bounds.rows - co0;
     const bool live = active_rows > 0 && (has_bias_column || a.order.any_channel_below(col0, col_end, bounds.channels));
+    const int steps = live ? int(ceil_div(p_count, kStageK)) : 0;
 
-    auto decode_step = [&](int64_t p0, int b) {  // called by threads tid < kTileK
-      const int64_t p = p0 + tid;
-      const int py = p < p_end ? int(p / g.w_out) : -1;
-      pix_y[b][tid] = py;
-      pix_x[b][tid] = p < p_end ? int(p - int64_t(py) * g.w_out) : 0;
+    auto decode = [&](int stage) {  // threads tid < kStageK
+      const int i = stage * kStageK + tid, slot = stage % kStages;
+      const int64_t p = p_begin + i;
+      const int py = i < p_count ? int(p / g.w_out) : -1;
+      pix_y[slot][tid] = py;
+      pix_x[slot][tid] = i < p_count ? int(p - int64_t(py) * g.w_out) : 0;
+    };
+    auto dy_offset = [&](int slot, int k, int index) -> int64_t {
+      const int py = pix_y[slot][k], co = co0 + index;
+      return py >= 0 && co < bounds.rows ? offset4(a.dy_st, n, co, py, pix_x[slot][k]) : kZero;
+    };
+    auto x_offset = [&](int slot, int k, int index) -> int64_t {
+      const int py = pix_y[slot][k], kind = col_kind[index];
+      if (py < 0 || kind == 0) return kZero;
+      if (kind == 2) return kOne;
+      if (col_ci[index] >= bounds.channels) return kZero;
+      const int iy = py * g.stride - g.padding + col_ky[index];
+      const int ix = pix_x[slot][k] * g.stride - g.padding + col_kx[index];
+      return iy >= 0 && iy < g.h && ix >= 0 && ix < g.w ? offset4(a.x_st, n, col_ci[index], iy, ix) : kZero;
+    };
+    auto issue = [&](int stage) {  // block-uniform; one commit group per stage, empty past the last
+      if (stage < steps) {
+        const int slot = stage % kStages;
+        stage_operand<Tile>(dy_slot(stage), dy_layout, a.dy, dy_along_k, tid,
+                            [&](int k, int index) { return dy_offset(slot, k, index); });
+        stage_operand<Tile>(x_slot(stage), x_layout, a.x, x_along_k, tid,
+                            [&](int k, int index) { return x_offset(slot, k, index); });
+      }
+      cp_async_commit();
     };
 
     acc_t grad[kMicro][kMicro];
     zero_micro(grad);
-    if (live) {
+    if (steps > 0) {
       if constexpr (kTensorCores) tc.zero();
-      if (tid < kTileK) decode_step(p_begin, 0);
-      __syncthreads();
-      int buf = 0;
-      for (int64_t p0 = p_begin; p0 < p_end; p0 += kTileK, buf ^= 1) {
-#pragma unroll
-        for (int s = 0; s < kLoads; ++s) {
-          const int k = dy_load_k[s], co = co0 + dy_load_row[s];
-          const int py = pix_y[buf][k];
-          acc_t v = acc_t(0);
-          if (py >= 0 && co < bounds.rows) v = to_acc(a.dy[offset4(a.dy_st, n, co, py, pix_x[buf][k])]);
-          store_as(&dy_tile[k][dy_load_row[s]], v);
-        }
-#pragma unroll
-        for (int s = 0; s < kLoads; ++s) {
-          const int k = x_load_k[s];
-          const int py = pix_y[buf][k];
-          acc_t v = acc_t(0);
-          if (py >= 0) {
-            if (x_kind[s] == 2) {
-              v = acc_t(1);
-            } else if (x_kind[s] == 1 && x_ci[s] < bounds.channels) {
-              const int iy = py * g.stride - g.padding + x_ky[s];
-              const int ix = pix_x[buf][k] * g.stride - g.padding + x_kx[s];
-              if (iy >= 0 && iy < g.h && ix >= 0 && ix < g.w) v = to_acc(a.x[offset4(a.x_st, n, x_ci[s], iy, ix)]);
-            }
-          }
-          store_as(&x_tile[k][x_load_col[s]], v);
-        }
-        if (tid < kTileK) decode_step(p0 + kTileK, buf ^ 1);
-        __syncthreads();
-        gemm_step<kTensorCores>(tc, dy_tile, x_tile, grad, tx, ty, active_rows);
-        __syncthreads();
+      if (tid < kStageK) {
+        for (int t = 0; t < kStages; ++t) decode(t);
       }
-      gemm_result<kTensorCores>(tc, &c_tile[0][0], grad, tx, ty);
+      __syncthreads();
+      for (int t = 0; t < kStages - 1; ++t) issue(t);
+      for (int s = 0; s < steps; ++s) {
+        cp_async_wait<kStages - 2 + RN_CONV_CORE_TEST_WAIT_SLACK>();
+        __syncthreads();
+        issue(s + kStages - 1);
+        if (tid < kStageK) decode(s + kStages);
+        gemm_stage<kTensorCores, Tile>(tc, dy_slot(s), dy_layout, x_slot(s), x_layout, grad, tx, ty, active_rows,
+                                       p_count - s * kStageK);
+      }
+      cp_async_wait<0>();
+      __syncthreads();
+      gemm_result<kTensorCores>(tc, reinterpret_cast<float*>(smem), grad, tx, ty);
     }
     // Block-uniform call (the epilogue may reduce over the block).
     epilogue.fold(a.op, sample, grad, item, tiles, tile, partial, tid);

@@ -47,9 +47,16 @@ struct HyperPolicy {
   __device__ __forceinline__ static Bounds param_bounds(const Sample&, const Geometry& g) {
     return Bounds{g.c_out, g.c_in};
   }
-  // K_n at W index wi, formed in acc_t.
-  __device__ __forceinline__ static acc_t weight(const Params& p, const Sample& s, int64_t wi) {
-    return s.c * to_acc(p.weight[wi]) + to_acc(p.weight_base[wi]);
+  // K_n at W index wi, formed in acc_t from W and B: the reads are issued a
+  // pipeline stage before the FMA (conv_core's register-staged kernel tile).
+  struct WeightRaw {
+    scalar_t w, b;
+  };
+  __device__ __forceinline__ static WeightRaw load_weight(const Params& p, int64_t wi) {
+    return WeightRaw{p.weight[wi], p.weight_base[wi]};
+  }
+  __device__ __forceinline__ static acc_t form_weight(const Sample& s, const WeightRaw& raw) {
+    return s.c * to_acc(raw.w) + to_acc(raw.b);
   }
   __device__ __forceinline__ static acc_t bias(const Params& p, const Sample& s, int row) {
     acc_t b = acc_t(0);

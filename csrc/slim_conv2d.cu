@@ -53,9 +53,9 @@ struct SlimPolicy {
     return Bounds{s.k_out, s.k_in};
   }
   // Called inside the bounds only: the slice is the full weight's prefix, read in place.
-  __device__ __forceinline__ static acc_t weight(const Params& p, const Sample&, int64_t wi) {
-    return to_acc(p.weight[wi]);
-  }
+  using WeightRaw = scalar_t;
+  __device__ __forceinline__ static WeightRaw load_weight(const Params& p, int64_t wi) { return p.weight[wi]; }
+  __device__ __forceinline__ static acc_t form_weight(const Sample&, const WeightRaw& raw) { return to_acc(raw); }
   __device__ __forceinline__ static acc_t bias(const Params& p, const Sample&, int row) {
     return p.bias != nullptr ? to_acc(p.bias[row]) : acc_t(0);
   }

@@ -10,6 +10,8 @@ launchers give it few, big tiles).
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import os
 
 import torch
@@ -42,6 +44,27 @@ def gpu_launch_config():
 def launch_options(num_warps: int = 4) -> dict:
     """Extra launch arguments: ``num_warps`` on a GPU; the interpreter takes none."""
     return {} if interpreting() else dict(num_warps=num_warps)
+
+
+@functools.cache
+def interpreter_takes_scalar_bounds() -> None:
+    """Let Triton 3.6's interpreter run ``range`` over a runtime scalar with NumPy >= 2.4.
+
+    That interpreter holds every scalar as a 1-element array and gives tensors
+    ``__index__ = int(array)``, which NumPy 2.4 refuses for a 1-D array (Triton
+    3.8 squeezes the array first). This wraps its tensor patching to use 3.8's
+    definition; nothing changes where the interpreter squeezes already."""
+    from triton.runtime import interpreter
+
+    patch_tensor = interpreter._patch_lang_tensor
+    if "squeeze" in inspect.getsource(patch_tensor):
+        return
+
+    def patched(tensor, scope):
+        patch_tensor(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(self.handle.data.squeeze()))
+
+    interpreter._patch_lang_tensor = patched
 
 
 def compute_dtypes(dtype: torch.dtype):

@@ -14,36 +14,67 @@ Three ``@triton.jit`` building blocks, inlined into each op's kernels:
 
 * ``conv_fwd_tile``    acc[p, co]  = sum_{ci < ci_end, r, s} x[n, ci, p*stride + (r,s) - pad] K[co, ci, r, s]
 * ``conv_dgrad_tile``  acc[q, ci]  = sum_{co < co_end, r, s} dy[n, co, (q + pad - (r,s)) / stride] K[co, ci, r, s]
-* ``conv_wgrad_tile``  g[co, ci] = sum_p dy[n, co, p] x[n, ci, p*stride + (r,s) - pad] over one
-  (co, ci, tap) tile and a strided share of the pixel blocks; plus db[co] = sum_p dy[n, co, p].
+* ``conv_wgrad_tile``  g[(tap, ci), co] = sum_p x[n, ci, p*stride + tap - pad] dy[n, co, p] over
+  the pixel blocks of one program's share, plus db[co] = sum_p dy[n, co, p].
 
-Plus the host-side helpers both launchers use (tile sizes, numerics, layouts).
-Tensors are addressed through their strides (NCHW and channels_last run
-without a copy); offsets that scale with the tensor size are int64.
+The mainloops are shaped for the tensor cores and the copy engines:
+
+* forward / input gradient: ONE flattened reduction loop over (channel block,
+  tap); the channel block and tap are scalars of the loop counter (divisions by
+  constants), pixel coordinates are formed once per program, so no ``//`` or
+  ``%`` runs per element in the loop. Whole channel blocks are loaded without a
+  channel mask, so a contiguous channel dimension (channels_last activations;
+  the weights, which the launchers pack reduction-dimension-contiguous) gives
+  16-byte vector loads that Triton's pipeliner turns into ``cp.async``
+  (``num_stages`` buffers deep). A last partial block runs in a second, masked
+  loop of ``TAIL``-channel chunks (so channel work follows the bound at
+  16-channel granularity). In NCHW the activation tile is contiguous along
+  pixels, but each tap shifts it by one element, so 16-bit activations there
+  load 2 bytes at a time, synchronously (cp.async moves 4-16 aligned bytes;
+  fp32 gets 4-byte cp.async): channels_last is the layout for 16-bit convs.
+* weight gradient: the GEMM's M side is ``BLOCK_M = 64`` (tap, input channel)
+  rows, ``64 // BLOCK_CI`` taps of ``BLOCK_CI`` channels, so even 16-channel
+  tiles fill wgmma's M = 64 (a 3x3 conv at 16 channels: three programs of 4, 4
+  and 1 taps; 12 rows of 9 are live). Pixels (the reduction) advance by a fixed
+  step with an incremental (row, column) carry instead of a division per element.
+
+Plus the host-side helpers both launchers use (tile configurations, numerics,
+layouts, the launch itself). Tensors are addressed through their strides (NCHW
+and channels_last run without a copy); the sample offset is int64, offsets
+inside a sample are int32 unless a tensor holds 2**31 elements or more
+(``INDEX64``).
 """
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 
-from restorenet_kernels._launch import interpreting
+from restorenet_kernels._launch import canonical_strides, interpreter_takes_scalar_bounds, interpreting
+
+# Channel chunk of the masked tail loops: the smallest tile tl.dot accepts.
+TAIL = tl.constexpr(16)
 
 
 # ------------------------------------------------------------------ device code
 @triton.jit
-def weight_tile(w_ptr, wb_ptr, c, offs_co, offs_ci, r, s, co_mask, ci_mask,
-                s_wo, s_wi, s_wh, s_ww, OUT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
-                TRANSPOSED: tl.constexpr, GENERATED: tl.constexpr):
-    """The weight tile at tap (r, s): [BLOCK_CI, BLOCK_CO], or [BLOCK_CO, BLOCK_CI]
-    if TRANSPOSED. GENERATED: ``c * W + B`` formed in the accumulator dtype and
-    rounded once to the operand dtype; otherwise ``W`` as stored (``wb_ptr``, ``c`` unused)."""
-    if TRANSPOSED:
-        offs = offs_co[:, None] * s_wo + offs_ci[None, :] * s_wi + r * s_wh + s * s_ww
-        mask = co_mask[:, None] & ci_mask[None, :]
+def offset(v, INDEX64: tl.constexpr):
+    """``v`` as an element offset: int64 only where a tensor needs it, so the
+    mainloop keeps int32 registers and the compiler its alignment facts."""
+    if INDEX64:
+        return v.to(tl.int64)
     else:
-        offs = offs_ci[:, None] * s_wi + offs_co[None, :] * s_wo + r * s_wh + s * s_ww
-        mask = ci_mask[:, None] & co_mask[None, :]
+        return v
+
+
+@triton.jit
+def weight_tile(w_ptr, wb_ptr, offs, mask, c, OUT_DTYPE: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                GENERATED: tl.constexpr):
+    """A weight tile at element offsets ``offs``. GENERATED: ``c * W + B`` formed in
+    the accumulator dtype and rounded once to the operand dtype; otherwise ``W``
+    as stored (``wb_ptr``, ``c`` unused)."""
     if GENERATED:
         w = tl.load(w_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
         wb = tl.load(wb_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -53,28 +84,93 @@ def weight_tile(w_ptr, wb_ptr, c, offs_co, offs_ci, r, s, co_mask, ci_mask,
 
 
 @triton.jit
+def _gemm_step(acc, a_n, pix, pix_ok, s_ac, k0, k_end, w_ptr, wb_ptr, c, offs_n, n_mask, s_wk, s_wn, w_tap,
+               GENERATED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+               BLOCK_K: tl.constexpr, MASKED: tl.constexpr, INDEX64: tl.constexpr):
+    """acc += A[pixels, k0 + (0..BLOCK_K)] @ K[k0 + .., n]: the activation tile at
+    pixel offsets ``pix`` (read where ``pix_ok``) with channels ``s_ac`` apart, the
+    weight tile at ``w_tap + k * s_wk + n * s_wn``. MASKED: channels from ``k_end`` on
+    are not read (a whole block is not masked, so its loads can vectorise)."""
+    offs_k = k0 + tl.arange(0, BLOCK_K)
+    a_mask = pix_ok[:, None]
+    w_mask = n_mask[None, :]
+    if MASKED:
+        k_mask = offs_k < k_end
+        a_mask = a_mask & k_mask[None, :]
+        w_mask = w_mask & k_mask[:, None]
+    at = tl.load(a_n + pix[:, None] + offset(offs_k, INDEX64)[None, :] * s_ac, mask=a_mask, other=0.0)
+    w_offs = offs_k[:, None] * s_wk + offs_n[None, :] * s_wn + w_tap
+    kt = weight_tile(w_ptr, wb_ptr, w_offs, w_mask, c, at.dtype, ACC_DTYPE, GENERATED)
+    return tl.dot(at, kt, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+
+
+@triton.jit
+def _tap(k, KH: tl.constexpr, KW: tl.constexpr):
+    """(r, s) of reduction step k: the tap runs fastest (divisions by constants)."""
+    tap = k % (KH * KW)
+    r = tap // KW
+    return r, tap - r * KW
+
+
+@triton.jit
+def _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask, ci0, ci_end, k,
+              H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
+              KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+              DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
+              INDEX64: tl.constexpr):
+    """acc += x[pixels, ci0 + (0..BLOCK_K), tap k % (KH*KW)] @ K[ci0 + .., co, tap]."""
+    r, s = _tap(k, KH, KW)
+    ih, iw = ih0 + r, iw0 + s
+    x_ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
+    pix = offset(ih, INDEX64) * s_xh + offset(iw, INDEX64) * s_xw
+    return _gemm_step(acc, x_n, pix, x_ok, s_xc, ci0, ci_end, w_ptr, wb_ptr, c, offs_co, co_mask, s_wi, s_wo,
+                      r * s_wh + s * s_ww, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_K, MASKED, INDEX64)
+
+
+@triton.jit
 def conv_fwd_tile(x_n, w_ptr, wb_ptr, c, oh, ow, p_mask, offs_co, co_mask, ci_end,
                   H, W, stride, padding, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
                   KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr,
                   ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                  BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
+                  BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                  INDEX64: tl.constexpr):
     """[BLOCK_P, BLOCK_CO] output tile of sample ``x_n``, reducing input channels
     ``0 .. ci_end`` (and every tap). Output channels outside ``co_mask`` get 0."""
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
-    for r in tl.static_range(KH):
-        for s in tl.static_range(KW):
-            ih, iw = oh * stride - padding + r, ow * stride - padding + s
-            in_mask = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-            pix = ih.to(tl.int64) * s_xh + iw.to(tl.int64) * s_xw
-            for ci0 in range(0, ci_end, BLOCK_CI):
-                offs_ci = ci0 + tl.arange(0, BLOCK_CI)
-                ci_mask = offs_ci < ci_end
-                xt = tl.load(x_n + pix[:, None] + offs_ci[None, :].to(tl.int64) * s_xc,
-                             mask=in_mask[:, None] & ci_mask[None, :], other=0.0)
-                kt = weight_tile(w_ptr, wb_ptr, c, offs_co, offs_ci, r, s, co_mask, ci_mask,
-                                 s_wo, s_wi, s_wh, s_ww, xt.dtype, ACC_DTYPE, False, GENERATED)
-                acc += tl.dot(xt, kt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    ih0, iw0 = oh * stride - padding, ow * stride - padding
+    taps: tl.constexpr = KH * KW
+    full = ci_end // BLOCK_CI
+    for k in range(0, full * taps):  # whole channel blocks: no channel mask
+        acc = _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask,
+                        (k // taps) * BLOCK_CI, ci_end, k, H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
+                        KH, KW, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_CI, False, INDEX64)
+    tail0 = full * BLOCK_CI
+    for k in range(0, tl.cdiv(ci_end - tail0, TAIL) * taps):  # the rest, in masked 16-chunks
+        acc = _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask,
+                        tail0 + (k // taps) * TAIL, ci_end, k, H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
+                        KH, KW, GENERATED, ACC_DTYPE, DOT_PRECISION, TAIL, True, INDEX64)
     return acc
+
+
+@triton.jit
+def _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, co0, co_end, k,
+                H_out, W_out, stride, padding, s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
+                KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
+                INDEX64: tl.constexpr):
+    """acc += dy[(q + pad - tap) / stride, co0 + (0..BLOCK_K)] @ K[co0 + .., ci, tap]."""
+    r, s = _tap(k, KH, KW)
+    # Input pixel q gets tap (r, s) from output pixel (q + pad - (r, s)) / stride,
+    # when that is a whole number inside the output (the stride is a compile-time
+    # constant: no division at stride 1, a shift at 2).
+    th, tw = ih + padding - r, iw + padding - s
+    th_c, tw_c = tl.maximum(th, 0), tl.maximum(tw, 0)  # keep // and % on non-negatives
+    oh, ow = th_c // stride, tw_c // stride
+    hit = (p_mask & (th >= 0) & (tw >= 0) & (th_c % stride == 0) & (tw_c % stride == 0)
+           & (oh < H_out) & (ow < W_out))
+    pix = offset(oh, INDEX64) * s_dyh + offset(ow, INDEX64) * s_dyw
+    return _gemm_step(acc, dy_n, pix, hit, s_dyc, co0, co_end, w_ptr, wb_ptr, c, offs_ci, ci_mask, s_wo, s_wi,
+                      r * s_wh + s * s_ww, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_K, MASKED, INDEX64)
 
 
 @triton.jit
@@ -82,90 +178,105 @@ def conv_dgrad_tile(dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, co
                     H_out, W_out, stride, padding, s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
                     KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
+                    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+                    INDEX64: tl.constexpr):
     """[BLOCK_P, BLOCK_CI] input-gradient tile at input pixels (ih, iw), reducing
     output channels ``0 .. co_end``. Input channels outside ``ci_mask`` get 0."""
     acc = tl.zeros((BLOCK_P, BLOCK_CI), dtype=ACC_DTYPE)
-    for r in tl.static_range(KH):
-        for s in tl.static_range(KW):
-            # Input pixel q gets tap (r, s) from output pixel (q + pad - (r, s)) / stride,
-            # when that is a whole number inside the output.
-            th, tw = ih + padding - r, iw + padding - s
-            th_c, tw_c = tl.maximum(th, 0), tl.maximum(tw, 0)  # keep // and % on non-negatives
-            oh, ow = th_c // stride, tw_c // stride
-            hit = (p_mask & (th >= 0) & (tw >= 0) & (th_c % stride == 0) & (tw_c % stride == 0)
-                   & (oh < H_out) & (ow < W_out))
-            pix = oh.to(tl.int64) * s_dyh + ow.to(tl.int64) * s_dyw
-            for co0 in range(0, co_end, BLOCK_CO):
-                offs_co = co0 + tl.arange(0, BLOCK_CO)
-                co_mask = offs_co < co_end
-                dyt = tl.load(dy_n + pix[:, None] + offs_co[None, :].to(tl.int64) * s_dyc,
-                              mask=hit[:, None] & co_mask[None, :], other=0.0)
-                kt = weight_tile(w_ptr, wb_ptr, c, offs_co, offs_ci, r, s, co_mask, ci_mask,
-                                 s_wo, s_wi, s_wh, s_ww, dyt.dtype, ACC_DTYPE, True, GENERATED)
-                acc += tl.dot(dyt, kt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+    taps: tl.constexpr = KH * KW
+    full = co_end // BLOCK_CO
+    for k in range(0, full * taps):  # whole channel blocks: no channel mask
+        acc = _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask,
+                          (k // taps) * BLOCK_CO, co_end, k, H_out, W_out, stride, padding,
+                          s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
+                          KH, KW, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_CO, False, INDEX64)
+    tail0 = full * BLOCK_CO
+    for k in range(0, tl.cdiv(co_end - tail0, TAIL) * taps):  # the rest, in masked 16-chunks
+        acc = _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask,
+                          tail0 + (k // taps) * TAIL, co_end, k, H_out, W_out, stride, padding,
+                          s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
+                          KH, KW, GENERATED, ACC_DTYPE, DOT_PRECISION, TAIL, True, INDEX64)
     return acc
 
 
 @triton.jit
-def conv_wgrad_tile(dy_n, x_n, offs_co, offs_ci, co_mask, ci_mask, r, s, pb_begin, pb_end,
-                    H, W, W_out, P_out, stride, padding,
-                    s_dyc, s_dyh, s_dyw, s_xc, s_xh, s_xw,
-                    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-                    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr):
-    """One sample's share (pixel blocks ``pb_begin, pb_begin + SPLIT, .. < pb_end``)
-    of ``g[co, ci] = sum_p dy[co, p] x[ci, p*stride + (r,s) - pad]`` and ``db[co] = sum_p dy[co, p]``.
-    dy is read only where ``co_mask`` holds and x only where ``ci_mask`` holds."""
-    g = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
+def wgrad_rows(pid_m, C_in, KH: tl.constexpr, KW: tl.constexpr,
+               BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr):
+    """The (input channel, tap) pair of each of the BLOCK_M rows that program
+    ``pid_m`` owns: ``BLOCK_M // BLOCK_CI`` consecutive taps of one channel block.
+    Returns (ci, tap, r, s, valid) per row."""
+    taps_per_tile: tl.constexpr = BLOCK_M // BLOCK_CI
+    groups: tl.constexpr = (KH * KW + taps_per_tile - 1) // taps_per_tile
+    rows = tl.arange(0, BLOCK_M)
+    ci = (pid_m // groups) * BLOCK_CI + rows % BLOCK_CI
+    tap = (pid_m % groups) * taps_per_tile + rows // BLOCK_CI
+    r = tap // KW
+    return ci, tap, r, tap - r * KW, (ci < C_in) & (tap < KH * KW)
+
+
+@triton.jit
+def conv_wgrad_tile(dy_n, x_n, offs_co, co_mask, ci_row, r_row, s_row, row_mask, pb_begin, pb_end, n_split,
+                    H, W, W_out, P_out, stride, padding, s_dyc, s_dyp, s_xc, s_xh, s_xw,
+                    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+                    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr,
+                    INDEX64: tl.constexpr):
+    """One sample's share (pixel blocks ``pb_begin, pb_begin + n_split, .. < pb_end``) of
+    ``g[m, co] = sum_p x[ci_m, p*stride + (r_m, s_m) - pad] dy[co, p]`` and ``db[co] = sum_p dy[co, p]``.
+    x is read only where ``row_mask`` holds and dy only where ``co_mask`` holds.
+    dy is dense (NCHW or channels_last), so pixel p is at ``p * s_dyp``."""
+    g = tl.zeros((BLOCK_M, BLOCK_CO), dtype=ACC_DTYPE)
     # db accumulates per pixel lane and is reduced once after the loop: a row sum
     # inside the loop (used again after it) trips Triton 3.6's
     # TritonGPUOptimizeThreadLocality pass (``loopResult.hasOneUse()``) for fp32/fp64.
-    db_lanes = tl.zeros((BLOCK_CO, BLOCK_P), dtype=ACC_DTYPE)
-    for pb in range(pb_begin, pb_end, SPLIT):
-        offs_p = pb * BLOCK_P + tl.arange(0, BLOCK_P)
+    db_lanes = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
+    row_off = offset(ci_row, INDEX64) * s_xc + offset(r_row, INDEX64) * s_xh + offset(s_row, INDEX64) * s_xw
+    # Pixel coordinates once; then advanced by a fixed step with one carry.
+    offs_p = pb_begin * BLOCK_P + tl.arange(0, BLOCK_P)
+    oh = offs_p // W_out
+    ow = offs_p - oh * W_out
+    step = n_split * BLOCK_P
+    step_h = step // W_out
+    step_w = step - step_h * W_out
+    for _ in range(pb_begin, pb_end, n_split):
         p_mask = offs_p < P_out
-        oh, ow = offs_p // W_out, offs_p % W_out
-        ih, iw = oh * stride - padding + r, ow * stride - padding + s
-        in_mask = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
-        dy_offs = (offs_co[:, None].to(tl.int64) * s_dyc
-                   + oh[None, :].to(tl.int64) * s_dyh + ow[None, :].to(tl.int64) * s_dyw)
-        dyt = tl.load(dy_n + dy_offs, mask=co_mask[:, None] & p_mask[None, :], other=0.0)
-        x_offs = (offs_ci[None, :].to(tl.int64) * s_xc
-                  + ih[:, None].to(tl.int64) * s_xh + iw[:, None].to(tl.int64) * s_xw)
-        xt = tl.load(x_n + x_offs, mask=in_mask[:, None] & ci_mask[None, :], other=0.0)
-        g += tl.dot(dyt, xt, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
+        ih, iw = oh * stride - padding, ow * stride - padding
+        h_in = ih[None, :] + r_row[:, None]
+        w_in = iw[None, :] + s_row[:, None]
+        x_mask = (row_mask[:, None] & p_mask[None, :] & (h_in >= 0) & (h_in < H) & (w_in >= 0) & (w_in < W))
+        pix = offset(ih, INDEX64) * s_xh + offset(iw, INDEX64) * s_xw
+        xt = tl.load(x_n + row_off[:, None] + pix[None, :], mask=x_mask, other=0.0)
+        dy_offs = offset(offs_p, INDEX64)[:, None] * s_dyp + offset(offs_co, INDEX64)[None, :] * s_dyc
+        dyt = tl.load(dy_n + dy_offs, mask=p_mask[:, None] & co_mask[None, :], other=0.0)
+        g = tl.dot(xt, dyt, g, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
         db_lanes += dyt.to(ACC_DTYPE)
-    return g, tl.sum(db_lanes, axis=1)
+        offs_p += step
+        ow += step_w
+        wrap = ow >= W_out
+        ow = tl.where(wrap, ow - W_out, ow)
+        oh += step_h + wrap.to(tl.int32)
+    return g, tl.sum(db_lanes, axis=0)
 
 
 @triton.jit
-def store_output_tile(y_ptr, acc, n, offs_co, oh, ow, mask, s_yn, s_yc, s_yh, s_yw):
-    offs = (n * s_yn + offs_co[None, :].to(tl.int64) * s_yc
-            + oh[:, None].to(tl.int64) * s_yh + ow[:, None].to(tl.int64) * s_yw)
-    tl.store(y_ptr + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
+def store_output_tile(y_ptr, acc, n, offs_co, oh, ow, mask, s_yn, s_yc, s_yh, s_yw, INDEX64: tl.constexpr):
+    offs = (offset(offs_co, INDEX64)[None, :] * s_yc
+            + (offset(oh, INDEX64) * s_yh + offset(ow, INDEX64) * s_yw)[:, None])
+    tl.store(y_ptr + n * s_yn + offs, acc.to(y_ptr.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def store_weight_partials(part_ptr, value, pid_s, offs_co, offs_ci, r, s, mask,
+def store_weight_partials(part_ptr, value, pid_s, offs_co, ci_row, tap_row, mask,
                           C_out, C_in, KH: tl.constexpr, KW: tl.constexpr):
-    """Partial weight-gradient buffers are [SPLIT, C_out, C_in, KH, KW]."""
-    offs = (pid_s * C_out * C_in * KH * KW + offs_co[:, None] * (C_in * KH * KW)
-            + offs_ci[None, :] * (KH * KW) + r * KW + s)
+    """Partial weight-gradient buffers are [SPLIT, C_out, C_in, KH, KW]; ``value``
+    is a [(tap, ci) rows, co] tile."""
+    offs = (pid_s * C_out * C_in * KH * KW + offs_co[None, :] * (C_in * KH * KW)
+            + ci_row[:, None] * (KH * KW) + tap_row[:, None])
     tl.store(part_ptr + offs, value, mask=mask)
 
 
 # -------------------------------------------------------------------- host code
 def pow2_clamp(v: int, lo: int, hi: int) -> int:
     return max(lo, min(hi, triton.next_power_of_2(max(int(v), 1))))
-
-
-def tiles(c_in: int, c_out: int, max_co: int = 64) -> dict:
-    # tl.dot needs every dimension >= 16; small channel counts are masked.
-    return dict(BLOCK_P=64, BLOCK_CO=pow2_clamp(c_out, 16, max_co), BLOCK_CI=pow2_clamp(c_in, 16, 32))
-
-
-def launch_opts() -> dict:
-    return {} if interpreting() else dict(num_warps=4, num_stages=3)
 
 
 def numerics(dtype: torch.dtype) -> dict:
@@ -184,9 +295,12 @@ def out_hw(h: int, w: int, kh: int, kw: int, stride: int, padding: int) -> tuple
     return (h + 2 * padding - kh) // stride + 1, (w + 2 * padding - kw) // stride + 1
 
 
+def is_channels_last(x: torch.Tensor) -> bool:
+    return not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+
+
 def empty_like_layout(shape, like: torch.Tensor, dtype=None) -> torch.Tensor:
-    channels_last = not like.is_contiguous() and like.is_contiguous(memory_format=torch.channels_last)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    fmt = torch.channels_last if is_channels_last(like) else torch.contiguous_format
     return torch.empty(shape, dtype=dtype or like.dtype, device=like.device, memory_format=fmt)
 
 
@@ -195,6 +309,25 @@ def dense(x: torch.Tensor) -> torch.Tensor:
     if x.is_contiguous() or x.is_contiguous(memory_format=torch.channels_last):
         return x
     return x.contiguous()
+
+
+def pixel_strides(t: torch.Tensor) -> tuple[int, int, int]:
+    """(sample, channel, pixel) element strides of a dense NCHW / channels_last tensor."""
+    return canonical_strides(t.shape, is_channels_last(t))
+
+
+def pack_weight(weight: torch.Tensor, contiguous_dim: int) -> torch.Tensor:
+    """``weight`` [C_out, C_in, KH, KW] viewed in the same index order but stored
+    with ``contiguous_dim`` (0: C_out, 1: C_in) innermost, so that tiles along
+    the GEMM's reduction dimension load as 16-byte vectors. A few KB per call."""
+    inner_last = (2, 3, 1 - contiguous_dim, contiguous_dim)  # taps, other channel dim, contiguous dim
+    packed = weight.permute(*inner_last).contiguous()
+    return packed.permute(*[inner_last.index(d) for d in range(4)])
+
+
+def index64(*tensors: torch.Tensor) -> bool:
+    """Whether offsets inside one sample can reach 2**31 (the sample offset is always int64)."""
+    return any(t.numel() // max(t.shape[0], 1) >= 2 ** 31 for t in tensors)
 
 
 def split_count(tiles_in_grid: int, pixel_blocks: int, device: torch.device) -> int:
@@ -206,38 +339,135 @@ def split_count(tiles_in_grid: int, pixel_blocks: int, device: torch.device) -> 
     return max(1, min(pixel_blocks, triton.cdiv(2 * sms, tiles_in_grid)))
 
 
+# ------------------------------------------------------------- launch choices
+# One place for every launch configuration of the conv kernels. On a GPU each
+# kernel is a ``triton.autotune`` over ``gpu_configs(...)`` (keyed on the
+# shape); under the interpreter it runs ``interpreter_config(...)``, one fixed
+# config with big pixel tiles (the interpreter pays per program). The GPU lists
+# hold only configs the compile check (``python -m restorenet.aot``) shows to
+# compile without spills for sm_80 and sm_90a.
+AUTOTUNE_KEY = ["C_in", "C_out", "H", "W", "H_out", "W_out", "s_xc"]
+
+
+def _config(num_warps: int, num_stages: int, **tile) -> triton.Config:
+    return triton.Config(tile, num_warps=num_warps, num_stages=num_stages)
+
+
+def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularity: int | None = None):
+    """GPU launch configurations of a conv kernel (the autotuner's choices).
+
+    kind: "fwd" (tiles BLOCK_P x BLOCK_CO, reduction BLOCK_CI), "dgrad" (BLOCK_P x
+    BLOCK_CI, reduction BLOCK_CO) or "wgrad" (BLOCK_M (tap, ci) rows x BLOCK_CO,
+    reduction BLOCK_P; its channel tiles are fixed, only BLOCK_P and the
+    stages vary, since the grid and partial buffers follow the channel tiles).
+    granularity: channel tiles of exactly this size (slim_conv2d: 16, so that work
+    follows the widths); None: as wide as the channels allow (64; 32 for fp64).
+
+    Forward / input gradient: a pixel tile of 256 (128 for fp64) against at
+    most 64 channels, so for ``hyper_conv2d`` the generated weight tile (2 loads
+    per element, W and B) costs fewer loads than the activation tile:
+    loads per MAC = 1/BLOCK_CO + 2/BLOCK_P (see ``hyper_conv2d_fwd_kernel``).
+    The reduction step is 32 channels for 16-bit data and 16 for fp32 / fp64,
+    which keeps 3-4 pipeline stages within sm_80's shared memory.
+    """
+    bits = torch.finfo(dtype).bits
+    widest = 32 if bits == 64 else 64
+    n_out = granularity or pow2_clamp(c_out if kind != "dgrad" else c_in, 16, widest)
+    n_red = granularity or pow2_clamp(c_in if kind != "dgrad" else c_out, 16, widest)
+    if kind == "wgrad":
+        tile = dict(BLOCK_CO=n_out, BLOCK_CI=n_red, BLOCK_M=64)
+        # 8 warps: the gathered [64 rows, BLOCK_P] activation tile needs an address per
+        # element where it cannot vectorise (NCHW, odd channel counts), per stage.
+        if bits == 64:
+            return [_config(8, 2, BLOCK_P=32, **tile)]
+        return [_config(8, 3, BLOCK_P=64, **tile), _config(8, 4, BLOCK_P=32, **tile)]
+    out_name, red_name = ("BLOCK_CO", "BLOCK_CI") if kind == "fwd" else ("BLOCK_CI", "BLOCK_CO")
+    red = min(n_red, 32 if bits == 16 else 16)
+    if bits == 64:  # (64 pixels at 4 warps leaves one 4-byte spill with Triton 3.6's slim fp64)
+        sizes = [(128, 8, 2)]
+    elif n_out > 32:
+        sizes = [(256, 8, 3), (256, 8, 4)]
+    elif bits == 16:  # narrow tiles at 4 warps: the weight tile still spreads in cp.async-sized
+        sizes = [(128, 4, 3), (128, 4, 4)]  # pieces (256 pixels at 4 warps spill at odd channel counts)
+    else:
+        sizes = [(256, 8, 3), (128, 4, 3)]
+    return [_config(w, st, BLOCK_P=p, **{out_name: n_out, red_name: red}) for p, w, st in sizes]
+
+
+def interpreter_config(kind: str, c_in: int, c_out: int, granularity: int | None = None) -> dict:
+    """The one tile the interpreter runs (numpy pays per program and per step, not
+    per element). The reduction block of the forward and input gradient ignores
+    ``granularity``: the masked 16-channel tail keeps their work at 16 channels."""
+    n_out = granularity or pow2_clamp(c_out if kind != "dgrad" else c_in, 16, 64)
+    n_red = pow2_clamp(c_in if kind != "dgrad" else c_out, 16, 32)
+    if kind == "wgrad":
+        n_red = granularity or n_red
+        return dict(BLOCK_CO=n_out, BLOCK_CI=n_red, BLOCK_M=256, BLOCK_P=64)  # a 3x3 conv: 1-2 tap groups
+    out_name, red_name = ("BLOCK_CO", "BLOCK_CI") if kind == "fwd" else ("BLOCK_CI", "BLOCK_CO")
+    return {"BLOCK_P": 128, out_name: n_out, red_name: n_red}
+
+
+def wgrad_tile(dtype: torch.dtype, c_in: int, c_out: int, granularity: int | None = None) -> dict:
+    """The channel tiles of the weight-gradient kernel (fixed per shape: they set its grid)."""
+    if interpreting():
+        return interpreter_config("wgrad", c_in, c_out, granularity)
+    return dict(gpu_configs("wgrad", dtype, c_in, c_out, granularity)[0].kwargs)
+
+
+@functools.lru_cache(maxsize=None)
+def _autotuned(kernel, configs: tuple):
+    return triton.autotune(configs=[_config(w, st, **dict(tile)) for tile, w, st in configs],
+                           key=AUTOTUNE_KEY)(kernel)
+
+
+def launch(kernel, grid, args, constexprs: dict, configs, interp_tile: dict):
+    """Run ``kernel``: autotuned over ``configs`` on a GPU, ``interp_tile`` under the
+    interpreter. ``grid(meta)`` maps a config's constexprs to the launch grid."""
+    if interpreting():
+        interpreter_takes_scalar_bounds()
+        kernel[grid(interp_tile)](*args, **constexprs, **interp_tile)
+        return
+    frozen = tuple((tuple(sorted(c.kwargs.items())), c.num_warps, c.num_stages) for c in configs)
+    _autotuned(kernel, frozen)[grid](*args, **constexprs)
+
+
 # Each op's forward and input-gradient kernels take (activation, *op-specific
 # pointers, output, <shared shape/stride arguments>, ...): one launcher each.
-def launch_forward(kernel, x, weight, op_args, stride, padding, tile, **constexprs):
-    """Allocate y (in the layout of x) and run an op's forward kernel over it."""
+def launch_forward(kernel, x, weight, op_args, stride, padding, granularity=None, **constexprs):
+    """Allocate y (in the layout of x) and run an op's forward kernel over it.
+    ``weight`` gives the shape and the strides (the op's packed weight)."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     h_out, w_out = out_hw(h, w, kh, kw, stride, padding)
     y = empty_like_layout((n, c_out, h_out, w_out), x)
     if y.numel() == 0:
         return y
-    grid = (triton.cdiv(h_out * w_out, tile["BLOCK_P"]), triton.cdiv(c_out, tile["BLOCK_CO"]), n)
-    kernel[grid](
-        x, *op_args, y,
-        c_in, h, w, c_out, h_out, w_out, stride, padding,
-        *x.stride(), *y.stride(), *weight.stride(),
-        KH=kh, KW=kw, **numerics(x.dtype), **tile, **launch_opts(), **constexprs,
-    )
+
+    def grid(meta):
+        return triton.cdiv(h_out * w_out, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_CO"]), n
+
+    args = (x, *op_args, y, c_in, h, w, c_out, h_out, w_out, stride, padding,
+            *x.stride(), *y.stride(), *weight.stride())
+    launch(kernel, grid, args, dict(KH=kh, KW=kw, INDEX64=index64(x, y), **numerics(x.dtype), **constexprs),
+           gpu_configs("fwd", x.dtype, c_in, c_out, granularity),
+           interpreter_config("fwd", c_in, c_out, granularity))
     return y
 
 
-def launch_grad_input(kernel, grad_out, x, weight, op_args, stride, padding, tile):
+def launch_grad_input(kernel, grad_out, x, weight, op_args, stride, padding, granularity=None):
     """Allocate dx (in the layout of x) and run an op's input-gradient kernel over it."""
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     dx = empty_like_layout(x.shape, x)
     if dx.numel() == 0:
         return dx
-    grid = (triton.cdiv(h * w, tile["BLOCK_P"]), triton.cdiv(c_in, tile["BLOCK_CI"]), n)
-    kernel[grid](
-        grad_out, *op_args, dx,
-        c_in, h, w, c_out, grad_out.shape[2], grad_out.shape[3], stride, padding,
-        *grad_out.stride(), *dx.stride(), *weight.stride(),
-        KH=kh, KW=kw, **numerics(x.dtype), **tile, **launch_opts(),
-    )
+
+    def grid(meta):
+        return triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(c_in, meta["BLOCK_CI"]), n
+
+    args = (grad_out, *op_args, dx, c_in, h, w, c_out, grad_out.shape[2], grad_out.shape[3], stride, padding,
+            *grad_out.stride(), *dx.stride(), *weight.stride())
+    launch(kernel, grid, args, dict(KH=kh, KW=kw, INDEX64=index64(grad_out, dx), **numerics(x.dtype)),
+           gpu_configs("dgrad", x.dtype, c_in, c_out, granularity),
+           interpreter_config("dgrad", c_in, c_out, granularity))
     return dx

@@ -22,8 +22,9 @@ import triton
 import triton.language as tl
 
 from restorenet_kernels.conv_core import (
-    accumulator_dtype, conv_dgrad_tile, conv_fwd_tile, conv_wgrad_tile, dense, launch_forward,
-    launch_grad_input, launch_opts, numerics, split_count, store_output_tile, store_weight_partials, tiles,
+    accumulator_dtype, conv_dgrad_tile, conv_fwd_tile, conv_wgrad_tile, dense, gpu_configs, index64, launch,
+    launch_forward, launch_grad_input, numerics, pack_weight, pixel_strides, split_count, store_output_tile,
+    store_weight_partials, wgrad_rows, wgrad_tile,
 )
 
 
@@ -33,12 +34,24 @@ from restorenet_kernels.conv_core import (
 @triton.jit
 def hyper_conv2d_fwd_kernel(
     x_ptr, level_ptr, w_ptr, wb_ptr, bias_ptr, bias_base_ptr, y_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
     s_xn, s_xc, s_xh, s_xw, s_yn, s_yc, s_yh, s_yw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_BASE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INDEX64: tl.constexpr,
 ):
+    """y tile [BLOCK_P pixels, BLOCK_CO channels] of sample n.
+
+    Loads per reduction step of BLOCK_CI channels (one tap): BLOCK_P * BLOCK_CI
+    activations and 2 * BLOCK_CI * BLOCK_CO weights (W and B, from which
+    c_n W + B is formed) for 2 * BLOCK_P * BLOCK_CI * BLOCK_CO FLOPs, so
+
+        loads / FLOP = 1 / (2 BLOCK_CO) + 1 / BLOCK_P
+
+    the weight share (2 BLOCK_CO / BLOCK_P of the activation loads) falls below the
+    activation loads once BLOCK_P > 2 BLOCK_CO: the GPU tiles are 256 x 64
+    (weights 1/2 of the activation loads, 1/3 of all loads; 0.0117 loads per
+    FLOP, against 0.0234 for the 64 x 64 tile that generated 2 of every 3 loads)."""
     pid_p, pid_co, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
@@ -48,22 +61,22 @@ def hyper_conv2d_fwd_kernel(
 
     acc = conv_fwd_tile(x_ptr + n * s_xn, w_ptr, wb_ptr, c, oh, ow, p_mask, offs_co, co_mask, C_in,
                         H, W, stride, padding, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
-                        KH, KW, True, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_CI)
+                        KH, KW, True, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_CI, INDEX64)
     if HAS_BIAS:
         acc += c * tl.load(bias_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)[None, :]
     if HAS_BIAS_BASE:
         acc += tl.load(bias_base_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)[None, :]
     store_output_tile(y_ptr, acc, n, offs_co, oh, ow, p_mask[:, None] & co_mask[None, :],
-                      s_yn, s_yc, s_yh, s_yw)
+                      s_yn, s_yc, s_yh, s_yw, INDEX64)
 
 
 @triton.jit
 def hyper_conv2d_dgrad_kernel(
     dy_ptr, level_ptr, w_ptr, wb_ptr, dx_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
     s_dyn, s_dyc, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INDEX64: tl.constexpr,
 ):
     pid_p, pid_ci, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
@@ -74,52 +87,50 @@ def hyper_conv2d_dgrad_kernel(
 
     acc = conv_dgrad_tile(dy_ptr + n * s_dyn, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, C_out,
                           H_out, W_out, stride, padding, s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
-                          KH, KW, True, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_CI)
+                          KH, KW, True, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_CI, INDEX64)
     store_output_tile(dx_ptr, acc, n, offs_ci, ih, iw, p_mask[:, None] & ci_mask[None, :],
-                      s_xn, s_xc, s_xh, s_xw)
+                      s_xn, s_xc, s_xh, s_xw, INDEX64)
 
 
 @triton.jit
 def hyper_conv2d_wgrad_kernel(
     dy_ptr, x_ptr, level_ptr, w_ptr, bias_ptr,
     dw_part_ptr, dwb_part_ptr, dlevel_part_ptr, dbias_part_ptr, dbias_base_part_ptr,
-    N, C_in, H, W, C_out, H_out, W_out, stride, padding,
-    s_dyn, s_dyc, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
+    N, C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, n_split,
+    s_dyn, s_dyc, s_dyp, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
-    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr, SPLIT: tl.constexpr,
-    BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
+    INDEX64: tl.constexpr,
 ):
-    """One program owns a (co block, ci block, tap) tile of the weight gradient
-    and a 1/SPLIT share of every sample's pixels. Per sample it forms its share
-    of G_n in registers and folds it straight into the three reductions. Each
+    """One program owns a [BLOCK_M (tap, ci) rows, BLOCK_CO] tile of the weight
+    gradient and a 1/n_split share of every sample's pixels. Per sample it forms its
+    share of G_n in registers and folds it straight into the three reductions. Each
     program writes its own partial sums (no atomics): the result is deterministic."""
-    pid_co, pid_k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
-    r = (pid_k % (KH * KW)) // KW
-    s = pid_k % KW
-    pid_ci = pid_k // (KH * KW)
+    pid_co, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
-    offs_ci = pid_ci * BLOCK_CI + tl.arange(0, BLOCK_CI)
-    co_mask, ci_mask = offs_co < C_out, offs_ci < C_in
-    w_offs = offs_co[:, None] * s_wo + offs_ci[None, :] * s_wi + r * s_wh + s * s_ww
-    w_mask = co_mask[:, None] & ci_mask[None, :]
+    co_mask = offs_co < C_out
+    ci_row, tap_row, r_row, s_row, row_mask = wgrad_rows(pid_m, C_in, KH, KW, BLOCK_M, BLOCK_CI)
+    w_mask = row_mask[:, None] & co_mask[None, :]
+    w_offs = offs_co[None, :] * s_wo + (ci_row * s_wi + r_row * s_wh + s_row * s_ww)[:, None]
     w_tile = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0).to(ACC_DTYPE)
-    owns_bias = pid_k == 0  # one program per co block reduces the bias gradients
+    owns_bias = pid_m == 0  # one program per co block reduces the bias gradients
     if HAS_BIAS:
         bias_tile = tl.load(bias_ptr + offs_co, mask=co_mask, other=0.0).to(ACC_DTYPE)
 
-    dw = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
-    dwb = tl.zeros((BLOCK_CO, BLOCK_CI), dtype=ACC_DTYPE)
+    dw = tl.zeros((BLOCK_M, BLOCK_CO), dtype=ACC_DTYPE)
+    dwb = tl.zeros((BLOCK_M, BLOCK_CO), dtype=ACC_DTYPE)
     dbias = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
     dbias_base = tl.zeros((BLOCK_CO,), dtype=ACC_DTYPE)
     n_pix_blocks = tl.cdiv(H_out * W_out, BLOCK_P)
-    n_progs_k = tl.num_programs(1)
+    part = (pid_s * tl.num_programs(0) + pid_co) * tl.num_programs(1) + pid_m
     for n in range(N):
         n64 = tl.cast(n, tl.int64)
         c = tl.load(level_ptr + n).to(ACC_DTYPE)
-        g, db = conv_wgrad_tile(dy_ptr + n64 * s_dyn, x_ptr + n64 * s_xn, offs_co, offs_ci, co_mask, ci_mask,
-                                r, s, pid_s, n_pix_blocks, H, W, W_out, H_out * W_out, stride, padding,
-                                s_dyc, s_dyh, s_dyw, s_xc, s_xh, s_xw,
-                                ACC_DTYPE, DOT_PRECISION, SPLIT, BLOCK_P, BLOCK_CO, BLOCK_CI)
+        g, db = conv_wgrad_tile(dy_ptr + n64 * s_dyn, x_ptr + n64 * s_xn, offs_co, co_mask, ci_row, r_row, s_row,
+                                row_mask, pid_s, n_pix_blocks, n_split, H, W, W_out, H_out * W_out, stride, padding,
+                                s_dyc, s_dyp, s_xc, s_xh, s_xw,
+                                ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_M, BLOCK_CO, INDEX64)
         dw += c * g
         dwb += g
         dlevel = tl.sum(tl.sum(g * w_tile, axis=1), axis=0)
@@ -127,27 +138,30 @@ def hyper_conv2d_wgrad_kernel(
             dlevel += tl.where(owns_bias, tl.sum(db * bias_tile, axis=0), 0.0)
         dbias += c * db
         dbias_base += db
-        part = (pid_s * tl.num_programs(0) + pid_co) * n_progs_k + pid_k
         tl.store(dlevel_part_ptr + part * N + n, dlevel)
 
     # Partial buffers are [SPLIT, C_out, C_in, KH, KW] and [SPLIT, C_out].
-    store_weight_partials(dw_part_ptr, dw, pid_s, offs_co, offs_ci, r, s, w_mask, C_out, C_in, KH, KW)
-    store_weight_partials(dwb_part_ptr, dwb, pid_s, offs_co, offs_ci, r, s, w_mask, C_out, C_in, KH, KW)
+    store_weight_partials(dw_part_ptr, dw, pid_s, offs_co, ci_row, tap_row, w_mask, C_out, C_in, KH, KW)
+    store_weight_partials(dwb_part_ptr, dwb, pid_s, offs_co, ci_row, tap_row, w_mask, C_out, C_in, KH, KW)
     bias_mask = co_mask & owns_bias
     tl.store(dbias_part_ptr + pid_s * C_out + offs_co, dbias, mask=bias_mask)
     tl.store(dbias_base_part_ptr + pid_s * C_out + offs_co, dbias_base, mask=bias_mask)
 
 
 # --------------------------------------------------------------------- launchers
+def _packed(weight, weight_base, contiguous_dim):
+    return pack_weight(weight, contiguous_dim), pack_weight(weight_base, contiguous_dim)
+
+
 def forward(x, level, weight, weight_base, bias, bias_base, stride, padding):
     x = dense(x)
-    weight, weight_base = weight.contiguous(), weight_base.contiguous()
+    # Weights stored C_in-innermost: the forward's reduction dimension (see pack_weight).
+    w, wb = _packed(weight, weight_base, 1)
     # The kernels index the biases with unit stride: a strided view must be made dense.
-    op_args = (level.contiguous(), weight, weight_base,
-               bias.contiguous() if bias is not None else weight,
-               bias_base.contiguous() if bias_base is not None else weight)
-    return launch_forward(hyper_conv2d_fwd_kernel, x, weight, op_args, stride, padding,
-                          tiles(x.shape[1], weight.shape[0]),
+    op_args = (level.contiguous(), w, wb,
+               bias.contiguous() if bias is not None else w,
+               bias_base.contiguous() if bias_base is not None else w)
+    return launch_forward(hyper_conv2d_fwd_kernel, x, w, op_args, stride, padding,
                           HAS_BIAS=bias is not None, HAS_BIAS_BASE=bias_base is not None)
 
 
@@ -167,33 +181,32 @@ def backward(grad_out, x, level, weight, weight_base, bias, bias_base, stride, p
 
 
 def _grad_input(grad_out, x, level, weight, weight_base, stride, padding):
-    return launch_grad_input(hyper_conv2d_dgrad_kernel, grad_out, x, weight, (level, weight, weight_base),
-                             stride, padding, tiles(x.shape[1], weight.shape[0]))
+    # Weights stored C_out-innermost: the input gradient's reduction dimension.
+    w, wb = _packed(weight, weight_base, 0)
+    return launch_grad_input(hyper_conv2d_dgrad_kernel, grad_out, x, w, (level, w, wb), stride, padding)
 
 
 def _grad_params(grad_out, x, level, weight, bias, stride, padding):
     n, c_in, h, w = x.shape
     c_out, _, kh, kw = weight.shape
     h_out, w_out = grad_out.shape[2:]
-    acc_dtype = accumulator_dtype(x.dtype)
-    tile = tiles(c_in, c_out)
+    tile = wgrad_tile(x.dtype, c_in, c_out)
     grid_co = triton.cdiv(c_out, tile["BLOCK_CO"])
-    grid_k = triton.cdiv(c_in, tile["BLOCK_CI"]) * kh * kw
-    split = split_count(grid_co * grid_k, triton.cdiv(h_out * w_out, tile["BLOCK_P"]), x.device)
-    zeros = dict(dtype=acc_dtype, device=x.device)
+    grid_m = triton.cdiv(c_in, tile["BLOCK_CI"]) * triton.cdiv(kh * kw, tile["BLOCK_M"] // tile["BLOCK_CI"])
+    split = split_count(grid_co * grid_m, triton.cdiv(h_out * w_out, tile["BLOCK_P"]), x.device)
+    zeros = dict(dtype=accumulator_dtype(x.dtype), device=x.device)
     dw_part = torch.zeros((split, c_out, c_in, kh, kw), **zeros)
     dwb_part = torch.zeros((split, c_out, c_in, kh, kw), **zeros)
-    dlevel_part = torch.zeros((split * grid_co * grid_k, n), **zeros)
+    dlevel_part = torch.zeros((split * grid_co * grid_m, n), **zeros)
     dbias_part = torch.zeros((split, c_out), **zeros)
     dbias_base_part = torch.zeros((split, c_out), **zeros)
     if n > 0:
-        hyper_conv2d_wgrad_kernel[(grid_co, grid_k, split)](
-            grad_out, x, level, weight, bias if bias is not None else weight,
-            dw_part, dwb_part, dlevel_part, dbias_part, dbias_base_part,
-            n, c_in, h, w, c_out, h_out, w_out, stride, padding,
-            *grad_out.stride(), *x.stride(), *weight.stride(),
-            KH=kh, KW=kw, HAS_BIAS=bias is not None, SPLIT=split,
-            **numerics(x.dtype), **tile, **launch_opts(),
-        )
+        args = (grad_out, x, level, weight, bias if bias is not None else weight,
+                dw_part, dwb_part, dlevel_part, dbias_part, dbias_base_part,
+                n, c_in, h, w, c_out, h_out, w_out, stride, padding, split,
+                *pixel_strides(grad_out), *x.stride(), *weight.stride())
+        launch(hyper_conv2d_wgrad_kernel, lambda meta: (grid_co, grid_m, split), args,
+               dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, INDEX64=index64(grad_out, x), **numerics(x.dtype)),
+               gpu_configs("wgrad", x.dtype, c_in, c_out), tile)
     return [dlevel_part.sum(0), dw_part.sum(0), dwb_part.sum(0),
             dbias_part.sum(0) if bias is not None else None, dbias_base_part.sum(0)]

@@ -74,3 +74,10 @@ def check_positive_float(name: str, v) -> float:
     if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
         raise ValueError(f"{name} must be a finite number > 0, got {v!r}")
     return float(v)
+
+
+def check_choice(name: str, v, choices: Sequence[str]) -> str:
+    """A named option (e.g. a model's released-vs-variant switch): one of ``choices``."""
+    if not isinstance(v, str) or v not in choices:
+        raise ValueError(f"{name} must be one of {list(choices)}, got {v!r}")
+    return v

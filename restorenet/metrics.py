@@ -1,28 +1,42 @@
-"""Image-quality metrics on batches: PSNR and SSIM, one value per image.
+"""Image-quality metrics as restoration papers report them: PSNR and SSIM, per image.
 
-Both take ``pred`` and ``target`` of shape ``[N, C, H, W]`` and return ``[N]``.
-They are computed on all channels as given (RGB here), not on the luminance
-(Y) channel that some SR papers report; numbers are therefore comparable
-between our models but a little lower than Y-channel figures in papers.
+Both take ``pred`` and ``target`` of shape ``[N, C, H, W]`` (values in
+``[0, data_range]``) and return one float64 value per image, ``[N]``. The
+numbers come from scikit-image, called per image on float64 arrays:
 
-    PSNR = 10 log10(data_range^2 / MSE),  MSE over C, H, W   (inf if pred == target)
+    psnr   skimage.metrics.peak_signal_noise_ratio(target, pred, data_range=L)
+           = 10 log10(L^2 / MSE), MSE over C, H, W          (inf if pred == target)
+    ssim   skimage.metrics.structural_similarity(target, pred, data_range=L,
+               gaussian_weights=True, sigma=1.5, use_sample_covariance=False,
+               channel_axis=0)
+           Wang et al. (2004): 11x11 Gaussian window (sigma 1.5), C1 = (0.01 L)^2,
+           C2 = (0.03 L)^2, per channel, averaged over channels and over the
+           pixels where the window fits -- what BasicSR's ``calculate_ssim``
+           (and the MATLAB code before it) computes.
 
-    SSIM (Wang et al. 2004), per channel, then averaged over channels and pixels:
-        mu_x = G * x,  sigma_x^2 = G * x^2 - mu_x^2,  sigma_xy = G * xy - mu_x mu_y
-        S = ((2 mu_x mu_y + C1)(2 sigma_xy + C2)) / ((mu_x^2 + mu_y^2 + C1)(sigma_x^2 + sigma_y^2 + C2))
-        C1 = (0.01 L)^2,  C2 = (0.03 L)^2,  G = 11x11 Gaussian window, sigma 1.5
-    The window is applied only where it fits inside the image ("valid"), which
-    is what ``skimage.metrics.structural_similarity(..., gaussian_weights=True,
-    sigma=1.5, use_sample_covariance=False, channel_axis=0, data_range=L)``
-    averages over, so the two agree.
+Two options make them the numbers in the papers' tables (BasicSR's
+``test_y_channel`` and ``crop_border``):
+
+    y_channel=True   compare luma only: Y of ITU-R BT.601 for RGB in [0, 1],
+                     Y = (16 + 65.481 R + 128.553 G + 24.966 B) / 255 (MATLAB's
+                     ``rgb2ycbcr``, via ``skimage.color.rgb2ycbcr``); SR and
+                     JPEG papers report this.
+    crop_border=b    leave out b pixels on every side first (SR papers: b =
+                     the scale factor).
+
+RGB numbers (the default) are what deblurring and denoising papers report; Y
+numbers are higher because luma is smoother than colour.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from restorenet._checks import check_tensor
+from restorenet._checks import check_int, check_tensor
 
-__all__ = ["psnr", "ssim"]
+__all__ = ["psnr", "ssim", "rgb_to_y", "SSIM_WINDOW"]
+
+SSIM_WINDOW = 11  # skimage's Gaussian window for sigma 1.5 (truncate 3.5): 2 * 5 + 1
 
 
 def _check_pair(pred, target) -> None:
@@ -42,68 +56,63 @@ def _check_data_range(data_range) -> None:
         raise ValueError(f"data_range must be a positive number, got {data_range!r}")
 
 
-@torch.no_grad()
-def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
-    """Peak signal-to-noise ratio in dB per image, ``[N]`` (float64)."""
+def rgb_to_y(img: torch.Tensor, data_range: float = 1.0) -> torch.Tensor:
+    """BT.601 luma of RGB images ``[N, 3, H, W]`` in ``[0, data_range]``, as
+    ``[N, 1, H, W]`` float64 in the same range (16/255 .. 235/255 of it)."""
+    check_tensor("img", img, ndim=4)
+    if img.shape[1] != 3:
+        raise ValueError(f"img must be RGB ([N, 3, H, W]) for the Y channel, got shape "
+                         f"{tuple(img.shape)}")
+    _check_data_range(data_range)
+    from skimage.color import rgb2ycbcr  # imported on use: skimage pulls in SciPy (seconds)
+
+    rgb = img.detach().double().cpu().permute(0, 2, 3, 1).numpy() / data_range
+    y = rgb2ycbcr(rgb, channel_axis=-1)[..., 0] / 255.0  # skimage: Y in [16, 235]
+    return torch.from_numpy(np.ascontiguousarray(y)).unsqueeze(1) * data_range
+
+
+def _prepare(pred, target, data_range, y_channel: bool, crop_border: int):
+    """Checked float64 numpy arrays [N, C, H, W]: Y channel and border crop applied."""
     _check_pair(pred, target)
     _check_data_range(data_range)
-    mse = (pred.double() - target.double()).pow(2).flatten(1).mean(1)
-    return 10.0 * torch.log10(data_range**2 / mse)  # mse == 0 gives +inf
-
-
-def gaussian_window(size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Normalised 1-D Gaussian of ``size`` taps (the 2-D window is its outer product)."""
-    x = torch.arange(size, dtype=torch.float64) - (size - 1) / 2
-    g = torch.exp(-(x**2) / (2 * sigma**2))
-    return g / g.sum()
-
-
-def _valid_filter_matrix(size: int, g: torch.Tensor) -> torch.Tensor:
-    """``[size, size - k + 1]`` matrix T with ``(v @ T)[j] = sum_i g[i] v[j + i]``.
-
-    Filtering as a banded matrix product runs on BLAS, which is much faster on
-    CPU in float64 than a grouped convolution.
-    """
-    k = g.numel()
-    out = size - k + 1
-    t = torch.zeros(size, out, dtype=g.dtype, device=g.device)
-    cols = torch.arange(out, device=g.device)
-    for i in range(k):
-        t[cols + i, cols] = g[i]
-    return t
-
-
-def _filter_valid(x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
-    """Separable Gaussian filter over H and W of every plane, no padding."""
-    h, w = x.shape[-2:]
-    return _valid_filter_matrix(h, g).T @ x @ _valid_filter_matrix(w, g)
+    check_int("crop_border", crop_border, 0)
+    h, w = pred.shape[-2:]
+    if 2 * crop_border >= min(h, w):
+        raise ValueError(f"crop_border must leave pixels: {crop_border} on each side of an "
+                         f"image of {h}x{w}")
+    if y_channel:
+        pred, target = rgb_to_y(pred, data_range), rgb_to_y(target, data_range)
+    b = crop_border
+    pred, target = (t[..., b:h - b, b:w - b].detach().double().cpu().numpy() for t in (pred, target))
+    return pred, target
 
 
 @torch.no_grad()
-def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0,
-         window_size: int = 11, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per image, ``[N]`` (float64); 1 means identical.
+def psnr(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, *,
+         y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
+    """Peak signal-to-noise ratio in dB per image, ``[N]`` float64 (see the module)."""
+    from skimage.metrics import peak_signal_noise_ratio
 
-    Per-channel SSIM maps with a Gaussian window, averaged over channels and
-    valid pixels (see the module docstring). Images must be at least
-    ``window_size`` pixels on each side.
+    p, t = _prepare(pred, target, data_range, y_channel, crop_border)
+    with np.errstate(divide="ignore"):  # identical images: inf, as documented
+        values = [peak_signal_noise_ratio(ti, pi, data_range=data_range) for pi, ti in zip(p, t)]
+    return torch.tensor(values, dtype=torch.float64)
+
+
+@torch.no_grad()
+def ssim(pred: torch.Tensor, target: torch.Tensor, data_range: float = 1.0, *,
+         y_channel: bool = False, crop_border: int = 0) -> torch.Tensor:
+    """Structural similarity per image, ``[N]`` float64; 1 means identical (see the module).
+
+    The images (after ``crop_border``) must be at least 11x11, the Gaussian window.
     """
-    _check_pair(pred, target)
-    _check_data_range(data_range)
-    if isinstance(window_size, bool) or not isinstance(window_size, int) or window_size < 1 \
-            or window_size % 2 == 0:
-        raise ValueError(f"window_size must be a positive odd integer, got {window_size!r}")
-    if min(pred.shape[-2:]) < window_size:
-        raise ValueError(f"pred must be at least {window_size}x{window_size} for SSIM, "
-                         f"got shape {tuple(pred.shape)}")
-    x, y = pred.double(), target.double()
-    g = gaussian_window(window_size, sigma).to(x.device)
-    c1, c2 = (0.01 * data_range) ** 2, (0.03 * data_range) ** 2
+    from skimage.metrics import structural_similarity
 
-    mu_x, mu_y = _filter_valid(x, g), _filter_valid(y, g)
-    var_x = _filter_valid(x * x, g) - mu_x**2
-    var_y = _filter_valid(y * y, g) - mu_y**2
-    cov_xy = _filter_valid(x * y, g) - mu_x * mu_y
-    ssim_map = ((2 * mu_x * mu_y + c1) * (2 * cov_xy + c2)) / (
-        (mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
-    return ssim_map.flatten(1).mean(1)
+    p, t = _prepare(pred, target, data_range, y_channel, crop_border)
+    if min(p.shape[-2:]) < SSIM_WINDOW:
+        raise ValueError(f"pred must be at least {SSIM_WINDOW}x{SSIM_WINDOW} for SSIM (after "
+                         f"crop_border), got shape {tuple(pred.shape)}")
+    values = [structural_similarity(ti, pi, data_range=data_range, gaussian_weights=True,
+                                    sigma=1.5, use_sample_covariance=False, channel_axis=0)
+              for pi, ti in zip(p, t)]
+    return torch.tensor(values, dtype=torch.float64)

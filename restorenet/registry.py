@@ -31,8 +31,16 @@ def list_models() -> list[str]:
     return sorted(_FACTORIES)
 
 
-def create_model(name: str, **cfg) -> nn.Module:
-    """Build model ``name``; ``cfg`` overrides the paper's default config."""
+def create_model(name: str, weights=None, **cfg) -> nn.Module:
+    """Build model ``name``; ``cfg`` overrides the paper's default config.
+
+    ``weights``: an authors' released checkpoint (a path or a loaded object) to load,
+    converted to our layout (``restorenet.weights.from_released``; the model is then
+    returned in eval mode)."""
+    if weights is not None:
+        from restorenet.weights import from_released
+
+        return from_released(name, weights, **cfg)
     _import_models()
     try:
         factory = _FACTORIES[name]

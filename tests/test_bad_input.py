@@ -509,8 +509,11 @@ COUNTS = (-1, 1.5, True, "1")          # a block count: an int >= 0
 LEVELS = ((1, -1), (1.5,), "11", 3)    # per-level block counts: a sequence of ints >= 0
 
 MODELS = {
-    "adarevd": ModelSpec(dict(width=2, enc_blocks=(1, 1, 1, 1), middle_blocks=1, num_decoders=2),
-                         ctor=dict(width=SIZES, in_channels=SIZES, middle_blocks=COUNTS,
+    # The NAFNet encoder: the default UFPNet one draws fresh noise at every call (its float64
+    # copy would not see the same), and its kernel estimator does not shrink with width.
+    "adarevd": ModelSpec(dict(width=2, enc_blocks=(1, 1, 1, 1), middle_blocks=1, num_decoders=2, encoder="nafnet"),
+                         ctor=dict(width=SIZES, in_channels=SIZES, middle_blocks=COUNTS, encoder=("unet", 3, None),
+                                   encoder_pooling=("tlc", None),
                                    enc_blocks=LEVELS + ((1, 1, 1), 8), num_decoders=(0, -1, 1.5, True, "2"),
                                    dropout=(-0.1, 1.0, "0", True))),
     "constyle_nafnet": ModelSpec(dict(width=4, enc_blocks=(1, 1, 1), middle_blocks=1, dec_blocks=(1, 1, 1),

@@ -3,10 +3,10 @@ import math
 import numpy as np
 import pytest
 import torch
-from skimage.metrics import structural_similarity
+from skimage.metrics import peak_signal_noise_ratio, structural_similarity
 
 from restorenet.data import add_gaussian_noise, heldout_images, jpeg_compress
-from restorenet.metrics import gaussian_window, psnr, ssim
+from restorenet.metrics import psnr, rgb_to_y, ssim
 
 
 @pytest.fixture(scope="module")
@@ -61,11 +61,43 @@ def test_ssim_drops_with_noise(photos):
     assert scores[0] > scores[1] > scores[2]
 
 
-def test_gaussian_window_is_normalised_and_symmetric():
-    g = gaussian_window(11, 1.5)
-    assert g.shape == (11,) and g.sum().item() == pytest.approx(1.0)
-    torch.testing.assert_close(g, g.flip(0))
-    assert g.argmax().item() == 5
+def bt601_y(img: torch.Tensor) -> torch.Tensor:
+    """MATLAB's rgb2ycbcr luma for RGB in [0, 1], in [0, 1] (BasicSR's bgr2ycbcr y_only)."""
+    r, g, b = img.double().unbind(1)
+    return ((16 + 65.481 * r + 128.553 * g + 24.966 * b) / 255).unsqueeze(1)
+
+
+def test_y_channel_is_bt601_luma():
+    black, white = torch.zeros(1, 3, 2, 2), torch.ones(1, 3, 2, 2)
+    assert torch.allclose(rgb_to_y(black), torch.full((1, 1, 2, 2), 16 / 255, dtype=torch.float64))
+    assert torch.allclose(rgb_to_y(white), torch.full((1, 1, 2, 2), 235 / 255, dtype=torch.float64))
+    img = torch.rand(2, 3, 5, 7)
+    torch.testing.assert_close(rgb_to_y(img), bt601_y(img))
+
+
+def test_y_channel_and_crop_border_metrics_match_skimage_on_the_cropped_luma(photos):
+    pred = add_gaussian_noise(photos, 15, torch.Generator().manual_seed(0)).clamp(0, 1)
+    b = 4
+    y_pred, y_true = (bt601_y(t)[..., b:-b, b:-b] for t in (pred, photos))
+    expected_psnr = [peak_signal_noise_ratio(t[0].numpy(), p[0].numpy(), data_range=1.0)
+                     for p, t in zip(y_pred, y_true)]
+    expected_ssim = [structural_similarity(t[0].numpy(), p[0].numpy(), data_range=1.0,
+                                           gaussian_weights=True, sigma=1.5,
+                                           use_sample_covariance=False)
+                     for p, t in zip(y_pred, y_true)]
+    torch.testing.assert_close(psnr(pred, photos, y_channel=True, crop_border=b),
+                               torch.tensor(expected_psnr, dtype=torch.float64))
+    torch.testing.assert_close(ssim(pred, photos, y_channel=True, crop_border=b),
+                               torch.tensor(expected_ssim, dtype=torch.float64))
+    # Luma is smoother than colour noise: Y PSNR is higher than RGB PSNR.
+    assert (psnr(pred, photos, y_channel=True) > psnr(pred, photos)).all()
+
+
+def test_crop_border_leaves_the_border_out(photos):
+    pred = photos.clone()
+    pred[..., :3, :] = 0  # wrong only in the top 3 rows
+    assert torch.isinf(psnr(pred, photos, crop_border=3)).all()
+    assert torch.isfinite(psnr(pred, photos, crop_border=2)).all()
 
 
 @pytest.mark.parametrize("call, exc, name", [
@@ -74,7 +106,9 @@ def test_gaussian_window_is_normalised_and_symmetric():
     (lambda x: psnr(x, x.numpy()), TypeError, "target"),
     (lambda x: psnr(x, x, data_range=0), ValueError, "data_range"),
     (lambda x: ssim(x[..., :8, :8], x[..., :8, :8]), ValueError, "pred"),
-    (lambda x: ssim(x, x, window_size=4), ValueError, "window_size"),
+    (lambda x: psnr(x, x, crop_border=32), ValueError, "crop_border"),
+    (lambda x: psnr(x, x, crop_border=-1), ValueError, "crop_border"),
+    (lambda x: rgb_to_y(x[:, :1]), ValueError, "img"),
     (lambda x: ssim((x * 255).byte(), x), TypeError, "pred"),
 ])
 def test_bad_arguments_name_the_argument(photos, call, exc, name):

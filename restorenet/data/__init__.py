@@ -1,4 +1,4 @@
-"""Data for training and evaluation: degradations, real photos and tasks.
+"""Data for training and evaluation: degradations, real photos, your own folders, tasks.
 
     from restorenet.data import get_task, RandomCropSampler, heldout_images
     task = get_task("denoise")
@@ -13,7 +13,16 @@ from restorenet.data.degradations import (
     random_motion_blur,
     random_motion_kernel,
 )
+from restorenet.data.folders import (
+    FolderCropSampler,
+    PairedCropSampler,
+    folder_images,
+    match_pairs,
+    paired_images,
+)
+from restorenet.data.images import IMAGE_EXTENSIONS, list_images, read_image, write_image
 from restorenet.data.photos import (
+    CropWindow,
     HELDOUT_PHOTOS,
     TRAIN_PHOTOS,
     RandomCropSampler,
@@ -30,4 +39,6 @@ __all__ = [
     "HELDOUT_PHOTOS", "TRAIN_PHOTOS", "RandomCropSampler", "available_photos",
     "center_crop", "heldout_images", "load_photo",
     "TASKS", "Task", "get_task",
+    "CropWindow", "FolderCropSampler", "PairedCropSampler", "folder_images", "match_pairs",
+    "paired_images", "IMAGE_EXTENSIONS", "list_images", "read_image", "write_image",
 ]

@@ -13,12 +13,13 @@ Grayscale photos (``camera``, ``grass``, ``gravel``, ``brick``, ``coins``,
 from __future__ import annotations
 
 import functools
+from dataclasses import dataclass
 from typing import Sequence
 
 import numpy as np
 import torch
 
-from restorenet._checks import check_tensor
+from restorenet._checks import check_int, check_tensor
 
 __all__ = [
     "TRAIN_PHOTOS",
@@ -28,6 +29,7 @@ __all__ = [
     "RandomCropSampler",
     "heldout_images",
     "center_crop",
+    "CropWindow",
 ]
 
 TRAIN_PHOTOS: tuple[str, ...] = ("astronaut", "rocket", "motorcycle")
@@ -85,6 +87,44 @@ def heldout_images(size: int = 128, names: Sequence[str] = HELDOUT_PHOTOS) -> to
     return torch.stack([center_crop(load_photo(n), size) for n in names])
 
 
+@dataclass(frozen=True)
+class CropWindow:
+    """One random training crop: which image, where, and its flips.
+
+    ``draw`` takes five integers from ``generator``, in this order: the image
+    (uniform), the top and left corner (uniform), a horizontal and a vertical
+    flip (probability 1/2 each). Every sampler draws its crops this way, and a
+    paired sampler cuts the same window from both images of a pair.
+    """
+
+    index: int
+    top: int
+    left: int
+    hflip: bool
+    vflip: bool
+    crop: int
+
+    @classmethod
+    def draw(cls, generator: torch.Generator, sizes: Sequence[tuple[int, int]], crop: int
+             ) -> "CropWindow":
+        def randint(high: int) -> int:
+            return int(torch.randint(high, (1,), generator=generator))
+
+        index = randint(len(sizes))
+        h, w = sizes[index]
+        top, left = randint(h - crop + 1), randint(w - crop + 1)
+        return cls(index, top, left, bool(randint(2)), bool(randint(2)), crop)
+
+    def cut(self, img: torch.Tensor) -> torch.Tensor:
+        """The window of a ``[C, H, W]`` image, flipped, as a contiguous tensor."""
+        patch = img[:, self.top:self.top + self.crop, self.left:self.left + self.crop]
+        if self.hflip:
+            patch = patch.flip(-1)
+        if self.vflip:
+            patch = patch.flip(-2)
+        return patch.contiguous()
+
+
 class RandomCropSampler:
     """Draws batches of random ``crop x crop`` patches from the training photos.
 
@@ -98,8 +138,7 @@ class RandomCropSampler:
     """
 
     def __init__(self, crop: int = 64, names: Sequence[str] = TRAIN_PHOTOS, seed: int = 0):
-        if isinstance(crop, bool) or not isinstance(crop, int) or crop < 1:
-            raise ValueError(f"crop must be a positive integer, got {crop!r}")
+        check_int("crop", crop, 1)
         if len(names) == 0:
             raise ValueError("names must list at least one photo")
         self.photos = [load_photo(n) for n in names]
@@ -110,22 +149,11 @@ class RandomCropSampler:
         self.names = tuple(names)
         self.generator = torch.Generator().manual_seed(seed)
 
-    def _randint(self, high: int) -> int:
-        return int(torch.randint(high, (1,), generator=self.generator))
-
     def sample_one(self) -> torch.Tensor:
-        photo = self.photos[self._randint(len(self.photos))]
-        h, w = photo.shape[-2:]
-        top, left = self._randint(h - self.crop + 1), self._randint(w - self.crop + 1)
-        patch = photo[:, top:top + self.crop, left:left + self.crop]
-        if self._randint(2):
-            patch = patch.flip(-1)
-        if self._randint(2):
-            patch = patch.flip(-2)
-        return patch.contiguous()
+        window = CropWindow.draw(self.generator, [p.shape[-2:] for p in self.photos], self.crop)
+        return window.cut(self.photos[window.index])
 
     def sample(self, batch: int) -> torch.Tensor:
         """A ``[batch, 3, crop, crop]`` float tensor in [0, 1]."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
-            raise ValueError(f"batch must be a positive integer, got {batch!r}")
+        check_int("batch", batch, 1)
         return torch.stack([self.sample_one() for _ in range(batch)])

@@ -1,6 +1,6 @@
 """AdaRevD: Adaptive Patch Exiting Reversible Decoder for image deblurring.
 
-    img -> frozen NAFNet encoder -> e0..e4 (each times a learnable per-channel scale)
+    img -> frozen encoder (UFPNet's, or NAFNet's) -> e0..e4 (each times a learnable per-channel scale)
         -> K reversible decoder columns, each with its own head: out_k = conv3x3(c3_k) + img
     train: returns [out_1, ..., out_K] (the loss averages over every column)
     eval:  returns out_K;  ``restore()``: tiled inference where a classifier on e3
@@ -8,8 +8,8 @@
            batch (images of any sizes) in one ragged pass: tiles sorted by exit depth,
            so column k runs on a prefix of them (``restorenet.ops.tiles``).
 
-Default config = AdaRevD-B: encoder width 64, blocks [1,1,1,28] + 1 middle block,
-K = ``num_decoders`` = 4 (the S/B/L variants use K = 2/4/8).
+Default config = AdaRevD-B as released: UFPNet encoder width 64, blocks [1,1,1,28] +
+1 middle block, K = ``num_decoders`` = 4 (the S/B/L variants use K = 2/4/8).
 
 One column maps states (c0, c1, c2, c3) = (e3, e2, e1, e0) -- 8w, 4w, 2w, w channels
 at H/8 ... H -- with x = e4 (16w, H/16) fixed for all columns::
@@ -18,7 +18,13 @@ at H/8 ... H -- with x = e4 (16w, H/16) fixed for all columns::
     c1' = a1*c1 + L1(c0', c2)
     c2' = a2*c2 + L2(c1', c3)
     c3' = a3*c3 + L3(c2')
-    L(a, b) = FCNAFBlock( PS2(conv1x1(a)) + LN(conv2x2_s2(b)) )    (L3 has no b)
+    L(a, b) = FCNAFBlock( PS2(conv1x1(a)) + LN(conv2x2_s2(b)) )    (L3 has no b; LN eps 1e-5)
+
+The alphas are clamped to |a| >= 1e-3 (sign kept) in place on the parameters before
+each forward, as released (``DecoderColumn.clamp_alphas_``). As the released evaluation
+code: images are reflect-padded to a multiple of 16, and the encoder's SCA means are
+local, over 384 / 2**level pixels (``encoder_pooling="local"``: NAFNet's TLC; global for
+inputs up to 384 px, so training crops see the released training encoder).
 
 Each update is invertible given the already-updated coarser state:
 ``c = (c' - L(...)) / a``, so training does not need to keep activations: with
@@ -36,12 +42,15 @@ from typing import Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from restorenet._checks import check_image, check_int, check_int_sequence
-from restorenet.models.blocks import (LayerNorm2d, NAFBlock, scaled_residual_add, downsample, pad_to_multiple,
-                                      upsample)
+from restorenet.models.blocks import (LayerNorm2d, NAFBlock, SimplifiedChannelAttention, scaled_residual_add,
+                                      downsample, upsample)
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
+from restorenet.models.ufpnet import UFPNetEncoder
 from restorenet.ops._common import autocast_dtype
+from restorenet.ops.naf_elementwise import simple_gate
 from restorenet.ops.rev_columns import column_forward, reversible_columns
 from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan, tile_schedule
 from restorenet.registry import register_model
@@ -50,6 +59,13 @@ NUM_LEVELS = 4  # decoder states c0..c3; the encoder must have exactly 4 down st
 NUM_CLASSES = 6  # degradation classes of the patch-exit classifier
 PSNR_CUTS = (20.0, 25.0, 30.0, 35.0, 40.0)  # dB of blurry vs sharp crop -> class 0..5
 ALPHA_MIN = 1e-3  # |a| is kept above this so the coupling stays invertible
+DOWN_NORM_EPS = 1e-5  # the LayerNorm after each level's 2x2 down conv (released: 1e-5)
+CLASSIFIER_NORM_EPS = 1e-6  # the classifier's LayerNorm (released: 1e-6)
+ENCODERS = ("ufpnet", "nafnet")
+ENCODER_POOLINGS = ("local", "global")
+# The released evaluation encoders (UFPNetLocal / NAFNetLocal, NAFNet's "TLC"): each SCA
+# averages over a window of 1.5x the 256-pixel training size, 384 / 2**level pixels.
+LOCAL_POOL_WINDOW = 384
 # rev_anchor_every="auto" (measured: restorenet.ops.rev_columns's anchor table):
 # L_i in half precision (autocast or a half model): a state set every 2 columns;
 # fp32: every 4 columns, only when K > 4 (pure reversible is fine up to K = 4);
@@ -133,7 +149,7 @@ class LevelFunction(nn.Module):
         self.has_finer = has_finer
         if has_finer:
             self.down = downsample(channels // 2)
-            self.down_norm = LayerNorm2d(channels)
+            self.down_norm = LayerNorm2d(channels, eps=DOWN_NORM_EPS)
         self.block = FCNAFBlock(channels, dropout=dropout)
 
     def forward(self, coarse: torch.Tensor, finer: torch.Tensor | None = None) -> torch.Tensor:
@@ -144,9 +160,62 @@ class LevelFunction(nn.Module):
 
 
 def signed_clamp(a: torch.Tensor, eps: float = ALPHA_MIN) -> torch.Tensor:
-    """a with |a| >= eps and its sign kept (sign(0) counts as +)."""
+    """a with |a| >= eps and its sign kept (sign(0) counts as +: the released rule
+    would keep an exact 0, which makes the coupling singular)."""
     sign = torch.where(a < 0, -torch.ones_like(a), torch.ones_like(a))
     return sign * a.abs().clamp_min(eps)
+
+
+# ------------------------------------------------------------ encoder pooling
+
+
+class LocalChannelAttention(SimplifiedChannelAttention):
+    """SCA with the mean over a ``window`` x ``window`` neighbourhood instead of the whole
+    image, as the released evaluation encoders compute it (NAFNet's test-time local
+    converter, ``AvgPool2d`` of ``local_arch.py``)::
+
+        t * conv1x1( replicate_pad( avgpool_{kh x kw, stride 1}(t) ) )
+        kh = min(H, window), kw = min(W, window); the pad centres the map back to H x W
+        (an odd pad puts its extra row/column at the end)
+
+    Where the window covers the whole feature (H, W <= window) it is the global mean:
+    the fused op of :class:`SimplifiedChannelAttention`, unchanged. Same parameters
+    (``proj``) and state dict."""
+
+    def __init__(self, channels: int, window: int):
+        super().__init__(channels)
+        self.window = check_int("window", window, 1)
+
+    def _attend(self, x: torch.Tensor, gated: bool) -> torch.Tensor:
+        h, w = x.shape[-2:]
+        if h <= self.window and w <= self.window:
+            return super()._attend(x, gated)
+        t = simple_gate(x) if gated else x
+        pooled = F.avg_pool2d(t, (min(h, self.window), min(w, self.window)), stride=1)
+        ph, pw = h - pooled.shape[-2], w - pooled.shape[-1]
+        pooled = F.pad(pooled, (pw // 2, (pw + 1) // 2, ph // 2, (ph + 1) // 2), mode="replicate")
+        return t * self.proj(pooled.to(self.proj.weight.dtype)).to(t.dtype)
+
+
+def reflect_pad_to_multiple(x: torch.Tensor, multiple: int) -> torch.Tensor:
+    """Pad H and W on the bottom/right up to a multiple by reflection, as the released
+    evaluation (``check_image_size``, mode "reflect") and UFPNet's encoder do. An image
+    too small to reflect that far (pad >= its size) is zero-padded instead."""
+    h, w = x.shape[-2:]
+    ph, pw = (-h) % multiple, (-w) % multiple
+    if not (ph or pw):
+        return x
+    return F.pad(x, (0, pw, 0, ph), mode="reflect" if ph < h and pw < w else "constant")
+
+
+def use_local_pooling(encoder: nn.Module, window: int = LOCAL_POOL_WINDOW) -> None:
+    """Give every SCA of a NAFNet/UFPNet encoder's level l a ``window >> l`` local mean
+    (parameters kept), as the released ``NAFNetLocal`` / ``UFPNetLocal`` do."""
+    for level, stage in enumerate([*encoder.stages, encoder.middle]):
+        for block in stage:
+            local = LocalChannelAttention(block.sca.proj.in_channels, max(window >> level, 1))
+            local.proj = block.sca.proj
+            block.sca = local
 
 
 # ------------------------------------------------------------------ one column
@@ -179,14 +248,22 @@ class DecoderColumn(nn.Module):
         if not, ``reversible_columns`` keeps no RNG states for the replay."""
         return self.training and any(isinstance(m, nn.Dropout) and m.p > 0 for m in self.modules())
 
-    def alpha(self, i: int) -> torch.Tensor:
-        return signed_clamp(self.alphas[i])
+    @torch.no_grad()
+    def clamp_alphas_(self) -> None:
+        """|a_i| >= ``ALPHA_MIN`` (sign kept), written into the parameters themselves before
+        every forward, as the released code does: the forward then uses the parameter
+        as it is, so an alpha at the bound still gets its full gradient (a clamp inside
+        the forward would give it exactly zero from then on). Written through ``.data``,
+        as released, so autograd does not see it: a graph built by an earlier forward
+        (two forwards, one backward) stays valid."""
+        for a in self.alphas:
+            a.data.copy_(signed_clamp(a.data))
 
     def coupling_alpha(self, i: int, state_dtype: torch.dtype) -> torch.Tensor:
-        """a_i as the fused coupling ops take it: [C], fp32 (fp64 for fp64 states).
-        Differentiable back to the raw ``alphas[i]`` through ``signed_clamp``."""
+        """a_i as the fused coupling ops take it: [C], fp32 (fp64 for fp64 states),
+        differentiable back to ``alphas[i]`` (already clamped by ``clamp_alphas_``)."""
         dtype = torch.float64 if state_dtype == torch.float64 else torch.float32
-        return self.alpha(i).reshape(-1).to(dtype)
+        return self.alphas[i].reshape(-1).to(dtype)
 
     def update_term(self, i: int, coarse: torch.Tensor, finer: torch.Tensor | None,
                     state_dtype: torch.dtype) -> torch.Tensor:
@@ -208,6 +285,7 @@ class DecoderColumn(nn.Module):
     def forward(self, x: torch.Tensor, states: Sequence[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """(c0..c3) -> (c0'..c3'), c_i' = a_i*c_i + L_i(coarser new state, finer old state):
         ``restorenet.ops.column_forward`` (fp32 coupling states for half inputs)."""
+        self.clamp_alphas_()
         return column_forward(self, x, states)
 
 
@@ -238,6 +316,8 @@ class ReversibleColumns(nn.Module):
         c3' inside the op (so their inputs are not kept for backward either)."""
         if anchor_every == "auto":
             anchor_every = self.resolve_anchor_every(x)
+        for column in self.columns:  # outside the op: it takes the alphas as they are
+            column.clamp_alphas_()
         return reversible_columns(list(self.columns), x, states, heads=heads, memory_efficient=memory_efficient,
                                   anchor_every=anchor_every)
 
@@ -267,21 +347,23 @@ class ReversibleColumns(nn.Module):
 
 class PatchExitClassifier(nn.Module):
     """Degradation class of a patch from its e3 feature (8w channels, H/8):
-    conv2x2_s2 (8w->16w) -> NAFBlock -> avgpool -> LayerNorm -> Linear -> GELU -> Linear(6)."""
+    conv2x2_s2 (8w->16w) -> NAFBlock -> avgpool -> LayerNorm (eps 1e-6) -> Linear -> GELU
+    -> Linear(6), times a learnable per-class scale (init 1/sqrt(6))."""
 
     def __init__(self, width: int, num_classes: int = NUM_CLASSES):
         super().__init__()
         c = 8 * width
         self.down = downsample(c)
         self.block = NAFBlock(2 * c)
-        self.norm = nn.LayerNorm(2 * c)
+        self.norm = nn.LayerNorm(2 * c, eps=CLASSIFIER_NORM_EPS)
         self.fc1 = nn.Linear(2 * c, c)
         self.act = nn.GELU()
         self.fc2 = nn.Linear(c, num_classes)
+        self.logit_scale = nn.Parameter(torch.full((1, num_classes), num_classes ** -0.5))
 
     def forward(self, e3: torch.Tensor) -> torch.Tensor:
         t = self.block(self.down(e3)).mean(dim=(2, 3))
-        return self.fc2(self.act(self.fc1(self.norm(t))))
+        return self.fc2(self.act(self.fc1(self.norm(t)))) * self.logit_scale
 
 
 def psnr_class(psnr: torch.Tensor) -> torch.Tensor:
@@ -296,12 +378,26 @@ def psnr_class(psnr: torch.Tensor) -> torch.Tensor:
 
 
 class AdaRevD(nn.Module):
-    """AdaRevD with a NAFNet encoder. See the module docstring for the equations.
+    """AdaRevD. See the module docstring for the equations.
 
     Args:
         width: encoder width w (features w, 2w, 4w, 8w, 16w).
-        enc_blocks: NAFBlocks per encoder level (exactly 4 levels).
+        enc_blocks: blocks per encoder level (exactly 4 levels; with the UFPNet encoder
+            the first three must be 1).
         middle_blocks: NAFBlocks at the bottom of the encoder.
+        encoder: "ufpnet" (default; every released AdaRevD config: a NAFNet whose first
+            three levels are kernel-attention blocks fed by per-pixel blur kernels,
+            ``restorenet.models.ufpnet``) or "nafnet" (a plain NAFNet encoder, the
+            other option of the released code; ``inherit_encoder`` takes a NAFNet).
+        kernel_size, estimator_width, kernel_noise: the UFPNet encoder's (see
+            ``UFPNetEncoder``; released: 19, 64, True -- the released encoder draws
+            Gaussian noise at every forward, so outputs are random unless
+            ``kernel_noise=False``). Ignored with ``encoder="nafnet"``.
+        encoder_pooling: "local" (default, released: the evaluation encoders are
+            ``UFPNetLocal`` / ``NAFNetLocal``, whose SCA averages over a 384 / 2**l
+            window at level l, see ``LocalChannelAttention``; the same as "global" for
+            inputs up to 384 px, e.g. the training crops) or "global" (the whole-image
+            mean at any size).
         num_decoders: K, the number of reversible columns (S/B/L: 2/4/8).
         memory_efficient: rebuild states in backward instead of storing activations.
         rev_anchor_every: with ``memory_efficient``, keep the states entering every
@@ -325,8 +421,14 @@ class AdaRevD(nn.Module):
                  enc_blocks: Sequence[int] = (1, 1, 1, 28), middle_blocks: int = 1,
                  num_decoders: int = 4, memory_efficient: bool = True,
                  dropout: float = 0.0, exit_idx: Sequence[int] | None = None,
-                 rev_anchor_every: Union[int, None, str] = "auto"):
+                 rev_anchor_every: Union[int, None, str] = "auto", encoder: str = "ufpnet",
+                 kernel_size: int = 19, estimator_width: int = 64, kernel_noise: bool = True,
+                 encoder_pooling: str = "local"):
         super().__init__()
+        if encoder not in ENCODERS:
+            raise ValueError(f"encoder must be one of {ENCODERS}, got {encoder!r}")
+        if encoder_pooling not in ENCODER_POOLINGS:
+            raise ValueError(f"encoder_pooling must be one of {ENCODER_POOLINGS}, got {encoder_pooling!r}")
         enc_blocks = check_int_sequence("enc_blocks", enc_blocks, 0, length=NUM_LEVELS)  # one per decoder level
         check_int("num_decoders", num_decoders, 1)  # in_channels, width: NAFNetEncoder's; dropout: NAFBlock's
         self.in_channels = in_channels
@@ -337,8 +439,15 @@ class AdaRevD(nn.Module):
                 or rev_anchor_every < 1):
             raise ValueError(f"rev_anchor_every must be 'auto', None or an int >= 1, got {rev_anchor_every!r}")
         self.rev_anchor_every = rev_anchor_every
-        self.encoder = NAFNetEncoder(in_channels, width, enc_blocks, middle_blocks)
-        self.encoder.requires_grad_(False)  # inherited from a trained NAFNet, kept fixed
+        self.encoder_name = encoder
+        if encoder == "ufpnet":
+            self.encoder = UFPNetEncoder(in_channels, width, enc_blocks, middle_blocks, kernel_size=kernel_size,
+                                         estimator_width=estimator_width, kernel_noise=kernel_noise)
+        else:
+            self.encoder = NAFNetEncoder(in_channels, width, enc_blocks, middle_blocks)
+        if encoder_pooling == "local":
+            use_local_pooling(self.encoder)
+        self.encoder.requires_grad_(False)  # inherited from a trained UFPNet/NAFNet, kept fixed
         self.feature_scales = nn.ParameterList(
             nn.Parameter(torch.ones(1, c, 1, 1)) for c in self.encoder.channels)
         self.decoder = ReversibleColumns(width, num_decoders, dropout)
@@ -357,7 +466,12 @@ class AdaRevD(nn.Module):
         return self
 
     def inherit_encoder(self, nafnet: NAFNet) -> None:
-        """Copy a trained NAFNet's encoder weights (the paper inherits them)."""
+        """Copy a trained NAFNet's encoder weights (the paper inherits them); for a
+        model built with ``encoder="nafnet"``. A released checkpoint (NAFNet or UFPNet,
+        whole network or encoder only): ``restorenet.weights.adarevd.load_encoder``."""
+        if self.encoder_name != "nafnet":
+            raise ValueError(f"nafnet: inherit_encoder copies a NAFNet's encoder, but this model's "
+                             f"encoder is {self.encoder_name!r} (build it with encoder='nafnet')")
         self.encoder.load_state_dict(nafnet.encoder.state_dict())
 
     # -- pieces
@@ -371,7 +485,7 @@ class AdaRevD(nn.Module):
     def classify(self, img: torch.Tensor) -> torch.Tensor:
         """Patch-exit logits [N, 6] of image crops (for training the classifier)."""
         check_image("img", img, self.in_channels)
-        feats = self.encode(pad_to_multiple(img, self.size_multiple))
+        feats = self.encode(reflect_pad_to_multiple(img, self.size_multiple))
         return self.classifier(feats[3])
 
     # -- training / plain inference
@@ -380,7 +494,7 @@ class AdaRevD(nn.Module):
         """Train: list of K restored images (one per column). Eval: the last one."""
         check_image("img", img, self.in_channels)
         h, w = img.shape[-2:]
-        x = pad_to_multiple(img, self.size_multiple)
+        x = reflect_pad_to_multiple(img, self.size_multiple)
         e0, e1, e2, e3, e4 = self.encode(x)
         states = (e3, e2, e1, e0)
         if not self.training:
@@ -401,7 +515,7 @@ class AdaRevD(nn.Module):
                 batched: bool = True):
         """Tiled inference where each tile exits after ``exit_idx[class]`` columns.
 
-        The encoder sees the whole image (padded to a multiple of 16). Feature level l
+        The encoder sees the whole image (reflect-padded to a multiple of 16). Feature level l
         is cut into tiles of ``tile / 2**l`` overlapping by ``overlap / 2**l``; border
         tiles are shifted inward so every tile has full size. Where the padded image is
         smaller than ``tile`` in a dimension, the tile is clamped to the image there
@@ -459,7 +573,7 @@ class AdaRevD(nn.Module):
 
     def _restore_batched(self, entries, tile, overlap, depth_of_class):
         """One ragged pass over all images: see ``restorenet.ops.tiles``."""
-        xs = [pad_to_multiple(e, self.size_multiple) for e in entries]
+        xs = [reflect_pad_to_multiple(e, self.size_multiple) for e in entries]
         # Tiles run as one batch only if they share a shape: group the tensors by the
         # tile they get (clamped on small images). Usually there is one group.
         groups: dict[tuple, list[int]] = {}
@@ -510,7 +624,7 @@ class AdaRevD(nn.Module):
         """The authors' way, one batch of same-size images: gather the tiles still in
         at every column (a host sync each time)."""
         n, (h, w) = img.shape[0], img.shape[-2:]
-        x = pad_to_multiple(img, self.size_multiple)
+        x = reflect_pad_to_multiple(img, self.size_multiple)
         hp, wp = x.shape[-2:]
         th, tw = min(tile, hp), min(tile, wp)
         ys, xs = _tile_starts(hp, th, overlap), _tile_starts(wp, tw, overlap)
@@ -617,5 +731,6 @@ def _blend_tiles(tiles: torch.Tensor, ys, xs, hp: int, wp: int) -> torch.Tensor:
 
 @register_model("adarevd")
 def adarevd(**cfg) -> AdaRevD:
-    """AdaRevD-B: NAFNet encoder width 64 ([1,1,1,28] + 1 middle), K = 4 columns."""
+    """AdaRevD-B: UFPNet encoder width 64 ([1,1,1,28] + 1 middle), K = 4 columns:
+    152,449,386 parameters (``encoder="nafnet"``: 141,037,848)."""
     return AdaRevD(**cfg)

@@ -42,21 +42,45 @@ Training (two phases, as in the paper):
        parts = moco(clean=gt, query=style)
        (l1(restored, gt) + parts["loss"]).backward()
 
-2. ``model.freeze_style_encoder()`` and train on the restoration loss alone.
+2. ``model.freeze_style_encoder()`` and train on the restoration loss alone. As
+   released, the frozen encoder's BatchNorm layers still follow the model's
+   train/eval mode (in training they normalise with batch statistics and keep
+   updating their running statistics: the released phase 2 only stops the
+   gradients); ``freeze_style_encoder(batch_norm="frozen")`` keeps them in eval
+   mode instead (restorenet's earlier choice; it also lets batch 1 train).
 
-``ConStyleMoCoLoss`` follows MoCo: the momentum (key) encoder is a copy of the
-style encoder updated by EMA (m = 0.999) and never gets gradients; it sees
-the clean image while the query encoder sees the degraded one. Choices where
-the description leaves room:
+Faithful to the released code (github.com/Dongqi-Fan/IRConStyle:
+``archs/ConStyle_NAFNet_arch.py``, ``archs/ConStyle_arch.py``,
+``models/ConStyle_model.py``, ``losses/basic_loss.py``; the weights load with
+``restorenet.weights.from_released("constyle_nafnet", ...)``). The released forward
+does not pad (sizes must be multiples of 8); restorenet zero-pads to a multiple of 8
+and crops back, identical on such sizes. Parameters 12,739,872 = the released
+inference model (the training-only key encoder and queue live in the loss here).
 
-* InfoNCE is computed on L2-normalised latents (as in MoCo; with raw BN+GELU
-  outputs a temperature of 0.07 gives logits in the hundreds). The content loss
-  MSE(q, k) uses the raw latents.
-* The queue holds normalised *keys* (clean images) as negatives, as in MoCo.
-  The pointer wraps modulo the queue size, so any batch size works.
-* The style term matches Gram matrices (C x C, normalised by H*W) of the
-  query encoder's four feature maps to those of the key encoder on the clean
-  image: sum_l MSE(G(f_l(lq)), G(f_l^key(gt))).
+``ConStyleMoCoLoss`` follows the released training code by default
+(``variant="released"``). The momentum (key) encoder is a copy of the style encoder
+updated by EMA (m = 0.999) before each step and never gets gradients; it sees the
+clean image while the query encoder sees the degraded one. With ``q``, ``h`` the
+query encoder's latent and first-MLP output (raw: no L2 normalisation), ``k`` the
+key latent and ``Q`` the queue (65,760 entries, initialised N(0, 1))::
+
+    infonce = CE([q.k, q Q^T] / T, label 0)
+    content = MSE(q, k)
+    style   = -MSE(h h^T / n, A A^T / n) - MSE(q q^T / n, B B^T / n),   n = N * D
+    then q (the *query* latents) replaces the B rows of the queue
+
+where B are the batch-size queue rows at the pointer (the ones overwritten) and A
+the rows right after them: the style term pushes the batch's similarity structure
+*away* from that of queued latents. The released code requires the queue size to
+be a multiple of the batch size; here the pointer wraps, which is the same
+whenever it is.
+
+``variant="normalized"`` is restorenet's earlier MoCo-style reading of the paper:
+InfoNCE on L2-normalised latents (with raw BN+GELU latents a temperature of 0.07
+gives logits in the hundreds), a queue of normalised *keys*, and a style term
+matching Gram matrices (C x C, normalised by H*W) of the query encoder's four
+feature maps to the key encoder's on the clean image,
+sum_l MSE(G(f_l(lq)), G(f_l^key(gt))). Not the released objective.
 """
 from __future__ import annotations
 
@@ -67,22 +91,28 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restorenet._checks import check_image, check_int, check_int_sequence, check_positive_float
+from restorenet._checks import (check_choice, check_image, check_int, check_int_sequence,
+                                check_positive_float)
 from restorenet.models.blocks import pad_to_multiple
 from restorenet.models.nafnet import naf_stage
 from restorenet.registry import register_model
 
 STYLE_CHANNELS = (32, 64, 128, 256)  # ConStyle encoder features at H/2 .. H/16
-# Inputs are zero-padded to a multiple of 16 (the encoder reaches H/16), by the
-# model and by the loss alike, so both see the same image for a given input.
-SIZE_MULTIPLE = 16
+# Inputs are zero-padded to a multiple of 8 (the U-Net's three downsamples; the
+# released code takes such sizes as they are, its style encoder rounds H/16 up),
+# by the model and by the loss alike, so both see the same image for a given input.
+SIZE_MULTIPLE = 8
+MOCO_VARIANTS = ("released", "normalized")
+FROZEN_BATCH_NORM = ("follow", "frozen")
 
 
 class StyleCode(NamedTuple):
-    """ConStyle encoder output: the latent ``q`` [N, D] and feature maps f1..f4."""
+    """ConStyle encoder output: the latent ``q`` [N, D], feature maps f1..f4 and the
+    first MLP layer's output [N, D] (the released style loss uses it)."""
 
     latent: torch.Tensor
     features: list[torch.Tensor]
+    hidden: torch.Tensor
 
 
 def conv_lrelu(in_channels: int, out_channels: int, kernel_size: int = 3,
@@ -130,7 +160,8 @@ class ConStyleEncoder(nn.Module):
         for stage in self.stages:
             x = stage(x)
             feats.append(x)
-        return StyleCode(self.mlp(x.mean(dim=(2, 3))), feats)
+        hidden = self.mlp[0](x.mean(dim=(2, 3)))
+        return StyleCode(self.mlp[1](hidden), feats, hidden)
 
 
 class UnshuffleDown(nn.Module):
@@ -186,7 +217,7 @@ class ConStyleNAFNet(nn.Module):
         dec_blocks = check_int_sequence("dec_blocks", dec_blocks, 0, length=levels)
         check_int("middle_blocks", middle_blocks, 0)
         self.in_channels = in_channels
-        self.style_frozen = False
+        self.style_frozen = self.style_bn_frozen = False
         self.style_encoder = ConStyleEncoder(in_channels, latent_dim)
 
         w = width
@@ -211,17 +242,21 @@ class ConStyleNAFNet(nn.Module):
         self.size_multiple = SIZE_MULTIPLE
 
     # ---- two-phase training -------------------------------------------------------------
-    def freeze_style_encoder(self, frozen: bool = True) -> "ConStyleNAFNet":
-        """Phase 2: stop training the style encoder (no grads, BatchNorm in eval mode)."""
+    def freeze_style_encoder(self, frozen: bool = True, batch_norm: str = "follow") -> "ConStyleNAFNet":
+        """Phase 2: stop training the style encoder (no grads). ``batch_norm="follow"``
+        (released): its BatchNorm keeps following the model's train/eval mode;
+        ``"frozen"``: it stays in eval mode (running statistics, frozen)."""
+        check_choice("batch_norm", batch_norm, FROZEN_BATCH_NORM)
         self.style_frozen = frozen
+        self.style_bn_frozen = frozen and batch_norm == "frozen"
         for p in self.style_encoder.parameters():
             p.requires_grad_(not frozen)
-        self.style_encoder.train(self.training and not frozen)
+        self.style_encoder.train(self.training and not self.style_bn_frozen)
         return self
 
     def train(self, mode: bool = True) -> "ConStyleNAFNet":
         super().train(mode)
-        if self.style_frozen:
+        if self.style_bn_frozen:
             self.style_encoder.eval()  # frozen BatchNorm statistics stay frozen
         return self
 
@@ -266,25 +301,24 @@ def gram_matrix(feat: torch.Tensor) -> torch.Tensor:
 
 
 class ConStyleMoCoLoss(nn.Module):
-    """MoCo objective for the ConStyle encoder: InfoNCE + content + Gram style.
+    """MoCo objective for the ConStyle encoder: InfoNCE + content + style
+    (``variant``: ``"released"`` or ``"normalized"``, see the module docstring).
 
     ``forward(clean, degraded=None, query=None)``: the query encoder's output on
     the degraded image (``query``, e.g. from ``model(lq, return_style=True)``,
     or computed here from ``degraded``) against the momentum encoder on the
     clean image. Returns a dict with ``loss`` (weighted total), ``infonce``,
     ``content`` and ``style``. Each call first moves the key encoder toward the
-    query encoder (EMA), then enqueues this batch's keys.
-
-        L_nce  = CE([q.k+, q.queue] / T, label 0)     (q, k, queue L2-normalised)
-        L_cont = MSE(q, k)
-        L_sty  = sum_l MSE(Gram(f_l^q), Gram(f_l^k))
+    query encoder (EMA), then enqueues this batch's query latents (``"released"``)
+    or normalised keys (``"normalized"``).
     """
 
-    def __init__(self, encoder: ConStyleEncoder, queue_size: int = 65536,
+    def __init__(self, encoder: ConStyleEncoder, queue_size: int = 65760,
                  momentum: float = 0.999, temperature: float = 0.07,
                  infonce_weight: float = 1.0, content_weight: float = 1.0,
-                 style_weight: float = 1.0):
+                 style_weight: float = 1.0, variant: str = "released"):
         super().__init__()
+        self.variant = check_choice("variant", variant, MOCO_VARIANTS)
         if not isinstance(encoder, ConStyleEncoder):
             raise TypeError(f"encoder must be a ConStyleEncoder, got {type(encoder).__name__}")
         check_int("queue_size", queue_size, 1)
@@ -302,7 +336,8 @@ class ConStyleMoCoLoss(nn.Module):
         self.temperature = temperature
         self.weights = {"infonce": infonce_weight, "content": content_weight, "style": style_weight}
         dim = encoder.latent_dim
-        self.register_buffer("queue", F.normalize(torch.randn(queue_size, dim), dim=1))
+        queue = torch.randn(queue_size, dim)  # one latent per row (the released: per column)
+        self.register_buffer("queue", queue if variant == "released" else F.normalize(queue, dim=1))
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
 
     @property
@@ -315,13 +350,17 @@ class ConStyleMoCoLoss(nn.Module):
         for pk, pq in zip(self.key_encoder.parameters(), self.query_encoder.parameters()):
             pk.lerp_(pq.detach(), 1.0 - self.momentum)
 
+    def queue_rows(self, offset: int, count: int) -> torch.Tensor:
+        """Indices of ``count`` queue rows from ``pointer + offset`` on, wrapping."""
+        start = self.queue_ptr + offset
+        return (start + torch.arange(count, device=self.queue.device)) % self.queue.shape[0]
+
     @torch.no_grad()
     def enqueue(self, keys: torch.Tensor) -> None:
         """Overwrite the oldest queue rows with ``keys`` and advance the pointer."""
         size = self.queue.shape[0]
         keys = keys[-size:]
-        rows = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % size
-        self.queue[rows] = keys.to(self.queue.dtype)
+        self.queue[self.queue_rows(0, keys.shape[0])] = keys.to(self.queue.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % size)
 
     def forward(self, clean: torch.Tensor, degraded: torch.Tensor | None = None,
@@ -340,21 +379,44 @@ class ConStyleMoCoLoss(nn.Module):
         self.momentum_update()
         with torch.no_grad():
             key = self.key_encoder(pad_to_multiple(clean, SIZE_MULTIPLE))
+        parts = self._released(query, key) if self.variant == "released" else self._normalized(query, key)
+        parts["loss"] = sum(self.weights[name] * value for name, value in parts.items())
+        return parts
 
-        q = F.normalize(q_lat, dim=1)
-        k = F.normalize(key.latent, dim=1)
+    def _infonce(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         l_pos = (q * k).sum(dim=1, keepdim=True)
         l_neg = q @ self.queue.clone().T
         logits = torch.cat([l_pos, l_neg], dim=1) / self.temperature
         labels = torch.zeros(logits.shape[0], dtype=torch.long, device=logits.device)
+        return F.cross_entropy(logits, labels)
+
+    def _released(self, query: StyleCode, key: StyleCode) -> dict[str, torch.Tensor]:
+        q, h, n = query.latent, query.hidden, query.hidden.numel()
+        batch = q.shape[0]
+        overwritten = self.queue[self.queue_rows(0, batch)].clone()
+        following = self.queue[self.queue_rows(batch, batch)].clone()
+
+        def similarity(t: torch.Tensor) -> torch.Tensor:
+            return t @ t.T / n
+
         parts = {
-            "infonce": F.cross_entropy(logits, labels),
-            "content": F.mse_loss(q_lat, key.latent),
+            "infonce": self._infonce(q, key.latent),
+            "content": F.mse_loss(q, key.latent),
+            "style": -(F.mse_loss(similarity(h), similarity(following))
+                       + F.mse_loss(similarity(q), similarity(overwritten))),
+        }
+        self.enqueue(q.detach())
+        return parts
+
+    def _normalized(self, query: StyleCode, key: StyleCode) -> dict[str, torch.Tensor]:
+        k = F.normalize(key.latent, dim=1)
+        parts = {
+            "infonce": self._infonce(F.normalize(query.latent, dim=1), k),
+            "content": F.mse_loss(query.latent, key.latent),
             "style": sum(F.mse_loss(gram_matrix(fq), gram_matrix(fk))
                          for fq, fk in zip(query.features, key.features)),
         }
         self.enqueue(k)
-        parts["loss"] = sum(self.weights[name] * value for name, value in parts.items())
         return parts
 
 

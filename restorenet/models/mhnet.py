@@ -11,8 +11,9 @@ Two stages, as in the paper's figure::
     stage 2 (full resolution detail):
         x = conv1x1_{w<-2w}( concat(conv3x3(img), d_0) )
         for level i = 0..3:
-            x = CABG_i(LN_i(x)) + x                    # CABG = 8 NAFBlocks
-            x = AFFM_i(x, conv1x1(up^i(e_i)), conv1x1(up^i(d_i)))
+            x = LN_i(x)
+            x = CABG_i(x) + x                          # CABG = 8 NAFBlocks
+            x = AFFM_i(x, conv1x1_i(up^i(e_i)), conv1x1(up^i(d_i)))   # one shared d conv
         out = conv3x3_{3<-w}(x) + img
 
     up^i = i times (conv1x1_{c->2c} + PixelShuffle(2)): brings a level-i tap
@@ -34,22 +35,36 @@ AFFM (adaptive feature fusion)::
     a, a_e, a_d = softmax_C(conv1x1_{w<-4}(z)) (three convs)
     out = a*f + a_e*f_e + a_d*f_d
 
-Choices where the paper and the (never-run) public code leave room, picked so
-the default build lands the paper's ~67.5 M parameters (ours: 67.54 M):
+Faithful to the authors' released code (github.com/Tombs98/MHNet, top-level
+``MHNet.py``; its deblurring checkpoint ``model_best.pth`` loads with
+``restorenet.weights.from_released("mhnet", ...)``). What that code computes, and
+where restorenet differs:
 
 * Stage 1 is NAFNet-width64 (encoder [1,1,1,28], decoder [1,1,1,1]) with its
-  middle NAFBlock replaced by one *bare* attention block: no norm, no residual,
-  as in the figure. Stage 1 has no image head of its own (only stage 2's output
-  is supervised), so it carries no unused "ending" conv.
-* Stage 2 has one CABG group per U-Net level (4 groups x 8 NAFBlocks = the
-  paper's "CABG x 4"). Group i fuses the level-i encoder tap and the level-i
-  decoder tap (same resolution, same channels), each brought to full resolution
-  by i (conv1x1 c->2c + PS2) steps, then a conv1x1 w->w. Every group has its own
-  tap convs (the public code reused one decoder conv by mistake).
-* Convs outside the NAFBlocks have no bias (as in the public code); stage 1's
-  intro conv and the NAFBlocks keep theirs (NAFNet).
+  middle NAFBlock replaced by one *bare* attention block: no norm, no residual.
+* Stage 2, level i: ``x = LN_i(x); x = CABG_i(x) + x`` -- the residual adds the
+  *normalised* x, as released (``stage2_residual="normalized"``, the default).
+  ``stage2_residual="input"`` adds the un-normalised x (a pre-norm residual, the
+  reading of the paper's figure restorenet used before; not the released model).
+* The decoder taps: the released forward projects all four with one conv
+  (``conv_dnc1``; ``conv_dnc2..4`` exist but are never used). That is the default,
+  ``decoder_tap_convs="shared"``: one ``proj_dec`` conv. ``"per_level"`` gives every
+  level its own conv (the paper's figure); converted released weights then copy
+  ``conv_dnc1`` into all four, which computes the released output.
+* Parameters the released model holds but its forward never uses, so restorenet
+  does not build them (the converter drops them by name): ``intro`` (a conv3x3
+  whose output is discarded: 1,728), stage 1's ``ending`` (computed, discarded:
+  1,731) and ``conv_dnc2..4`` (3 x 4,096). Released total 67,543,311; ours
+  67,527,564 = released - 15,747 (``per_level``: 67,539,852).
+* The released forward neither pads nor crops (sizes must be multiples of 16 there);
+  restorenet zero-pads to a multiple of 16 and crops back, identical on such sizes.
+* The top-k counts are ``int(C/h * r)`` as released, but at least 1 (the released
+  code would softmax an all ``-inf`` row at C/h = 1; never at the paper's sizes).
+* Convs outside the NAFBlocks have no bias (as released); stage 1's intro conv and
+  the NAFBlocks keep theirs (NAFNet). LayerNorm2d eps 1e-6 (NAFNet's).
 * The four softmax-weighted outputs are summed *before* multiplying by v
-  (``(sum_j w_j P_j) v`` = ``sum_j w_j (P_j v)``): one matmul instead of four.
+  (``(sum_j w_j P_j) v`` = ``sum_j w_j (P_j v)``): one matmul instead of four. The
+  released ``attn1..attn4`` scalars are our ``mix_weights`` vector.
 """
 from __future__ import annotations
 
@@ -61,7 +76,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restorenet._checks import check_image, check_int, check_int_sequence
+from restorenet._checks import check_choice, check_image, check_int, check_int_sequence
 from restorenet.models.blocks import LayerNorm2d, SimpleGate, pad_to_multiple, upsample
 from restorenet.models.nafnet import NAFNetDecoder, NAFNetEncoder, naf_stage
 from restorenet.registry import register_model
@@ -176,11 +191,23 @@ class ContextUNet(nn.Module):
         return enc, dec
 
 
-class DetailStage(nn.Module):
-    """Stage 2: full-resolution CABG groups, each followed by an AFFM with taps."""
+STAGE2_RESIDUALS = ("normalized", "input")
+DECODER_TAP_CONVS = ("shared", "per_level")
 
-    def __init__(self, in_channels: int, width: int, levels: int, cabg_blocks: int):
+
+class DetailStage(nn.Module):
+    """Stage 2: full-resolution CABG groups, each followed by an AFFM with taps.
+
+    ``residual``: what each group's residual adds, the normalised x (released) or
+    the group's input; ``decoder_tap_convs``: one decoder-tap projection for all
+    levels (released) or one per level (see the module docstring)."""
+
+    def __init__(self, in_channels: int, width: int, levels: int, cabg_blocks: int,
+                 residual: str = "normalized", decoder_tap_convs: str = "shared"):
         super().__init__()
+        self.residual = check_choice("stage2_residual", residual, STAGE2_RESIDUALS)
+        check_choice("decoder_tap_convs", decoder_tap_convs, DECODER_TAP_CONVS)
+        dec_convs = levels if decoder_tap_convs == "per_level" else 1
         self.intro = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         self.fuse_stage1 = nn.Conv2d(2 * width, width, 1, bias=False)
         self.norms = nn.ModuleList([LayerNorm2d(width) for _ in range(levels)])
@@ -188,16 +215,17 @@ class DetailStage(nn.Module):
         self.up_enc = nn.ModuleList([tap_upsampler(width * 2**i, i) for i in range(levels)])
         self.up_dec = nn.ModuleList([tap_upsampler(width * 2**i, i) for i in range(levels)])
         self.proj_enc = nn.ModuleList([nn.Conv2d(width, width, 1, bias=False) for _ in range(levels)])
-        self.proj_dec = nn.ModuleList([nn.Conv2d(width, width, 1, bias=False) for _ in range(levels)])
+        self.proj_dec = nn.ModuleList([nn.Conv2d(width, width, 1, bias=False) for _ in range(dec_convs)])
         self.affms = nn.ModuleList([AFFM(width) for _ in range(levels)])
 
     def forward(self, img: torch.Tensor, enc: list[torch.Tensor],
                 dec: list[torch.Tensor]) -> torch.Tensor:
         x = self.fuse_stage1(torch.cat([self.intro(img), dec[0]], dim=1))
         for i, (norm, cabg, affm) in enumerate(zip(self.norms, self.cabgs, self.affms)):
-            x = cabg(norm(x)) + x
+            normed = norm(x)
+            x = cabg(normed) + (normed if self.residual == "normalized" else x)
             f_enc = self.proj_enc[i](self.up_enc[i](enc[i]))
-            f_dec = self.proj_dec[i](self.up_dec[i](dec[i]))
+            f_dec = self.proj_dec[min(i, len(self.proj_dec) - 1)](self.up_dec[i](dec[i]))
             x = affm(x, f_enc, f_dec)
         return x
 
@@ -208,7 +236,8 @@ class MHNet(nn.Module):
     def __init__(self, in_channels: int = 3, width: int = 64,
                  enc_blocks: Sequence[int] = (1, 1, 1, 28),
                  dec_blocks: Sequence[int] = (1, 1, 1, 1),
-                 heads: int = 8, cabg_blocks: int = 8):
+                 heads: int = 8, cabg_blocks: int = 8, stage2_residual: str = "normalized",
+                 decoder_tap_convs: str = "shared"):
         super().__init__()
         check_int("in_channels", in_channels, 1)
         check_int("width", width, 1)
@@ -226,7 +255,8 @@ class MHNet(nn.Module):
         self.in_channels = in_channels
         self.size_multiple = 2 ** len(enc_blocks)
         self.stage1 = ContextUNet(in_channels, width, enc_blocks, dec_blocks, heads)
-        self.stage2 = DetailStage(in_channels, width, len(enc_blocks), cabg_blocks)
+        self.stage2 = DetailStage(in_channels, width, len(enc_blocks), cabg_blocks,
+                                  stage2_residual, decoder_tap_convs)
         self.ending = nn.Conv2d(width, in_channels, 3, padding=1, bias=False)
 
     def forward(self, img: torch.Tensor) -> torch.Tensor:
@@ -241,5 +271,6 @@ class MHNet(nn.Module):
 @register_model("mhnet")
 def mhnet(**cfg) -> MHNet:
     """MHNet at paper size: width 64, encoder [1,1,1,28], 8-head top-k attention,
-    4 CABGs of 8 NAFBlocks (about 67.54 M parameters)."""
+    4 CABGs of 8 NAFBlocks: 67,527,564 parameters (the released 67,543,311 less the
+    15,747 its forward never uses; see the module docstring)."""
     return MHNet(**cfg)

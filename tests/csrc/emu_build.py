@@ -35,14 +35,15 @@ def compile_harness(out: Path, include: Path, source: Path, extra: list[str]) ->
     assert run.returncode == 0, f"{' '.join(cmd)}\n{run.stderr}"
 
 
-def load_harness(tmp_path_factory, include: Path, harness: str) -> ctypes.CDLL:
+def load_harness(tmp_path_factory, include: Path, harness: str, defines=()) -> ctypes.CDLL:
     """The harness ``tests/csrc/emu/<harness>`` built as a shared library and
-    loaded (skips the calling test without g++). Call it from a module-scoped
-    fixture: the build takes seconds."""
+    loaded (skips the calling test without g++); ``defines`` adds ``-D`` flags
+    (test-only variants of the kernels). Call it from a module-scoped fixture:
+    the build takes seconds."""
     if CXX is None:
         pytest.skip("g++ is not installed")
     out = tmp_path_factory.mktemp("emu") / (Path(harness).stem + "_emu.so")
-    compile_harness(out, include, EMU / harness, ["-shared", "-fPIC"])
+    compile_harness(out, include, EMU / harness, [*defines, "-shared", "-fPIC"])
     return ctypes.CDLL(str(out))
 
 

@@ -17,7 +17,8 @@ import importlib
 import pytest
 import torch
 
-from emu_build import DTYPE_CODE, assert_close_to, i64, load_harness, nan_filled, poisoned_workspace, ptr
+from emu_build import (EMU, DTYPE_CODE, assert_close_to, i64, load_harness, nan_filled, poisoned_workspace, ptr,
+                       run_sanitized)
 
 ref = importlib.import_module("restorenet.ops.channel_attention")
 
@@ -222,3 +223,13 @@ def test_invalid_shapes_are_rejected(lib):
     rc = lib.emu_ca_reduce(0, i64([1, 2, 3, 3]), 1, ptr(x), i64(x.stride()), ptr(None), i64([0, 0, 0, 0]),
                            ptr(scale), ptr(None), ctypes.c_int64(0))
     assert rc == 1, "a missing workspace must be refused"
+
+
+# ------------------------------------------------------------------ sanitizers
+@pytest.mark.slow
+def test_no_shared_memory_race(tmp_path, cuda_include_dir):
+    """The reduction and the scaled residual's beta gradient sum through shared
+    memory: built with ThreadSanitizer, the harness's main (both layouts, gated,
+    a 16-bit type) runs without a race between the emulated threads of a block."""
+    run_sanitized(tmp_path, cuda_include_dir, EMU / "channel_attention_harness.cpp", "thread",
+                  defines=["-DRN_SANITIZE_MAIN"])

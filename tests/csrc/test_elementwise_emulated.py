@@ -23,8 +23,8 @@ from restorenet.ops.naf_elementwise import (_reference_layer_norm2d, _reference_
                                             _reference_sg_backward, simple_gate_reference)
 from restorenet.ops.reversible import rev_coupling_forward_reference, rev_coupling_invert_reference
 
-from emu_build import (CUDA_ERROR_INVALID_VALUE, DTYPE_CODE, assert_close_to, i64, load_harness, nan_filled,
-                       poisoned_workspace, ptr)
+from emu_build import (CUDA_ERROR_INVALID_VALUE, DTYPE_CODE, EMU, assert_close_to, i64, load_harness, nan_filled,
+                       poisoned_workspace, ptr, run_sanitized)
 
 # Max error relative to max(1, max |reference|), for outputs rounded to the dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
@@ -336,3 +336,14 @@ def test_invalid_arguments_are_rejected(lib):
     assert lib.emu_rev_coupling_invert(0, i64(x.shape), ptr(x), _st(x), ptr(x), _st(x), ptr(alpha), ptr(x),
                                        _st(x), ptr(None), _st(None), ptr(x), _st(x), ptr(alpha), ptr(ws),
                                        ctypes.c_int64(ws.numel())) == CUDA_ERROR_INVALID_VALUE
+
+
+# ------------------------------------------------------------------ sanitizers
+@pytest.mark.slow
+def test_no_shared_memory_race(tmp_path, cuda_include_dir):
+    """layer_norm2d (channel statistics, weight/bias gradients) and
+    rev_coupling_invert (alpha gradient, both layouts) sum through shared
+    memory: built with ThreadSanitizer, the harness's main runs without a race
+    between the emulated threads of a block."""
+    run_sanitized(tmp_path, cuda_include_dir, EMU / "elementwise_harness.cpp", "thread",
+                  defines=["-DRN_SANITIZE_MAIN"])

@@ -26,13 +26,14 @@ from emu_build import DTYPE_CODE, assert_close_to, conv_shape, i64, load_harness
 
 # Max error relative to the largest reference value, for outputs rounded to the dtype.
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
-TILE, SLICE, STEP, CHUNK = 64, 16, 16, 256  # conv_core.cuh: kTileM = kTileN, kSide, kTileK, kChunk
+TILE, SLICE, STEP, CHUNK = 64, 16, 16, 256  # conv_core.cuh: kTileM = kTileN, kSide, kStepK, kChunk
 
 
 @pytest.fixture(scope="module")
 def lib(tmp_path_factory, cuda_include_dir):
     so = load_harness(tmp_path_factory, cuda_include_dir, "slim_conv2d_harness.cpp")
     so.emu_gemm_work_take.restype = ctypes.c_longlong
+    so.emu_async_copies_take.restype = ctypes.c_longlong
     return so
 
 
@@ -255,6 +256,45 @@ def test_work_is_proportional_to_the_active_channels(lib):
     assert lib.emu_gemm_work_take() == param_work(c_in, c_out, taps, pixels, in_w, out_w, True)
     full = conv_work(c_out, pixels, taps, [c_out] * n, [c_in] * n)
     assert conv_work(c_out, pixels, taps, out_w, in_w) < full / 4
+
+
+# ------------------------------------------------------ the cp.async pipeline
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float16, True), (torch.float32, False)],
+                         ids=["float16-wmma-cl", "float32-nchw"])
+def test_aligned_runs_are_copied_16_bytes_at_a_time(lib, monkeypatch, dtype, channels_last):
+    """Where a run of the gathered operand is contiguous and aligned in memory
+    (channels_last with widths that are multiples of 8 on tensor cores; NCHW rows
+    at stride 1), the core copies it with one 16-byte cp.async; padding runs are
+    zero-filled copies. Values as everywhere else; poisoned channels unread."""
+    monkeypatch.setenv("RESTORENET_CUDA_TENSOR_CORES", "1")
+    for size in (0, 4, 8, 16, 32):
+        lib.emu_async_copies_take(size)
+    check_all(lib, 2, 24, 16, 6, 12, 3, 1, 1, [16, 24], [8, 16], dtype=dtype, channels_last=channels_last)
+    assert lib.emu_async_copies_take(16) > 0
+    assert lib.emu_async_copies_take(0) > 0
+
+
+@pytest.fixture(scope="module")
+def lib_waiting_too_little(tmp_path_factory, cuda_include_dir):
+    """The core built to let one more cp.async group be in flight than its
+    pipeline allows (a missing / short cp.async.wait_group)."""
+    return load_harness(tmp_path_factory, cuda_include_dir, "slim_conv2d_harness.cpp",
+                        defines=["-DRN_CONV_CORE_TEST_WAIT_SLACK=1"])
+
+
+@pytest.mark.parametrize("dtype,tensor_cores,channels_last", [
+    (torch.float32, False, False), (torch.float16, True, True), (torch.float64, False, True)],
+    ids=["float32", "float16-wmma-cl", "float64-cl"])
+def test_emulation_catches_a_missing_wait(lib_waiting_too_little, monkeypatch, dtype, tensor_cores, channels_last):
+    """The emulation lands a cp.async only at the wait_group that retires it, so
+    a core that reads a stage before its group is waited for reads stale shared
+    memory: its results are wrong (the same case passes with the real core in
+    test_aligned_runs_are_copied_16_bytes_at_a_time / test_matches_reference_*)."""
+    monkeypatch.setenv("RESTORENET_CUDA_TENSOR_CORES", "1" if tensor_cores else "0")
+    x, weight, b, iw, ow = make_case(2, 24, 16, 6, 12, 3, [16, 24], [8, 16], dtype, channels_last, poison=False)
+    y = emu_forward(lib_waiting_too_little, x, weight, b, iw, ow, 1, 1)
+    y_ref = slim_conv2d_reference(x.double(), weight.double(), b.double(), iw, ow, 1, 1)
+    assert (y.double() - y_ref).abs().max().item() > 0.1 * y_ref.abs().max().item()
 
 
 def test_invalid_shapes_are_rejected(lib):

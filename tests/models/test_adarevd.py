@@ -2,12 +2,14 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from restorenet.models.adarevd import AdaRevD, psnr_class, signed_clamp
+import torch.nn.functional as F
+
+from restorenet.models.adarevd import AdaRevD, LocalChannelAttention, psnr_class, signed_clamp
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.ops import available_backends, rev_coupling_forward, rev_coupling_invert, use_backend
 from restorenet.registry import count_parameters, create_model
 
-TINY = dict(width=4, enc_blocks=(1, 1, 1, 1), middle_blocks=1)
+TINY = dict(width=4, enc_blocks=(1, 1, 1, 1), middle_blocks=1, encoder="nafnet")
 
 
 def tiny_model(num_decoders=2, dtype=torch.float32, seed=0, **cfg):
@@ -35,16 +37,21 @@ def trainable(model):
 
 def test_paper_size_builds_on_meta():
     with torch.device("meta"):
-        model = create_model("adarevd")
+        model = create_model("adarevd")  # AdaRevD-B as released: UFPNet encoder
         nafnet_encoder = NAFNetEncoder(width=64, enc_blocks=(1, 1, 1, 28), middle_blocks=1)
     assert model.num_decoders == 4 and len(model.decoder.columns) == 4 and len(model.heads) == 4
-    enc = count_parameters(model.encoder)
-    assert enc == count_parameters(nafnet_encoder)
-    assert 55e6 < enc < 70e6  # NAFNet-width64's encoder: 28 blocks at 512 channels
+    assert count_parameters(model) == 152_449_386 and count_parameters(model.encoder) == 74_044_562
+    # The UFPNet encoder is a NAFNet one plus the kernel prior, estimator and attention.
+    assert count_parameters(model.encoder) - count_parameters(nafnet_encoder) == sum(
+        count_parameters(m) for m in (model.encoder.kernel_estimator, model.encoder.kernel_prior,
+                                      model.encoder.kernel_downs, *(model.encoder.stages[i][0].kernel_attention
+                                                                    for i in range(3))))
     columns = [count_parameters(c) for c in model.decoder.columns]
     assert len(set(columns)) == 1 and 5e6 < columns[0] < 40e6
-    assert count_parameters(model) > enc + 4 * columns[0]
     assert all(not p.requires_grad for p in model.encoder.parameters())
+    # The released evaluation encoder (UFPNetLocal): local SCA means, 384 / 2**level pixels.
+    windows = [[b.sca.window for b in stage] for stage in (*model.encoder.stages, model.encoder.middle)]
+    assert windows == [[384], [192], [96], [48] * 28, [24]]
     assert model.exit_idx == (4, 4, 3, 3, 2, 1)
     assert create_model("adarevd", num_decoders=8, **TINY).exit_idx == (7, 6, 5, 2, 2, 2)
     assert create_model("adarevd", num_decoders=3, **TINY).exit_idx == (3,) * 6
@@ -52,7 +59,7 @@ def test_paper_size_builds_on_meta():
 
 def test_inherit_encoder_copies_nafnet_weights():
     torch.manual_seed(0)
-    nafnet = NAFNet(**TINY, dec_blocks=(1, 1, 1, 1))
+    nafnet = NAFNet(**{k: v for k, v in TINY.items() if k != "encoder"}, dec_blocks=(1, 1, 1, 1))
     model = create_model("adarevd", **TINY)
     model.inherit_encoder(nafnet)
     img = torch.rand(1, 3, 16, 16)
@@ -82,6 +89,63 @@ def test_train_forward_backward_odd_size():
     with torch.no_grad():
         last = model(img)
     torch.testing.assert_close(last, outs[-1].detach())
+
+
+@pytest.mark.parametrize("shape", [(9, 12), (4, 13), (3, 4)])
+def test_local_channel_attention_is_the_released_local_pooling(shape):
+    # local_arch.AvgPool2d (fast_imp=False, auto_pad) as released, written out: a box mean
+    # by cumulative sums, replicate-padded back to H x W; the global mean when it fits.
+    torch.manual_seed(0)
+    c, window = 6, 4  # even: the replicate pad is uneven (one more row at the end)
+    sca = LocalChannelAttention(c, window).double()
+    x = torch.randn(2, 2 * c, *shape, dtype=torch.float64)
+    t = x[:, :c] * x[:, c:]
+    h, w = shape
+    if window >= h and window >= w:
+        pooled = t.mean((2, 3), keepdim=True)
+    else:
+        s = F.pad(t.cumsum(-1).cumsum(-2), (1, 0, 1, 0))
+        k1, k2 = min(h, window), min(w, window)
+        box = (s[..., k1:, k2:] + s[..., :-k1, :-k2] - s[..., :-k1, k2:] - s[..., k1:, :-k2]) / (k1 * k2)
+        bh, bw = box.shape[-2:]
+        pooled = F.pad(box, ((w - bw) // 2, (w - bw + 1) // 2, (h - bh) // 2, (h - bh + 1) // 2), mode="replicate")
+    want = t * F.conv2d(pooled, sca.proj.weight, sca.proj.bias)
+    torch.testing.assert_close(sca.gated(x), want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sca(t), want, rtol=1e-10, atol=1e-10)
+
+
+def test_images_are_reflect_padded_to_the_encoder_multiple():
+    # Released evaluation: check_image_size(img, 16) pads by reflection (bottom/right).
+    model = tiny_model(num_decoders=1).eval()
+    img = torch.rand(1, 3, 21, 30)
+    padded = F.pad(img, (0, 2, 0, 11), mode="reflect")
+    with torch.no_grad():
+        torch.testing.assert_close(model(img), model(padded)[..., :21, :30], rtol=0, atol=0)
+        assert not torch.allclose(model(img), model(F.pad(img, (0, 2, 0, 11)))[..., :21, :30])
+
+
+def test_alpha_at_the_bound_is_clamped_in_place_and_keeps_its_gradient():
+    # Released rule: |a| >= 1e-3 (sign kept) written into the parameter before the forward,
+    # which then uses it as it is: an alpha at the bound still learns, on either path.
+    model = tiny_model(num_decoders=2, dtype=torch.float64).train()
+    with torch.no_grad():
+        alphas = model.decoder.columns[1].alphas[2]
+        alphas[0, :3] = torch.tensor([1e-5, -1e-3, -2e-6], dtype=torch.float64).view(3, 1, 1)
+    torch.manual_seed(1)
+    img = torch.rand(1, 3, 16, 16, dtype=torch.float64)
+    grads = []
+    for memory_efficient in (False, True):
+        model.memory_efficient = memory_efficient
+        model.zero_grad(set_to_none=True)
+        sum((o * o).sum() for o in model(img)).backward()
+        grads.append(alphas.grad.clone())
+    torch.testing.assert_close(alphas[0, :3].flatten(), torch.tensor([1e-3, -1e-3, -1e-3], dtype=torch.float64),
+                               rtol=0, atol=0)
+    assert (grads[0][0, :3] != 0).all()
+    torch.testing.assert_close(grads[1], grads[0], rtol=1e-7, atol=1e-12)
+    # Untracked by autograd, as released: two forwards, then one backward.
+    model.memory_efficient = False
+    sum(o.sum() for o in model(img) + model(img)).backward()
 
 
 @pytest.mark.parametrize("num_decoders, dropout", [(1, 0.0), (2, 0.0), (3, 0.0), (4, 0.0), (8, 0.0), (2, 0.3)])
@@ -160,7 +224,7 @@ def test_bytes_kept_for_backward_are_flat_in_k():
     # 2x3x64x64: 0.97 MiB for every K; before, 0.97 / 1.22 / 1.72 / 2.72 MiB for
     # K = 1 / 2 / 4 / 8). With anchors the extra is exactly the anchored state sets.
     img = torch.rand(2, 3, 64, 64)
-    cfg = dict(width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1)
+    cfg = dict(width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1, encoder="nafnet")
     kept = {}
     for k in (1, 2, 4, 8):
         torch.manual_seed(0)

@@ -122,9 +122,23 @@ def test_latent_modulates_the_bottom():
 
 # ---- two-phase training ---------------------------------------------------------------
 
-def test_freeze_style_encoder_stops_its_grads():
+def test_freeze_style_encoder_keeps_batch_norm_in_the_models_mode_as_released():
     m = tiny_model()
     m.freeze_style_encoder()
+    m.train()
+    assert m.style_encoder.training  # batch statistics, running statistics still updated
+    before = m.style_encoder.mlp[0][1].running_mean.clone()
+    m(torch.randn(2, 3, 16, 16)).square().mean().backward()
+    assert not torch.equal(before, m.style_encoder.mlp[0][1].running_mean)
+    assert all(p.grad is None and not p.requires_grad for p in m.style_encoder.parameters())
+    assert not m.eval().style_encoder.training
+    with pytest.raises(ValueError, match="^batch_norm must be one of"):
+        m.freeze_style_encoder(batch_norm="eval")
+
+
+def test_freeze_style_encoder_stops_its_grads():
+    m = tiny_model()
+    m.freeze_style_encoder(batch_norm="frozen")
     m.train()
     assert not m.style_encoder.training  # BatchNorm stays in eval mode
     assert m.intro.training
@@ -147,8 +161,9 @@ def make_loss(m, queue_size=8, **kw):
 
 
 def test_moco_loss_forward_backward_and_queue():
+    # The earlier objective, now a named variant: the queue holds normalised keys.
     m = tiny_model().train()
-    loss = make_loss(m, queue_size=8)
+    loss = make_loss(m, queue_size=8, variant="normalized")
     assert loss.queue.shape == (8, 128)
     lq, gt = torch.randn(3, 3, 35, 41), torch.randn(3, 3, 35, 41)
 
@@ -166,7 +181,7 @@ def test_moco_loss_forward_backward_and_queue():
     assert changed.tolist() == [True] * 3 + [False] * 5
     with torch.no_grad():
         keys = torch.nn.functional.normalize(loss.key_encoder(
-            torch.nn.functional.pad(gt, (0, 7, 0, 13))).latent, dim=1)
+            torch.nn.functional.pad(gt, (0, 7, 0, 5))).latent, dim=1)
     torch.testing.assert_close(loss.queue[:3], keys)
 
     # Gradients reach the query encoder, never the key encoder.
@@ -181,7 +196,7 @@ def test_moco_loss_forward_backward_and_queue():
 
 def test_moco_loss_parts_respond_to_inputs():
     m = tiny_model().train()
-    loss = make_loss(m, queue_size=16, momentum=0.0)
+    loss = make_loss(m, queue_size=16, momentum=0.0, variant="normalized")
     torch.manual_seed(3)
     gt = torch.rand(4, 3, 32, 32)
     # momentum 0: the key encoder becomes the query encoder, so the same image on
@@ -190,6 +205,50 @@ def test_moco_loss_parts_respond_to_inputs():
     assert same["content"] < 1e-10 and same["style"] < 1e-10
     other = loss(gt, degraded=gt + 0.5 * torch.randn_like(gt))
     assert other["content"] > 0 and other["style"] > 0
+
+
+def released_moco_truth(q, h, k, queue_cols, ptr, temperature):
+    """The released ConStyle.train_forward + ConStyleModel.optimize_parameters, written
+    out: a [D, K] queue of raw latents, the query latents enqueued, and the style term
+    against the overwritten slice and the one after it."""
+    bs, K = q.shape[0], queue_cols.shape[1]
+    logits = torch.cat([(q * k).sum(1, keepdim=True), q @ queue_cols], 1) / temperature
+    infonce = torch.nn.functional.cross_entropy(logits, torch.zeros(bs, dtype=torch.long))
+    old, following = queue_cols[:, ptr:ptr + bs].T, queue_cols[:, (ptr + bs) % K:(ptr + bs) % K + bs].T
+    n = h.shape[-1] * h.shape[-2]
+    style = -(torch.square(h @ h.T / n - following @ following.T / n).mean()
+              + torch.square(q @ q.T / n - old @ old.T / n).mean())
+    return {"infonce": infonce, "content": torch.square(q - k).mean(), "style": style}
+
+
+def test_released_moco_loss_matches_the_released_training_code():
+    m = tiny_model().train()
+    loss = make_loss(m, queue_size=8, temperature=0.5)
+    assert loss.variant == "released"
+    lq, gt = torch.rand(4, 3, 16, 16), torch.rand(4, 3, 16, 16)
+    for step in range(3):  # pointer 0, 4, then wrapped to 0
+        ptr, queue_cols = int(loss.queue_ptr), loss.queue.T.clone()
+        out, style = m(lq, return_style=True)
+        parts = loss(gt, query=style)
+        with torch.no_grad():
+            k = loss.key_encoder(gt).latent
+        truth = released_moco_truth(style.latent, style.hidden, k, queue_cols, ptr, 0.5)
+        for name in truth:
+            torch.testing.assert_close(parts[name], truth[name])
+        # The query latents (raw, not the keys) were enqueued at the old pointer.
+        torch.testing.assert_close(loss.queue[ptr:ptr + 4], style.latent.detach())
+        assert int(loss.queue_ptr) == (ptr + 4) % 8
+    parts["loss"].backward()
+    assert m.style_encoder.mlp[0][0].weight.grad.abs().sum() > 0
+
+
+def test_released_moco_defaults():
+    m = tiny_model()
+    loss = ConStyleMoCoLoss(m.style_encoder)
+    assert loss.queue.shape == (65_760, 128)
+    assert not torch.allclose(loss.queue.norm(dim=1), torch.ones(65_760))  # raw N(0, 1), not normalised
+    with pytest.raises(ValueError, match="^variant must be one of"):
+        ConStyleMoCoLoss(m.style_encoder, queue_size=4, variant="moco")
 
 
 def test_momentum_update_is_ema():

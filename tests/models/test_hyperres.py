@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import restorenet.ops
-from restorenet.models.hyperres import (BlindLevelEstimator, HyperConv2d, HyperRes,
+from restorenet.models.hyperres import (BlindLevelEstimator, HyperConv2d, HyperRes, NoiseNet,
                                         level_to_condition)
 from restorenet.registry import count_parameters, create_model
 
@@ -32,7 +32,7 @@ def test_parameter_count_matches_paper(num_blocks, expected):
 
 
 def test_meta_block_layout_and_init():
-    conv = HyperConv2d(4, 5, 3)
+    conv = HyperConv2d(4, 5, 3, init="conv_fan_in")
     assert conv.meta.weight.shape == (5 * 4 * 9 + 5, 1)
     assert torch.all(conv.meta.bias == 0)
     # Views share the Linear's storage (no copies).
@@ -46,6 +46,20 @@ def test_meta_block_layout_and_init():
     torch.testing.assert_close(bias, 0.5 * conv.meta.weight[180:, 0])
 
 
+def test_released_init_is_kaiming_over_each_layers_own_fan_in_times_0_1():
+    """The released train_main.py: weights_init_kaiming(scale=0.1) on every Linear and
+    conv. The meta Linear(1, P) has fan-in 1: std 0.1*sqrt(2) over all of W; biases 0."""
+    torch.manual_seed(0)
+    model = create_model("hyperres", width=16, num_blocks=2)
+    meta = model.blocks[0].conv1.meta
+    assert torch.all(meta.bias == 0)
+    assert 0.12 < meta.weight.std().item() < 0.163   # 16*16*9+16 = 2320 samples of N(0, 0.1414)
+    for conv in (model.head, model.body_end, model.tail.expand, model.tail.to_image):
+        assert torch.all(conv.bias == 0)
+        fan_in = conv.weight[0].numel()
+        assert 0.6 < conv.weight.std().item() / (0.1 * (2 / fan_in) ** 0.5) < 1.4
+
+
 def test_generated_conv_equals_static_conv():
     torch.manual_seed(0)
     conv = HyperConv2d(3, 4, 3)
@@ -57,7 +71,22 @@ def test_generated_conv_equals_static_conv():
 
 
 def test_level_to_condition():
+    """Released rule: divide by 255 only when the batch's smallest level is >= 1."""
     assert level_to_condition(255) == 1.0
+    assert level_to_condition(0.5) == 0.5
+    torch.testing.assert_close(level_to_condition(torch.tensor([0.5, 25.5])), torch.tensor([0.5, 25.5]))
+    torch.testing.assert_close(level_to_condition(torch.tensor([0.5, 25.5]), "divide"),
+                               torch.tensor([0.5, 25.5]) / 255)
+    assert level_to_condition(0.5, "divide") == 0.5 / 255
+
+
+def test_level_rule_option_changes_only_levels_below_one():
+    model, x = small_model(), torch.rand(2, 3, 8, 8)
+    divide = small_model(level_rule="divide")
+    torch.testing.assert_close(model(x, [15.0, 50.0]), divide(x, [15.0, 50.0]))
+    torch.testing.assert_close(model(x, 0.2), divide(x, 0.2 * 255))
+    with pytest.raises(ValueError, match="^level_rule must be one of"):
+        small_model(level_rule="always")
     torch.testing.assert_close(level_to_condition(torch.tensor([25.5, 51.0])), torch.tensor([0.1, 0.2]))
 
 
@@ -126,10 +155,12 @@ def test_reference_backend_context():
     torch.testing.assert_close(y, model(x, 50.0))
 
 
-def test_level_estimator():
+@pytest.mark.parametrize("cfg,cls", [(dict(crop="center"), NoiseNet),
+                                     (dict(architecture="five_conv"), BlindLevelEstimator)])
+def test_level_estimator(cfg, cls):
     torch.manual_seed(0)
-    est = create_model("hyperres_level_estimator", width=8)
-    assert isinstance(est, BlindLevelEstimator)
+    est = create_model("hyperres_level_estimator", width=8, **cfg).eval()
+    assert isinstance(est, cls)
     x = torch.randn(2, 3, 130, 150)
     levels = est(x)
     assert levels.shape == (2,)
@@ -138,7 +169,7 @@ def test_level_estimator():
     x2[..., :1, :] = 100.0
     torch.testing.assert_close(est(x2), levels)
     # Its output feeds HyperRes directly.
-    assert small_model()(x[:, :, :16, :16], levels.detach()).shape == (2, 3, 16, 16)
+    assert small_model()(x[:, :, :16, :16], levels.detach().abs()).shape == (2, 3, 16, 16)
     with pytest.raises(ValueError, match="^x"):
         est(torch.randn(1, 3, 127, 200))
 
@@ -146,7 +177,7 @@ def test_level_estimator():
 def test_estimator_clamps_a_negative_estimate_in_eval_only():
     """HyperRes rejects a negative level: at inference the estimate is clamped at 0;
     in training the raw output keeps the loss's gradient."""
-    est = create_model("hyperres_level_estimator", width=4, crop_size=32)
+    est = create_model("hyperres_level_estimator", architecture="five_conv", width=4, crop_size=32)
     with torch.no_grad():
         est.regressor[-1].bias.fill_(-1e3)  # every estimate far below 0
     x = torch.rand(2, 3, 32, 32)
@@ -156,12 +187,38 @@ def test_estimator_clamps_a_negative_estimate_in_eval_only():
     assert small_model()(torch.rand(2, 3, 8, 8), levels).shape == (2, 3, 8, 8)
 
 
+def test_noisenet_returns_the_raw_estimate_unless_asked_to_clamp():
+    x = torch.rand(2, 3, 32, 32)
+    for clamp in (False, True):
+        est = create_model("hyperres_level_estimator", width=4, crop_size=32, clamp_negative=clamp)
+        with torch.no_grad():
+            est.regressor[-1].bias.fill_(-1e3)
+        assert torch.all(est.train()(x) < 0)
+        assert torch.all(est.eval()(x) == 0) if clamp else torch.all(est(x) < 0)
+
+
+def test_noisenet_random_crop_draws_from_torchs_generator():
+    est = create_model("hyperres_level_estimator", width=4, crop_size=32).eval()
+    x = torch.rand(1, 3, 64, 64)
+    torch.manual_seed(3)
+    a = est(x)
+    torch.manual_seed(3)
+    torch.testing.assert_close(est(x), a)
+    seen = {tuple(est.crop_position(64, 64)) for _ in range(20)}
+    assert len(seen) > 1 and all(0 <= t < 32 and 0 <= l < 32 for t, l in seen)
+    assert est.crop_position(32, 40)[0] == 0
+
+
 def test_estimator_paper_layout():
     with torch.device("meta"):
         est = BlindLevelEstimator()
+        released = create_model("hyperres_level_estimator")
     convs = [m for m in est.modules() if isinstance(m, torch.nn.Conv2d)]
     fcs = [m for m in est.modules() if isinstance(m, torch.nn.Linear)]
     assert len(convs) == 5 and len(fcs) == 3
+    assert isinstance(released, NoiseNet) and count_parameters(released) == 330_561
+    convs = [m for m in released.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert len(convs) == 9 and convs[0].stride == (2, 2)
 
 
 @pytest.mark.parametrize("x,level,exc,name", [
@@ -223,7 +280,9 @@ def test_constructor_arguments_are_checked(cfg, name):
 
 
 @pytest.mark.parametrize("cfg,name", [(dict(crop_size=0), "crop_size"), (dict(crop_size=48), "crop_size"),
-                                      (dict(width=-1), "width"), (dict(in_channels=True), "in_channels")])
+                                      (dict(width=-1), "width"), (dict(in_channels=True), "in_channels"),
+                                      (dict(architecture="resnet"), "architecture"), (dict(crop="left"), "crop"),
+                                      (dict(clamp_negative=1), "clamp_negative")])
 def test_estimator_constructor_arguments_are_checked(cfg, name):
     with pytest.raises(ValueError, match=f"^{name} must be"):
         create_model("hyperres_level_estimator", **cfg)

@@ -70,6 +70,22 @@ CASES = [
 @pytest.mark.parametrize("k,stride,padding,channels_last,n,scalar_level,bias", CASES)
 def test_matches_float64_truth(backend, dtype, k, stride, padding, channels_last, n, scalar_level, bias):
     inputs = make_inputs(n=n, k=k, bias=bias, channels_last=channels_last, scalar_level=scalar_level)
+    _assert_matches_float64_truth(inputs, n, stride, padding, channels_last, dtype, backend)
+
+
+@pytest.mark.parametrize("backend", FAST_BACKENDS)
+def test_wide_layer_spans_several_tiles(backend):
+    """HyperRes-like widths (C >= 64): every kernel reduces over several channel
+    blocks (64 input, 80 output channels against reduction tiles of at most 32 under
+    the interpreter, 64 on a GPU; 80 = 64 + a partial 16) and writes several
+    output-channel blocks, and the weight gradient several (tap, channel) row blocks."""
+    inputs = make_inputs(n=2, c_in=64, c_out=80, h=8, w=8, channels_last=True)
+    _assert_matches_float64_truth(inputs, 2, 1, 1, True, torch.float32, backend)
+
+
+def _assert_matches_float64_truth(inputs, n, stride, padding, channels_last, dtype, backend):
+    """Forward and every gradient of ``backend`` at ``dtype`` held to the float64 truth
+    by the baseline-error rule (plain PyTorch at ``dtype`` sets the bar)."""
     truth_in = cast(inputs, torch.float64)
     y_true = hyper_conv2d_reference(truth_in[0], _level_vector(truth_in[1], n), *truth_in[2:],
                                     stride=stride, padding=padding)

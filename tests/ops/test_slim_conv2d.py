@@ -23,7 +23,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 FAST_BACKENDS = [b for b in available_backends(DEVICE, "slim_conv2d_forward") if b != "reference"]
 DTYPES = [torch.float32, torch.float16] + ([torch.bfloat16] if DEVICE.type == "cuda" else [])
 INPUT_NAMES = ("x", "weight", "bias")
-C_IN, C_OUT = 36, 40  # more than one channel tile each way (Triton tiles are 32 wide)
+C_IN, C_OUT = 36, 40  # several channel tiles each way and a partial one (Triton tiles are 16 wide)
 
 
 def widths(mode: str, n: int):
@@ -110,6 +110,38 @@ def test_inactive_inputs_are_never_read(backend):
     want = slim_conv2d_reference(x[:, :3].double(), weight[:, :3].double(), b.double(), 3, 18, 1, 1)
     assert torch.isfinite(y).all()
     torch.testing.assert_close(y[0].double(), want[0], rtol=1e-4, atol=1e-4)
+
+
+def _triton_macs(monkeypatch, widths, c=48, n_pix=3):
+    """Multiply-accumulates the Triton kernels issue (every tl.dot under the
+    interpreter: M * N * K) for one forward and backward at ``widths`` [N]."""
+    from triton.runtime.interpreter import InterpreterBuilder
+
+    macs = []
+    create_dot = InterpreterBuilder.create_dot
+
+    def counted(self, a, b, *args, **kwargs):
+        macs.append(a.data.shape[0] * a.data.shape[1] * b.data.shape[1])
+        return create_dot(self, a, b, *args, **kwargs)
+
+    torch.manual_seed(0)
+    x, weight, bias = cast(make_inputs(len(widths), 3, c_in=c, c_out=c, h=n_pix, w=n_pix), torch.float32)
+    w = torch.tensor(widths, dtype=torch.int32)
+    with monkeypatch.context() as m:
+        m.setattr(InterpreterBuilder, "create_dot", counted)
+        slim_conv2d(x, weight, bias, w, w, 1, 1, backend="triton").sum().backward()
+    return sum(macs)
+
+
+@pytest.mark.skipif(DEVICE.type == "cuda" or "triton" not in FAST_BACKENDS,
+                    reason="counts tl.dot calls in Triton's CPU interpreter")
+def test_triton_work_follows_widths_at_16_channel_granularity(monkeypatch):
+    """DDS-Net's widths (16/32/48 of a 48-channel layer): the forward, input- and
+    weight-gradient GEMMs cost in proportion to in_width * out_width (tiles of 16
+    channels), and each sample of a mixed batch costs what it costs alone."""
+    per_image = {k: _triton_macs(monkeypatch, [k]) for k in (16, 32)}
+    assert per_image[16] > 0 and per_image[32] == 4 * per_image[16], per_image
+    assert _triton_macs(monkeypatch, [16, 48, 32]) == 14 * per_image[16]  # 1 + 9 + 4
 
 
 @pytest.mark.parametrize("backend", ["reference"] + FAST_BACKENDS)

@@ -69,3 +69,62 @@ int emu_sr_backward(int dtype, const int64_t* shape, const void* g, const int64_
                                               size_t(workspace_bytes), nullptr);
 }
 }
+
+#if defined(RN_SANITIZE_MAIN)
+// A main for tests/csrc/test_channel_attention_emulated.py's sanitizer tests:
+// the kernels that sum through shared memory (the reduction, and the scaled
+// residual's beta gradient), plus the element-wise ones, on exactly-sized
+// buffers. Built with -fsanitize=thread a race between the emulated threads
+// of a block on the shared sums aborts; values are checked elsewhere.
+// "quick" (ThreadSanitizer, slow): fewer launches that still take both
+// layouts, gating and a 16-bit type.
+#include "sanitize_util.h"
+
+namespace {
+template <typename T>
+int run_case(int dtype, int64_t n, int64_t c, int64_t h, int64_t w, bool channels_last, bool gated, bool full,
+             std::mt19937& rng) {
+  using acc_t = typename restorenet::AccType<T>::type;
+  const int64_t shape[4] = {n, c, h, w}, cx = gated ? 2 * c : c;
+  auto x = rn_harness::random_buffer<T>(n * cx * h * w, rng), du = rn_harness::random_buffer<T>(n * c * h * w, rng);
+  auto scale = rn_harness::random_buffer<acc_t>(n * c, rng), q = rn_harness::random_buffer<acc_t>(n * c, rng);
+  std::vector<acc_t> sums(n * c);
+  std::vector<T> u(n * c * h * w), dx(x.size());
+  int64_t xs[4], ts[4];
+  rn_harness::dense_strides(channels_last, cx, h, w, xs);
+  rn_harness::dense_strides(channels_last, c, h, w, ts);
+  int64_t bytes = 0;
+  int rc = emu_ca_reduce_workspace_size(dtype, shape, gated, &bytes);
+  std::vector<char> workspace(bytes);
+  rc |= emu_ca_reduce(dtype, shape, gated, x.data(), xs, du.data(), ts, sums.data(), workspace.data(), bytes);
+  if (!full) return rc;
+  rc |= emu_ca_reduce(dtype, shape, gated, x.data(), xs, nullptr, ts, sums.data(), workspace.data(), bytes);
+  rc |= emu_ca_apply(dtype, shape, gated, x.data(), xs, scale.data(), u.data(), ts);
+  rc |= emu_ca_backward_input(dtype, shape, gated, du.data(), ts, x.data(), xs, scale.data(), q.data(), dx.data(),
+                              xs);
+  // Scaled residual on t's shape: y = inp + beta * z, and its backward (beta's gradient is a shared-memory sum).
+  auto beta = rn_harness::random_buffer<acc_t>(c, rng);
+  std::vector<acc_t> dbeta(c);
+  rc |= emu_sr_forward(dtype, shape, du.data(), ts, beta.data(), du.data(), ts, u.data(), ts);
+  rc |= emu_sr_backward_workspace_size(dtype, shape, &bytes);
+  std::vector<char> sr_workspace(bytes);
+  rc |= emu_sr_backward(dtype, shape, du.data(), ts, beta.data(), u.data(), ts, dx.data(), ts, dbeta.data(),
+                        sr_workspace.data(), bytes);
+  return rc;
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = rn_harness::quick_run(argc, argv);
+  std::mt19937 rng(0);
+  int failures = 0;
+  failures += run_case<float>(0, 2, 5, 7, 9, false, true, true, rng) != 0;
+  failures += run_case<float>(0, 2, 37, 5, 6, true, false, true, rng) != 0;  // two channel tiles of 32
+  failures += run_case<__half>(1, 1, 6, 9, 5, true, true, !quick, rng) != 0;
+  if (!quick) {
+    failures += run_case<double>(3, 3, 9, 4, 11, false, false, true, rng) != 0;
+    failures += run_case<__nv_bfloat16>(2, 2, 40, 3, 3, false, true, true, rng) != 0;
+  }
+  return rn_harness::report_cases(failures);
+}
+#endif

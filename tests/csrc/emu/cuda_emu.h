@@ -11,8 +11,18 @@
 // (cudaErrorLaunchFailure) instead of silently passing.
 //
 // Only what the kernels use is here: threadIdx/blockIdx/blockDim/gridDim,
-// __syncthreads, __launch_bounds__, __shared__, and WMMA (nvcuda::wmma) for
-// 16x16x16 half/bfloat16 fragments. No other warp intrinsics, no atomics.
+// __syncthreads, __launch_bounds__, __shared__, cp.async (through
+// common.cuh's cp_async / cp_async_commit / cp_async_wait) and WMMA
+// (nvcuda::wmma) for 16x16x16 half/bfloat16 fragments. No other warp
+// intrinsics, no atomics.
+//
+// cp.async: a copy is recorded in its thread's open group and done only when
+// a cp_async_wait<N> of that thread retires its group (all but the N most
+// recently committed groups), by that thread. So a kernel that reads a stage
+// before waiting for it reads stale shared memory (a wrong answer), and one
+// that reads another thread's copy without a barrier after the wait races
+// (ThreadSanitizer reports it). Misaligned addresses abort, as they fault on
+// the GPU; a kernel that ends with copies still in flight fails its launch.
 //
 // WMMA: every lane of a warp holds the whole 16 x 16 matrix of a fragment
 // (the hardware spreads it over the lanes in an unspecified layout, which
@@ -30,6 +40,8 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <deque>
 #include <thread>
 #include <type_traits>
 #include <vector>
@@ -56,6 +68,51 @@ inline void syncthreads() {
   block_barrier->arrive_and_wait();
 }
 
+// ---------------------------------------------------------------- cp.async
+struct PendingCopy {
+  void* dst;
+  const void* src;
+  int bytes, src_bytes;  // src_bytes < bytes: the rest is zero-filled
+};
+inline thread_local std::vector<PendingCopy> open_copies;                   // issued, not yet committed
+inline thread_local std::deque<std::vector<PendingCopy>> committed_groups;  // oldest first
+// Copies issued, by size (4, 8, 16 bytes; index 0: zero-filling ones), for
+// tests that check which copies a kernel chooses.
+inline std::atomic<long long> async_copies[17]{};
+
+inline void cp_async(void* dst, const void* src, int bytes, int src_bytes) {
+  if (reinterpret_cast<uintptr_t>(dst) % bytes != 0 || reinterpret_cast<uintptr_t>(src) % bytes != 0) {
+    std::fprintf(stderr, "rn_emu: cp.async of %d bytes from %p to %p: address not aligned\n", bytes, src, dst);
+    std::abort();
+  }
+  open_copies.push_back(PendingCopy{dst, src, bytes, src_bytes});
+  ++async_copies[src_bytes == 0 ? 0 : bytes];
+}
+
+inline void cp_async_commit() {
+  committed_groups.push_back(std::move(open_copies));
+  open_copies.clear();
+}
+
+inline void cp_async_wait(int most_recent_in_flight) {
+  while (committed_groups.size() > size_t(most_recent_in_flight)) {
+    for (const PendingCopy& c : committed_groups.front()) {
+      std::memcpy(c.dst, c.src, size_t(c.src_bytes));
+      std::memset(static_cast<char*>(c.dst) + c.src_bytes, 0, size_t(c.bytes - c.src_bytes));
+    }
+    committed_groups.pop_front();
+  }
+}
+
+// Drops the copies a finished kernel never waited for; true if there were any.
+inline bool discard_copies_in_flight() {
+  bool any = !open_copies.empty();
+  for (const auto& group : committed_groups) any = any || !group.empty();
+  open_copies.clear();
+  committed_groups.clear();
+  return any;
+}
+
 template <typename... KernelArgs, typename... Args>
 cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&... args) {
   const unsigned threads = block.x * block.y * block.z;
@@ -67,7 +124,7 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&.
   grid_dim = grid;
   std::barrier<> barrier(threads);
   std::vector<long> calls(threads, 0);
-  std::atomic<bool> mismatch{false};
+  std::atomic<bool> mismatch{false}, copies_left{false};
   auto worker = [&](unsigned t) {
     block_barrier = &barrier;
     thread_idx = uint3{t % block.x, (t / block.x) % block.y, t / (block.x * block.y)};
@@ -77,6 +134,7 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&.
           block_idx = uint3{x, y, z};
           sync_calls = 0;
           kernel(args...);
+          if (discard_copies_in_flight()) copies_left = true;
           calls[t] = sync_calls;
           barrier.arrive_and_wait();  // the block is done: every thread has returned
           if (t == 0) {
@@ -93,6 +151,10 @@ cudaError_t launch(void (*kernel)(KernelArgs...), dim3 grid, dim3 block, Args&&.
   for (auto& th : pool) th.join();
   if (mismatch) {
     std::fprintf(stderr, "rn_emu: threads of a block called __syncthreads a different number of times\n");
+    return cudaErrorLaunchFailure;
+  }
+  if (copies_left) {
+    std::fprintf(stderr, "rn_emu: a thread ended with cp.async copies it never waited for\n");
     return cudaErrorLaunchFailure;
   }
   return cudaSuccess;

@@ -74,3 +74,66 @@ int emu_simple_gate_backward(int dtype, const int64_t* shape, const void* dy, co
                                           strides_of(x_st), dx, strides_of(dx_st), nullptr);
 }
 }
+
+#if defined(RN_SANITIZE_MAIN)
+// A main for tests/csrc/test_elementwise_emulated.py's sanitizer tests: the
+// kernels that sum through shared memory (layer_norm2d's per-pixel channel
+// statistics and its weight/bias gradients; rev_coupling_invert's alpha
+// gradient in both layouts) on exactly-sized buffers. Built with
+// -fsanitize=thread a race between the emulated threads of a block aborts;
+// values are checked elsewhere. "quick" (ThreadSanitizer, slow): fewer launches.
+#include "sanitize_util.h"
+
+namespace {
+template <typename T>
+int layer_norm(int dtype, int64_t n, int64_t c, int64_t h, int64_t w, bool channels_last, std::mt19937& rng) {
+  using acc_t = typename restorenet::AccType<T>::type;
+  const int64_t shape[4] = {n, c, h, w}, size = n * c * h * w;
+  auto x = rn_harness::random_buffer<T>(size, rng), dy = rn_harness::random_buffer<T>(size, rng);
+  auto weight = rn_harness::random_buffer<acc_t>(c, rng), bias = rn_harness::random_buffer<acc_t>(c, rng);
+  std::vector<T> y(size), dx(size);
+  std::vector<acc_t> mean(n * h * w), rstd(n * h * w), dweight(c), dbias(c);
+  int64_t st[4];
+  rn_harness::dense_strides(channels_last, c, h, w, st);
+  int rc = emu_layer_norm2d_forward(dtype, shape, x.data(), st, weight.data(), bias.data(), 1e-6, y.data(), st,
+                                    mean.data(), rstd.data());
+  const int64_t bytes = emu_layer_norm2d_backward_workspace_size(dtype, c);
+  std::vector<acc_t> workspace((bytes + sizeof(acc_t) - 1) / sizeof(acc_t));  // acc_t-aligned (16 bytes by malloc)
+  rc |= emu_layer_norm2d_backward(dtype, shape, dy.data(), st, x.data(), st, weight.data(), mean.data(), rstd.data(),
+                                  dx.data(), st, dweight.data(), dbias.data(), workspace.data(), bytes);
+  return rc;
+}
+
+template <typename T>
+int rev_invert(int dtype, int64_t n, int64_t c, int64_t h, int64_t w, bool channels_last, std::mt19937& rng) {
+  using acc_t = typename restorenet::AccType<T>::type;
+  const int64_t shape[4] = {n, c, h, w}, size = n * c * h * w;
+  auto x = rn_harness::random_buffer<T>(size, rng), f = rn_harness::random_buffer<T>(size, rng);
+  auto g = rn_harness::random_buffer<T>(size, rng);
+  std::vector<acc_t> alpha(c, acc_t(0.75)), grad_alpha(c);
+  std::vector<T> c_out(size), grad_c(size);
+  int64_t st[4];
+  rn_harness::dense_strides(channels_last, c, h, w, st);
+  const int64_t bytes = emu_rev_coupling_invert_workspace_size(dtype, c);
+  std::vector<acc_t> workspace((bytes + sizeof(acc_t) - 1) / sizeof(acc_t));
+  return emu_rev_coupling_invert(dtype, shape, x.data(), st, f.data(), st, alpha.data(), g.data(), st, c_out.data(),
+                                 st, grad_c.data(), st, grad_alpha.data(), workspace.data(), bytes);
+}
+}  // namespace
+
+int main(int argc, char** argv) {
+  const bool quick = rn_harness::quick_run(argc, argv);
+  std::mt19937 rng(0);
+  int failures = 0;
+  failures += layer_norm<float>(0, 2, 5, 6, 7, false, rng) != 0;
+  failures += layer_norm<__half>(1, 1, 19, 3, 5, true, rng) != 0;
+  failures += rev_invert<float>(0, 2, 6, 5, 7, false, rng) != 0;
+  failures += rev_invert<float>(0, 2, 8, 5, 3, true, rng) != 0;
+  if (!quick) {
+    failures += layer_norm<double>(3, 3, 33, 4, 4, true, rng) != 0;
+    failures += rev_invert<__nv_bfloat16>(2, 3, 16, 4, 9, true, rng) != 0;
+    failures += rev_invert<double>(3, 2, 3, 9, 9, false, rng) != 0;
+  }
+  return rn_harness::report_cases(failures);
+}
+#endif

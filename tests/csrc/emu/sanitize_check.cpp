@@ -3,35 +3,18 @@
 // -fsanitize=address any load or store out of bounds aborts, built with
 // -fsanitize=thread a shared-memory race between the emulated threads of a
 // block (a missing __syncthreads) aborts. Values are checked elsewhere.
-#include <cstdio>
-#include <random>
-#include <string>
 #include <vector>
 
 #include "harness.cpp"
+#include "sanitize_util.h"
 
 namespace {
+using rn_harness::random_buffer;
 
 struct Case {
   int64_t n, c_in, c_out, h, w, kh, kw, stride, padding;
   bool channels_last, bias;
 };
-
-template <typename T>
-std::vector<T> random_buffer(size_t size, std::mt19937& rng) {
-  std::uniform_real_distribution<float> uniform(-1.f, 1.f);
-  std::vector<T> v(size);
-  for (auto& e : v) e = T(uniform(rng));
-  return v;
-}
-
-void strides(const Case& c, int64_t ch, int64_t h, int64_t w, int64_t* out) {
-  if (c.channels_last) {
-    out[0] = h * w * ch, out[1] = 1, out[2] = w * ch, out[3] = ch;
-  } else {
-    out[0] = ch * h * w, out[1] = h * w, out[2] = w, out[3] = 1;
-  }
-}
 
 template <typename T, typename Level>
 int run(const Case& c, int dtype, std::mt19937& rng) {
@@ -45,8 +28,8 @@ int run(const Case& c, int dtype, std::mt19937& rng) {
   std::vector<T> y(ny), dx(nx), dw(nw), dwb(nw), db(c.c_out), dbb(c.c_out);
   std::vector<Level> dlevel(c.n);
   int64_t xs[4], ys[4];
-  strides(c, c.c_in, c.h, c.w, xs);
-  strides(c, c.c_out, ho, wo, ys);
+  rn_harness::dense_strides(c.channels_last, c.c_in, c.h, c.w, xs);
+  rn_harness::dense_strides(c.channels_last, c.c_out, ho, wo, ys);
   const void* b = c.bias ? bias.data() : nullptr;
   const void* bb = c.bias ? bias_base.data() : nullptr;
   void* d_b = c.bias ? db.data() : nullptr;
@@ -69,7 +52,7 @@ int run(const Case& c, int dtype, std::mt19937& rng) {
 // With "quick" (ThreadSanitizer, ~10x slower): fewer runs that still take
 // every code path (several tiles, items per block, both layouts, WMMA).
 int main(int argc, char** argv) {
-  const bool quick = argc > 1 && std::string(argv[1]) == "quick";
+  const bool quick = rn_harness::quick_run(argc, argv);
   std::mt19937 rng(0);
   const Case cases[] = {
       {2, 5, 70, 9, 11, 3, 3, 2, 1, false, true},   // two c_out tiles, stride 2
@@ -91,10 +74,5 @@ int main(int argc, char** argv) {
     setenv("RESTORENET_CUDA_TENSOR_CORES", "0", 1);
     failures += run<__nv_bfloat16, float>(cases[0], 2, rng) != 0;  // SIMT
   }
-  if (failures != 0) {
-    std::printf("%d cases returned a CUDA error\n", failures);
-    return 1;
-  }
-  std::printf("all cases ran\n");
-  return 0;
+  return rn_harness::report_cases(failures);
 }

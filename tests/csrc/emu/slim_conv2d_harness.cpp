@@ -54,4 +54,6 @@ int emu_slim_conv2d_backward_params(int dtype, const int64_t* shape, const void*
 
 // The GEMM work counter of conv_core.cuh (16-row tile slices x reduction steps).
 long long emu_gemm_work_take(void) { return restorenet::conv_core::emu_gemm_work.exchange(0); }
+// cp.async copies issued since the last call, of `bytes` bytes (0: zero-filling ones).
+long long emu_async_copies_take(int bytes) { return rn_emu::async_copies[bytes].exchange(0); }
 }
