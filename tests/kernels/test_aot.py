@@ -13,7 +13,8 @@ and the GEMM (conv) kernels for sm_80 too; the full spec list is compiled by
 ``test_committed_report_is_clean`` reads (the report is checked current by
 ``test_report_matches_the_code``). Compiles run in a subprocess without
 TRITON_INTERPRET (tests/conftest.py sets it), in 2 processes, once per session
-(shared between xdist workers through a file lock).
+(shared between xdist workers through a file lock). Measured cold on the shared
+2-core development machine: 99 s wall with Triton 3.8 (162 compiles), 76 s with 3.6 (126).
 """
 from __future__ import annotations
 
