@@ -42,14 +42,13 @@ def _ci_archs() -> str:
 # rewrite (branch tconv) merged: every kernel of the CI selection compiles clean with
 # 3.8 and 3.6. Add an entry (strict xfail) only for a failure being worked on.
 KNOWN_FAILURES: dict[str, tuple[str, ...]] = {}
-# docs/kernel_report.md was generated before the conv kernels' full spec list could be
-# compiled on the shared development machine (--cached-only): it names them as not
-# covered. Regenerate it in full (python -m restorenet.aot --write docs/kernel_report.md,
-# about 20 CPU-minutes) and empty this set.
-NOT_IN_COMMITTED_REPORT = {"hyper_conv2d_fwd_kernel", "hyper_conv2d_dgrad_kernel", "hyper_conv2d_wgrad_kernel",
-                           "slim_conv2d_fwd_kernel", "slim_conv2d_dgrad_kernel", "slim_conv2d_wgrad_kernel"}
+# The full spec list (docs/kernel_report.md, every autotune config of every shape)
+# still has spills in these conv kernels -- some autotune candidates and the fp64/sm_80
+# specs, which the CI selection does not compile: prune or fix them, then empty this.
+NOT_CLEAN_IN_COMMITTED_REPORT = {"hyper_conv2d_fwd_kernel", "hyper_conv2d_dgrad_kernel", "hyper_conv2d_wgrad_kernel",
+                                 "slim_conv2d_dgrad_kernel", "slim_conv2d_wgrad_kernel"}
 CONV_SPILLS = "a known failure being worked on"
-REPORT_GAP = "docs/kernel_report.md does not cover its spec list yet (regenerate it in full)"
+REPORT_GAP = "spills in some specs of the full list (docs/kernel_report.md): autotune candidates, fp64 on sm_80"
 
 
 def _triton_minor() -> str:
@@ -139,7 +138,7 @@ def test_report_matches_the_code(ci_compile):
         "docs/kernel_report.md is stale: run `python -m restorenet.aot --write docs/kernel_report.md`")
 
 
-@pytest.mark.parametrize("kernel", _kernel_params(lambda k: ("3.6", "3.8") if k in NOT_IN_COMMITTED_REPORT else (),
+@pytest.mark.parametrize("kernel", _kernel_params(lambda k: ("3.6", "3.8") if k in NOT_CLEAN_IN_COMMITTED_REPORT else (),
                                                   REPORT_GAP))
 def test_committed_report_is_clean(kernel):
     """The full spec list, both archs, as compiled when the report was generated."""
