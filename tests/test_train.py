@@ -413,3 +413,19 @@ def test_bad_arguments_name_the_argument(tmp_path, kwargs, name):
     with pytest.raises(ValueError, match=f"^{name}"):
         train(**{"model": "nafnet", "task": "denoise", "steps": 2, "out": tmp_path,
                  "progress": False, "model_kwargs": TINY_NAFNET, "threads": 1, **kwargs})
+
+
+def test_compile_trains_like_eager_and_saves_plain_weights(tmp_path):
+    # Inductor reorders float sums, so the losses agree to rounding, not bitwise; the
+    # saved weights must carry the model's own keys (no torch.compile "_orig_mod." prefix).
+    from torch._dynamo.utils import counters
+
+    torch._dynamo.reset()
+    counters.clear()
+    runs = {flag: train(steps=2, out=tmp_path / str(flag), compile=flag, eval_every=100, **TINY_HYPERRES)
+            for flag in (False, True)}
+    assert counters["stats"]["unique_graphs"] >= 1  # the --compile run went through Dynamo
+    eager, compiled = (runs[flag]["train"]["loss"] for flag in (False, True))
+    assert compiled == pytest.approx(eager, rel=1e-4)
+    model = restorenet.load_model(tmp_path / "True" / "model.pt")
+    assert set(model.state_dict()) == set(restorenet.load_model(tmp_path / "False" / "model.pt").state_dict())
