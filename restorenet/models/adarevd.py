@@ -52,7 +52,7 @@ from restorenet.models.ufpnet import UFPNetEncoder
 from restorenet.ops._common import autocast_dtype
 from restorenet.ops.naf_elementwise import simple_gate
 from restorenet.ops.rev_columns import column_forward, reversible_columns
-from restorenet.ops.tiles import tile_blend, tile_gather, tile_plan, tile_schedule
+from restorenet.ops.tiles import RAMPS, axis_ramps, tile_blend, tile_gather, tile_plan, tile_schedule
 from restorenet.registry import register_model
 
 NUM_LEVELS = 4  # decoder states c0..c3; the encoder must have exactly 4 down steps
@@ -512,16 +512,23 @@ class AdaRevD(nn.Module):
     @torch.no_grad()
     def restore(self, img, tile: int = 384, overlap: int = 32,
                 exit_idx: Sequence[int] | None = None, return_exits: bool = False,
-                batched: bool = True):
+                batched: bool = True, blend: str = "released"):
         """Tiled inference where each tile exits after ``exit_idx[class]`` columns.
 
         The encoder sees the whole image (reflect-padded to a multiple of 16). Feature level l
         is cut into tiles of ``tile / 2**l`` overlapping by ``overlap / 2**l``; border
         tiles are shifted inward so every tile has full size. Where the padded image is
         smaller than ``tile`` in a dimension, the tile is clamped to the image there
-        (one tile across). Each tile's head output (without the image) is blended back
-        with linear ramps across the overlaps, weights normalised by their sum, then the
-        image is added.
+        (one tile across). Each tile's head output (without the image) is blended back,
+        then the image is added. ``blend``:
+
+        - ``"released"`` (default): the released code's weights
+          (``restorenet.ops.tiles.released_ramp``):
+          ``linspace`` ramps over each overlap, summed without normalising. Its quirk is
+          kept: along a side that fits in one tile, the first ``overlap`` rows (columns)
+          of the residual are ramped from 0 (there is no neighbour to fade into).
+        - ``"normalized"``: our variant, ``restorenet.ops.tiles.tile_ramp`` ramps at
+          pixel centres, normalised by their sum; no damping along one-tile sides.
 
         Args:
             img: [N, 3, H, W], or a list of [3, H, W] / [n, 3, H, W] tensors of any sizes.
@@ -540,11 +547,13 @@ class AdaRevD(nn.Module):
         if self.training:
             raise RuntimeError("restore() is inference only: call model.eval() first")
         self._check_tiling(tile, overlap)
+        if blend not in RAMPS:
+            raise ValueError(f"blend must be one of {RAMPS}, got {blend!r}")
         values = self.exit_idx if exit_idx is None else self._check_exit_idx(exit_idx)
         # non_blocking: a host-to-device copy that does not wait for queued work.
         depth_of_class = torch.tensor(values).to(entries[0].device, non_blocking=True)
         run = self._restore_batched if batched else self._restore_plain
-        outs, exits = run(entries, tile, overlap, depth_of_class)
+        outs, exits = run(entries, tile, overlap, depth_of_class, blend)
         if not as_list:
             return (outs[0], exits[0]) if return_exits else outs[0]
         squeeze = [t.dim() == 3 for t in img]
@@ -571,7 +580,7 @@ class AdaRevD(nn.Module):
             entries.append(t)
         return entries, True
 
-    def _restore_batched(self, entries, tile, overlap, depth_of_class):
+    def _restore_batched(self, entries, tile, overlap, depth_of_class, blend):
         """One ragged pass over all images: see ``restorenet.ops.tiles``."""
         xs = [reflect_pad_to_multiple(e, self.size_multiple) for e in entries]
         # Tiles run as one batch only if they share a shape: group the tensors by the
@@ -593,7 +602,7 @@ class AdaRevD(nn.Module):
         outs, exits = [None] * len(xs), [None] * len(xs)
         for plan, schedule, depth, (_, members) in zip(plans, schedules, depths, groups):
             residual = self._run_columns([feats[i] for i in members], plan, schedule)
-            blended = tile_blend(residual, plan, schedule.order)
+            blended = tile_blend(residual, plan, schedule.order, ramp=blend, overlap=overlap)
             for i, out, exit_depth in zip(members, blended, plan.unflatten(depth)):
                 h, w = entries[i].shape[-2:]
                 outs[i], exits[i] = (out + xs[i])[..., :h, :w], exit_depth
@@ -616,11 +625,11 @@ class AdaRevD(nn.Module):
                 residual[leaving] = head(states[-1][leaving])
         return residual
 
-    def _restore_plain(self, entries, tile, overlap, depth_of_class):
-        results = [self._restore_plain_one(x, tile, overlap, depth_of_class) for x in entries]
+    def _restore_plain(self, entries, tile, overlap, depth_of_class, blend):
+        results = [self._restore_plain_one(x, tile, overlap, depth_of_class, blend) for x in entries]
         return [r[0] for r in results], [r[1] for r in results]
 
-    def _restore_plain_one(self, img, tile, overlap, depth_of_class):
+    def _restore_plain_one(self, img, tile, overlap, depth_of_class, blend):
         """The authors' way, one batch of same-size images: gather the tiles still in
         at every column (a host sync each time)."""
         n, (h, w) = img.shape[0], img.shape[-2:]
@@ -642,7 +651,7 @@ class AdaRevD(nn.Module):
             done = depth[alive] == k + 1
             residual[alive[done]] = self.heads[k](states[-1][done])
 
-        out = _blend_tiles(residual.view(n, len(ys) * len(xs), -1, th, tw), ys, xs, hp, wp)
+        out = _blend_tiles(residual.view(n, len(ys) * len(xs), -1, th, tw), ys, xs, hp, wp, blend, overlap)
         return (out + x)[..., :h, :w], depth.view(n, len(ys), len(xs))
 
     # -- argument checks
@@ -698,35 +707,23 @@ def _cut_tiles(feat: torch.Tensor, scale: int, ys, xs, th: int, tw: int) -> torc
     return torch.stack(crops, dim=1).flatten(0, 1)
 
 
-def _ramps(starts: list[int], tile: int, like: torch.Tensor) -> list[torch.Tensor]:
-    """1-D blend weight of each tile: a linear ramp over its actual overlap with each
-    neighbour (so two neighbours' weights cross-fade), 1 elsewhere; always > 0."""
-    pos = torch.arange(tile, dtype=like.dtype, device=like.device) + 0.5
-    ramps = []
-    for j, s in enumerate(starts):
-        r = torch.ones_like(pos)
-        if j > 0:
-            r = r * (pos / (starts[j - 1] + tile - s)).clamp(max=1)
-        if j + 1 < len(starts):
-            r = r * ((tile - pos) / (s + tile - starts[j + 1])).clamp(max=1)
-        ramps.append(r)
-    return ramps
-
-
-def _blend_tiles(tiles: torch.Tensor, ys, xs, hp: int, wp: int) -> torch.Tensor:
-    """Weighted average of [N, n_tiles, C, th, tw] tiles on the [N, C, hp, wp] canvas."""
+def _blend_tiles(tiles: torch.Tensor, ys, xs, hp: int, wp: int, blend: str = "normalized",
+                 overlap: int = 0) -> torch.Tensor:
+    """[N, n_tiles, C, th, tw] tiles on the [N, C, hp, wp] canvas: the weighted average
+    (``"normalized"``) or the released weighted sum (``"released"``), see ``restore``."""
     n, _, c, th, tw = tiles.shape
     acc = tiles.new_zeros(n, c, hp, wp)
     weight_sum = tiles.new_zeros(1, 1, hp, wp)
-    ry, rx = _ramps(ys, th, tiles), _ramps(xs, tw, tiles)
+    ry = axis_ramps(ys, th, hp, blend, overlap, tiles.dtype)
+    rx = axis_ramps(xs, tw, wp, blend, overlap, tiles.dtype)
     t = 0
     for y, wy in zip(ys, ry):
         for x, wx in zip(xs, rx):
-            wgt = wy[:, None] * wx[None, :]
+            wgt = (wy[:, None] * wx[None, :]).to(tiles.device)
             acc[:, :, y:y + th, x:x + tw] += tiles[:, t] * wgt
             weight_sum[:, :, y:y + th, x:x + tw] += wgt
             t += 1
-    return acc / weight_sum
+    return acc if blend == "released" else acc / weight_sum
 
 
 @register_model("adarevd")

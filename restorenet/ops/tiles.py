@@ -38,6 +38,11 @@ overlap with the next one, 1 elsewhere::
 ``sum_t w_t tile_t / sum_t w_t`` over the tiles covering it -- so two neighbours
 cross-fade, and a constant tile set blends to that constant exactly.
 
+``ramp="released"`` is AdaRevD's released blend instead (``released_ramp``):
+``linspace`` ramps over the overlaps, and the plain sum ``sum_t w_t tile_t``, not
+normalised (neighbouring ramps sum to 1, except along an axis with one tile, whose
+first ``overlap`` pixels are faded in from 0 -- the released code's quirk).
+
 Ops: ``torch.ops.restorenet.tile_gather`` and ``tile_blend`` (forward only, no
 autograd) with backends ``reference`` (the spec below: vectorised PyTorch, no host
 reads), ``triton`` (``restorenet_kernels.tiles``) and ``cuda`` (``restorenet._C``,
@@ -108,6 +113,57 @@ def tile_ramp(starts: Sequence[int], j: int, tile: int, dtype=torch.float32) -> 
     return ramp
 
 
+def released_ramp(starts: Sequence[int], j: int, tile: int, length: int, overlap: int,
+                  dtype=torch.float32) -> Tensor:
+    """Blend weight [tile] of tile ``j`` along one axis as AdaRevD's released code makes
+    it (``grids_inverse``; the weights are summed, not normalised).
+
+    With ``n`` tiles stepping by ``s = tile - overlap`` over ``length`` pixels, the last
+    one shifted inward, the last two overlap by ``e = n * s + 2 * overlap - length``. A
+    tile starting at ``i`` is multiplied by ``linspace(0, 1, overlap)`` over its first
+    ``overlap`` pixels if it is neither the first nor the last; by ``linspace(1, 0,
+    overlap)`` over its last ``overlap`` pixels if the next tile is not the last; by
+    ``linspace(0, 1, e)`` over its first ``e`` pixels if it is the last; by
+    ``linspace(1, 0, e)`` over its last ``e`` pixels if the next tile is the last. A
+    one-tile axis (``length == tile``; the released code clamps the tile to a smaller
+    image) counts as "the last", with ``e = overlap``: its first ``overlap`` pixels fade
+    in from 0. Where the released code fails -- a ramp longer than the tile (a side
+    shorter than the overlap) -- the ramp is cut at the tile's edge.
+    """
+    n, i = len(starts), starts[j]
+    overlap_last = n * (tile - overlap) + 2 * overlap - length
+    ramp = torch.ones(tile, dtype=dtype)
+
+    def fade_in(m: int) -> None:  # the first m pixels rise 0 -> 1
+        k = min(m, tile)
+        ramp[:k] *= torch.linspace(0.0, 1.0, m, dtype=dtype)[:k]
+
+    def fade_out(m: int) -> None:  # the last m pixels fall 1 -> 0
+        k = min(m, tile)
+        ramp[tile - k:] *= torch.linspace(1.0, 0.0, m, dtype=dtype)[m - k:]
+
+    if i != 0 and i + tile != length:
+        fade_in(overlap)
+    if i + 2 * tile - overlap_last < length:
+        fade_out(overlap)
+    if i + tile == length:
+        fade_in(overlap_last)
+    if i + 2 * tile - overlap_last == length:
+        fade_out(overlap_last)
+    return ramp
+
+
+RAMPS = ("normalized", "released")
+
+
+def axis_ramps(starts: Sequence[int], tile: int, length: int, ramp: str = "normalized",
+               overlap: int = 0, dtype=torch.float32) -> list[Tensor]:
+    """Every tile's weight along one axis: ``tile_ramp`` or ``released_ramp``."""
+    if ramp == "released":
+        return [released_ramp(starts, j, tile, length, overlap, dtype) for j in range(len(starts))]
+    return [tile_ramp(starts, j, tile, dtype) for j in range(len(starts))]
+
+
 def _max_cover(starts: Sequence[int], tile: int) -> int:
     """Most tiles covering one pixel: at the start of cell r, the tiles r' <= r reaching it."""
     return max(sum(1 for s in starts[:r + 1] if s + tile > starts[r]) for r in range(len(starts)))
@@ -173,6 +229,26 @@ class TilePlan:
         return (max([_max_cover(s, th) for s in self.row_starts], default=1),
                 max([_max_cover(s, tw) for s in self.col_starts], default=1))
 
+    def cover_counts(self, channels: int, dtype: torch.dtype, device) -> Tensor:
+        """How many tiles cover each output element, flat like ``tile_blend``'s output
+        (the images one after another, each [channels, H, W]); cached."""
+        device = torch.device(device)
+        key = ("cover", channels, dtype, device)
+        if key not in self._cache:
+            th, tw = self.tile
+            planes = []
+            for (h, w), ys, xs in zip(self.image_sizes, self.row_starts, self.col_starts):
+                per_row = torch.zeros(h, dtype=dtype)
+                per_col = torch.zeros(w, dtype=dtype)
+                for y in ys:
+                    per_row[y:y + th] += 1
+                for x in xs:
+                    per_col[x:x + tw] += 1
+                planes.append((per_row[:, None] * per_col[None, :]).expand(channels, h, w).flatten())
+            flat = torch.cat(planes) if planes else torch.zeros(0, dtype=dtype)
+            self._cache[key] = flat if device.type == "cpu" else flat.to(device, non_blocking=True)
+        return self._cache[key]
+
     def layout(self, device) -> Tensor:
         """[num_tiles, len(LAYOUT_COLUMNS)] int64 on ``device`` (cached)."""
         device = torch.device(device)
@@ -191,17 +267,22 @@ class TilePlan:
             self._cache[key] = table.view(len(rows), len(LAYOUT_COLUMNS))
         return self._cache[key]
 
-    def weights(self, dtype: torch.dtype, device) -> tuple[Tensor, Tensor]:
+    def weights(self, dtype: torch.dtype, device, ramp: str = "normalized",
+                overlap: Optional[tuple[int, int]] = None) -> tuple[Tensor, Tensor]:
         """Ramp tables ``(row_weight [tile rows of all images, th], col_weight [.., tw])``
-        indexed by the layout's row_id / col_id; float32 (float64 for float64 tiles)."""
+        indexed by the layout's row_id / col_id; float32 (float64 for float64 tiles).
+        ``ramp="released"`` takes the (h, w) ``overlap`` the released code was given
+        (default: the plan's)."""
         device = torch.device(device)
         dtype = torch.float64 if dtype == torch.float64 else torch.float32
-        key = ("weights", dtype, device)
+        overlap = self.overlap if overlap is None else overlap
+        key = ("weights", dtype, device, ramp, overlap if ramp == "released" else None)
         if key not in self._cache:
             th, tw = self.tile
             tables = []
-            for starts_of, size in ((self.row_starts, th), (self.col_starts, tw)):
-                ramps = [tile_ramp(s, j, size, dtype) for s in starts_of for j in range(len(s))]
+            for axis, starts_of, size in ((0, self.row_starts, th), (1, self.col_starts, tw)):
+                ramps = [r for starts, hw in zip(starts_of, self.image_sizes)
+                         for r in axis_ramps(starts, size, hw[axis], ramp, overlap[axis], dtype)]
                 table = torch.stack(ramps) if ramps else torch.ones(0, size, dtype=dtype)
                 tables.append(table if device.type == "cpu" else table.to(device, non_blocking=True))
             self._cache[key] = tuple(tables)
@@ -602,6 +683,7 @@ def tile_gather(feats: Images, plan: TilePlan, order: Optional[Indices] = None, 
 
 
 def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Indices] = None, *,
+               ramp: str = "normalized", overlap: Optional[Pair] = None,
                backend: Optional[str] = None) -> Union[Tensor, list[Tensor]]:
     """Write every tile back into its image with the ramp weights, normalised.
 
@@ -612,6 +694,15 @@ def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Indices] = None, *
         order: a permutation of the plan's tiles, an int64 tensor [T] on the tiles' device
             (``tile_schedule(...).order``) or a list of ints. Checked before the launch;
             a tensor other than a schedule's order costs one host read for that.
+        ramp: ``"normalized"`` (the ramps above, ``sum_t w_t tile_t / sum_t w_t``) or
+            ``"released"`` (AdaRevD's released blend, ``released_ramp``: the plain sum
+            ``sum_t w_t tile_t``). The kernels always normalise, so the released sum
+            is the normalised blend of the pre-weighted tiles with unit weights times
+            the number of tiles covering each pixel (exact for 1, 2 or 4 tiles; one
+            rounding under 3): two element-wise passes more, in float32 (float64).
+        overlap: with ``"released"``, the overlap (int or (h, w)) the released code was
+            given; it sets the fade-in along one-tile axes, where a caller that clamps
+            the tile to the image plans with overlap 0. Default: the plan's overlap.
     Returns:
         The images in the layout the plan was made from: [N, C, H, W], or a list of
         [n_e, C, H_e, W_e] (views of one buffer). One kernel launch; with the fast
@@ -632,12 +723,29 @@ def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Indices] = None, *
         # zeros, not empty: should a bad order ever get past the check (one edited in
         # place inside a compiled region), every slot still names a real tile.
         slots = torch.zeros_like(order).scatter_(0, order, torch.arange(n_tiles, device=device))
-    row_weight, col_weight = plan.weights(tiles.dtype, device)
+    if ramp not in RAMPS:
+        raise ValueError(f"ramp must be one of {RAMPS}, got {ramp!r}")
+    overlap = plan.overlap if overlap is None else _pair("overlap", overlap, minimum=0)
     name = _resolve("tile_blend", backend, device)
     cover_h, cover_w = plan.max_cover
-    flat = torch.ops.restorenet.tile_blend(tiles, slots, plan.layout(device), row_weight, col_weight,
-                                           plan.num_pixels, cover_h, cover_w, name)
-    return _split_images(flat, plan, tiles.shape[1])
+    layout = plan.layout(device)
+    if ramp == "normalized":
+        row_weight, col_weight = plan.weights(tiles.dtype, device)
+        flat = torch.ops.restorenet.tile_blend(tiles, slots, layout, row_weight, col_weight,
+                                               plan.num_pixels, cover_h, cover_w, name)
+        return _split_images(flat, plan, tiles.shape[1])
+    # The released sum: weight the tiles here, blend them with unit weights (whose sum
+    # is then the cover count) and multiply the count back.
+    acc = torch.float64 if tiles.dtype == torch.float64 else torch.float32
+    row_weight, col_weight = plan.weights(acc, device, "released", overlap)
+    rows = layout if order is None else layout.index_select(0, order)  # row p: tile order[p]
+    w = (row_weight[rows[:, _COLUMN["row_id"]]][:, :, None]
+         * col_weight[rows[:, _COLUMN["col_id"]]][:, None, :])
+    unit_rows, unit_cols = (torch.ones_like(t) for t in plan.weights(acc, device))
+    flat = torch.ops.restorenet.tile_blend(tiles.to(acc) * w[:, None], slots, layout, unit_rows,
+                                           unit_cols, plan.num_pixels, cover_h, cover_w, name)
+    flat = flat * plan.cover_counts(tiles.shape[1], acc, device)
+    return _split_images(flat.to(tiles.dtype), plan, tiles.shape[1])
 
 
 def _check_feats(feats, plan: TilePlan, scale: int) -> list[Tensor]:

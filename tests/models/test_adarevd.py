@@ -276,13 +276,26 @@ def test_fullgraph_inductor_training_step_matches_eager():
 # ------------------------------------------------------------------- restore
 
 
+def released_fade_in(length: int, overlap: int) -> torch.Tensor:
+    """The released blend along a one-tile axis: the first ``overlap`` pixels fade in."""
+    ramp = torch.ones(length)
+    ramp[:overlap] = torch.linspace(0, 1, overlap)
+    return ramp
+
+
 def test_restore_single_tile_equals_eval_forward():
     model = tiny_model(num_decoders=3).eval()
     img = torch.rand(2, 3, 37, 45)
     with torch.no_grad():
         ref = model(img)
-    out = model.restore(img, tile=64, overlap=16, exit_idx=[3] * 6)  # tile clamped to 48x48
+    # tile clamped to 48x48 (the padded image): one tile, which "normalized" leaves as is
+    out = model.restore(img, tile=64, overlap=16, exit_idx=[3] * 6, blend="normalized")
     torch.testing.assert_close(out, ref)
+    # The released blend (default) fades the residual in over the first 16 rows and
+    # columns of a one-tile axis: restored = img + (forward - img) * ramp_y * ramp_x.
+    released = model.restore(img, tile=64, overlap=16, exit_idx=[3] * 6)
+    fade = (released_fade_in(48, 16)[:, None] * released_fade_in(48, 16)[None, :])[:37, :45]
+    torch.testing.assert_close(released, img + (ref - img) * fade)
 
 
 @pytest.mark.parametrize("depth", [1, 2])
@@ -292,7 +305,7 @@ def test_restore_single_tile_early_exit_equals_column_output(depth):
     with torch.no_grad():
         outs = model.train()(img)
     out, exits = model.eval().restore(img, tile=32, overlap=16, exit_idx=[depth] * 6,
-                                      return_exits=True)
+                                      return_exits=True, blend="normalized")
     torch.testing.assert_close(out, outs[depth - 1])
     assert exits.tolist() == [[[depth]]]
 
@@ -354,14 +367,19 @@ def constant_heads(model):
     return model
 
 
-@pytest.mark.parametrize("size, tile, overlap", [((70, 90), 48, 16), ((64, 100), 48, 32)])
-def test_restore_blend_weights_are_normalised(size, tile, overlap):
+@pytest.mark.parametrize("size, tile, overlap, blends", [
+    ((70, 90), 48, 16, ("normalized", "released")),
+    # overlap > tile / 2: three tiles deep. The released ramps then overlap inside a
+    # tile and do not sum to 1 (a property of the released code), so only ours.
+    ((64, 100), 48, 32, ("normalized",))])
+def test_restore_blend_weights_sum_to_one(size, tile, overlap, blends):
     # Every tile outputs 1: blending must give exactly img + 1, also where the
-    # border tiles were shifted inward and where three tiles overlap (overlap > tile/2).
+    # border tiles were shifted inward.
     model = constant_heads(tiny_model(num_decoders=2).eval())
     img = torch.rand(1, 3, *size)
-    out = model.restore(img, tile=tile, overlap=overlap, exit_idx=[1] * 6)
-    torch.testing.assert_close(out, img + 1)
+    for blend in blends:
+        out = model.restore(img, tile=tile, overlap=overlap, exit_idx=[1] * 6, blend=blend)
+        torch.testing.assert_close(out, img + 1)
 
 
 class TileIndexClassifier(torch.nn.Module):
@@ -384,11 +402,19 @@ def test_restore_cross_fades_linearly_across_the_overlap():
     model.classifier = TileIndexClassifier(tiles_per_image=2)
     img = torch.zeros(1, 3, 48, 80)
     out, exits = model.restore(img, tile=48, overlap=16, exit_idx=[1, 2, 2, 2, 2, 2],
-                               return_exits=True)
+                               return_exits=True, blend="normalized")
     assert exits.tolist() == [[[1, 2]]]
     x = torch.arange(80, dtype=torch.float32) + 0.5
     expected = 1 + ((x - 32) / 16).clamp(0, 1)
     torch.testing.assert_close(out, expected.expand_as(out))
+    # Released: linspace(0, 1, 16) over the overlap (1 -> 2 end to end), and the one
+    # tile row fades in over the first 16 rows.
+    released = model.restore(img, tile=48, overlap=16, exit_idx=[1, 2, 2, 2, 2, 2])
+    across = torch.ones(80)
+    across[32:48] = 1 + torch.linspace(0, 1, 16)
+    across[48:] = 2
+    expected = released_fade_in(48, 16)[:, None] * across[None, :]
+    torch.testing.assert_close(released, expected.expand_as(released))
 
 
 def test_restore_default_exit_idx_and_all_first_column():
@@ -438,11 +464,13 @@ class HostReads(TorchDispatchMode):
 def test_restore_batched_equals_plain_path(exit_idx):
     model = mixed_exit_model()
     img = torch.rand(2, 3, 50, 70)
-    out, exits = model.restore(img, tile=32, overlap=16, exit_idx=exit_idx, return_exits=True)
-    ref, ref_exits = model.restore(img, tile=32, overlap=16, exit_idx=exit_idx, return_exits=True,
-                                   batched=False)
-    assert torch.equal(exits, ref_exits) and exits.shape == (2, 3, 4)
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for blend in ("released", "normalized"):
+        out, exits = model.restore(img, tile=32, overlap=16, exit_idx=exit_idx, return_exits=True,
+                                   blend=blend)
+        ref, ref_exits = model.restore(img, tile=32, overlap=16, exit_idx=exit_idx,
+                                       return_exits=True, batched=False, blend=blend)
+        assert torch.equal(exits, ref_exits) and exits.shape == (2, 3, 4)
+        torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     if exit_idx[0] != exit_idx[1]:
         assert exits.unique().numel() == 3
 
@@ -567,6 +595,8 @@ def test_invalid_inputs_name_the_argument():
         model.restore(img, tile=40, overlap=16)
     with pytest.raises(ValueError, match="^overlap"):
         model.restore(img, tile=32, overlap=8)
+    with pytest.raises(ValueError, match="^blend"):
+        model.restore(img, tile=32, overlap=16, blend="average")
     with pytest.raises(ValueError, match="^exit_idx"):
         model.restore(img, tile=32, overlap=16, exit_idx=[1, 2, 3, 1, 2, 2])  # K = 2
     with pytest.raises(ValueError, match="^exit_idx"):

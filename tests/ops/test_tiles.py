@@ -13,7 +13,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from restorenet.models.adarevd import _blend_tiles, _ramps, _tile_starts
+from restorenet.models.adarevd import _blend_tiles, _tile_starts
 from restorenet.ops import available_backends, use_backend
 from restorenet.ops import _backend
 from restorenet.ops import tiles as tiles_mod
@@ -90,15 +90,105 @@ def test_max_cover_counts_deep_overlaps():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_ramp_weights_are_exactly_the_plain_paths(dtype):
+def test_ramp_weights_follow_the_docstring_formula(dtype):
     plan = tile_plan([torch.empty(1, 1, 96, 100), torch.empty(1, 1, 48, 60)], (48, 32), (32, 8),
                      multiple=4)
     row_weight, col_weight = plan.weights(dtype, "cpu")
-    like = torch.empty(0, dtype=dtype)
-    expect_rows = [r for s in plan.row_starts for r in _ramps(list(s), 48, like)]
-    expect_cols = [r for s in plan.col_starts for r in _ramps(list(s), 32, like)]
-    assert torch.equal(row_weight, torch.stack(expect_rows))
-    assert torch.equal(col_weight, torch.stack(expect_cols))
+
+    def ramp(starts, j, size):  # min(1, (p + 1/2) / ov_prev) * min(1, (T - p - 1/2) / ov_next)
+        values = []
+        for p in range(size):
+            v = 1.0
+            if j > 0:
+                v *= min(1.0, (p + 0.5) / (starts[j - 1] + size - starts[j]))
+            if j + 1 < len(starts):
+                v *= min(1.0, (size - p - 0.5) / (starts[j] + size - starts[j + 1]))
+            values.append(v)
+        return values
+
+    expect_rows = [ramp(s, j, 48) for s in plan.row_starts for j in range(len(s))]
+    expect_cols = [ramp(s, j, 32) for s in plan.col_starts for j in range(len(s))]
+    torch.testing.assert_close(row_weight, torch.tensor(expect_rows, dtype=dtype), rtol=2e-7, atol=0)
+    torch.testing.assert_close(col_weight, torch.tensor(expect_cols, dtype=dtype), rtol=2e-7, atol=0)
+
+
+def released_grids_inverse(tiles, starts_y, starts_x, height, width, tile, overlap):
+    """AdaRevD's released ``grids_inverse`` for one image, transcribed loop for loop:
+    each tile's slices multiplied by linspace ramps in place, then summed."""
+    def overlap_last(n, length):  # the released ek: n * stride + 2 * overlap - length
+        return n * (tile - overlap) + 2 * overlap - length
+
+    ek1, ek2 = overlap_last(len(starts_y), height), overlap_last(len(starts_x), width)
+    out = torch.zeros(tiles.shape[1], height, width, dtype=tiles.dtype)
+    lin = lambda a, b, n: torch.linspace(a, b, n, dtype=tiles.dtype)
+    t = 0
+    for i in starts_y:
+        for j in starts_x:
+            o = tiles[t].clone()
+            if i != 0 and i + tile != height:
+                o[:, :overlap, :] *= lin(0, 1, overlap)[:, None]
+            if i + 2 * tile - ek1 < height:
+                o[:, -overlap:, :] *= lin(1, 0, overlap)[:, None]
+            if i + tile == height:
+                o[:, :ek1, :] *= lin(0, 1, ek1)[:, None]
+            if i + 2 * tile - ek1 == height:
+                o[:, -ek1:, :] *= lin(1, 0, ek1)[:, None]
+            if j != 0 and j + tile != width:
+                o[:, :, :overlap] *= lin(0, 1, overlap)
+            if j + 2 * tile - ek2 < width:
+                o[:, :, -overlap:] *= lin(1, 0, overlap)
+            if j + tile == width:
+                o[:, :, :ek2] *= lin(0, 1, ek2)
+            if j + 2 * tile - ek2 == width:
+                o[:, :, -ek2:] *= lin(1, 0, ek2)
+            out[:, i:i + tile, j:j + tile] += o
+            t += 1
+    return out
+
+
+# Tile 48, overlap 16 (stride 32): one tile across (the fade-in quirk), two or more
+# tiles with the last one overlapping by the overlap (80) or by more (64, 96, 160).
+RELEASED_GEOMETRIES = [(48, 48), (48, 96), (96, 160), (80, 64)]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_released_blend_is_the_released_grids_inverse(backend):
+    tile, overlap = 48, 16
+    images = [torch.empty(1, 1, h, w, device="meta") for h, w in RELEASED_GEOMETRIES]
+    plan = tile_plan(images, tile, overlap, multiple=16)
+    gen = torch.Generator().manual_seed(3)
+    tiles = torch.randn(plan.num_tiles, 3, tile, tile, generator=gen, dtype=torch.float64)
+    order = torch.randperm(plan.num_tiles, generator=gen)
+    out = tile_blend(tiles[order].to(DEVICE), plan, order.to(DEVICE), ramp="released",
+                     backend=backend)
+    first = 0
+    for got, (h, w), ys, xs in zip(out, RELEASED_GEOMETRIES, plan.row_starts, plan.col_starts):
+        count = len(ys) * len(xs)
+        want = released_grids_inverse(tiles[first:first + count], ys, xs, h, w, tile, overlap)
+        torch.testing.assert_close(got[0].cpu(), want, rtol=1e-12, atol=1e-12)
+        first += count
+    assert not torch.equal(out[0], tiles[0:1].to(DEVICE))  # the one-tile quirk fades in
+
+
+def test_released_blend_of_a_clamped_tile_fades_in_over_the_given_overlap():
+    # A caller that clamps the tile to a small image plans with overlap 0 and passes the
+    # overlap the released code was given: the first 16 rows and columns fade in.
+    plan = tile_plan(torch.empty(1, 1, 32, 48), (32, 48), 0, multiple=16)
+    ones = torch.ones(1, 1, 32, 48, dtype=torch.float64)
+    out = tile_blend(ones, plan, ramp="released", overlap=16)
+    ramp = torch.ones(48, dtype=torch.float64)
+    ramp[:16] = torch.linspace(0, 1, 16, dtype=torch.float64)
+    torch.testing.assert_close(out[0, 0], ramp[:32, None] * ramp[None, :])
+    assert torch.equal(tile_blend(ones, plan, ramp="released"), ones)  # overlap 0: no ramp
+
+
+def test_blend_ramp_arguments_are_checked():
+    plan = tile_plan(torch.empty(1, 1, 64, 64), 32, 16, multiple=16)
+    tiles = torch.zeros(plan.num_tiles, 1, 32, 32)
+    with pytest.raises(ValueError, match="ramp must be one of"):
+        tile_blend(tiles, plan, ramp="linear")
+    with pytest.raises(ValueError, match="overlap must be"):
+        tile_blend(tiles, plan, ramp="released", overlap=-1)
 
 
 # ------------------------------------------------------------------------ gather
