@@ -4,7 +4,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch.nn.functional as F
 
-from restorenet.models.adarevd import AdaRevD, LocalChannelAttention, psnr_class, signed_clamp
+from restorenet.models.adarevd import AdaRevD, LocalChannelAttention, box_mean, psnr_class, signed_clamp
 from restorenet.models.nafnet import NAFNet, NAFNetEncoder
 from restorenet.ops import available_backends, rev_coupling_forward, rev_coupling_invert, use_backend
 from restorenet.registry import count_parameters, create_model
@@ -112,6 +112,18 @@ def test_local_channel_attention_is_the_released_local_pooling(shape):
     want = t * F.conv2d(pooled, sca.proj.weight, sca.proj.bias)
     torch.testing.assert_close(sca.gated(x), want, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sca(t), want, rtol=1e-10, atol=1e-10)
+
+
+def test_box_mean_is_the_average_pool():
+    torch.manual_seed(0)
+    t = torch.randn(2, 3, 40, 57, dtype=torch.float64)
+    for kh, kw in ((1, 1), (5, 8), (40, 57), (17, 3)):
+        torch.testing.assert_close(box_mean(t, kh, kw), F.avg_pool2d(t, (kh, kw), stride=1),
+                                   rtol=1e-12, atol=1e-12)
+    half = box_mean(t.half(), 9, 9)  # summed in float32, returned in the input's dtype
+    assert half.dtype == torch.float16
+    torch.testing.assert_close(half.double(), F.avg_pool2d(t.half().double(), 9, stride=1),
+                               rtol=0, atol=1e-3)
 
 
 def test_images_are_reflect_padded_to_the_encoder_multiple():
