@@ -257,18 +257,13 @@ def classifier_accuracy(model: AdaRevD, plan: dict, s: Settings) -> dict:
             "confusion": confusion.tolist()}
 
 
-@torch.no_grad()
-def calibrate_exit_map(model: AdaRevD, plan: dict, s: Settings) -> tuple[tuple[int, ...], list]:
-    """Per true PSNR class, the fewest columns within ``calibration_tol`` dB of the best
-    depth's mean PSNR on fixed training crops; K for a class without crops."""
-    inputs, target, labels = blurred_crops(plan["tile"], plan["calibration_crops"], 1111)
-    model.train()  # train mode returns every column's output (the encoder stays in eval)
-    try:
-        outs = torch.cat([torch.stack(model(x.to(s.device))) for x in inputs.split(16)], dim=1)
-    finally:
-        model.eval()
-    k = model.num_decoders
-    scores = torch.stack([psnr(quantize(o.cpu()), target) for o in outs])  # [K, n]
+def exit_map_from_scores(scores: torch.Tensor, labels: torch.Tensor, tol: float
+                         ) -> tuple[tuple[int, ...], list]:
+    """The calibrated class -> columns map from per-crop PSNR ``scores [K, n]`` (one row
+    per depth) and the crops' PSNR classes ``labels [n]``: per class, the fewest columns
+    whose mean PSNR is within ``tol`` dB of the best depth's; K for a class without
+    crops. Also returns each class's mean PSNR per depth (None without crops)."""
+    k = scores.shape[0]
     exit_map, per_class = [], []
     for c in range(NUM_CLASSES):
         members = labels == c
@@ -277,10 +272,22 @@ def calibrate_exit_map(model: AdaRevD, plan: dict, s: Settings) -> tuple[tuple[i
             per_class.append(None)
             continue
         means = scores[:, members].mean(1)
-        good = (means >= means.max() - plan["calibration_tol"]).nonzero()
-        exit_map.append(int(good[0]) + 1)
+        exit_map.append(int((means >= means.max() - tol).nonzero()[0]) + 1)
         per_class.append([round(float(m), 3) for m in means])
     return tuple(exit_map), per_class
+
+
+@torch.no_grad()
+def calibrate_exit_map(model: AdaRevD, plan: dict, s: Settings) -> tuple[tuple[int, ...], list]:
+    """``exit_map_from_scores`` on fixed blurred training crops of the tile's size."""
+    inputs, target, labels = blurred_crops(plan["tile"], plan["calibration_crops"], 1111)
+    model.train()  # train mode returns every column's output (the encoder stays in eval)
+    try:
+        outs = torch.cat([torch.stack(model(x.to(s.device))) for x in inputs.split(16)], dim=1)
+    finally:
+        model.eval()
+    scores = torch.stack([psnr(quantize(o.cpu()), target) for o in outs])  # [K, n]
+    return exit_map_from_scores(scores, labels, plan["calibration_tol"])
 
 
 # ----------------------------------------------------------------------------- evaluation
