@@ -40,12 +40,18 @@ Where this differs from the paper (named choices, not silent ones):
   the bottom, 256 px crops, 384 px tiles overlapping by 32). ``--paper-config``: the
   released sizes (with the NAFNet encoder).
 * Encoder pooling: the released evaluation encoders average each SCA over a window
-  of 1.5x the training crop (384 px for 256 px crops, NAFNet's TLC). Here the window
-  is 1.5x *our* crop (``--pool-window``, default 96 px; 0 = the global mean), since a
-  384 px window means nothing for 64 px crops and costs seconds per photo on a CPU.
+  of 1.5x the training crop (384 px for 256 px crops, NAFNet's TLC). Here the SCA
+  takes the global mean by default (``--pool-window PX`` sets a window, e.g. 96 =
+  1.5x our crop): ``LocalChannelAttention``'s stride-1 ``avg_pool2d`` costs O(window^2)
+  per pixel, about 10 s per held-out photo on this CPU at 96 px, which would dwarf
+  the decoder columns whose cost the exits are meant to save. ``--paper-config``
+  keeps the released 384 px window.
 * Training: the reversible columns train with ``memory_efficient=False`` (plain
   autograd: identical gradients to rounding and faster on a CPU; memory is no issue
-  at this size). Steps are a few hundred, not hundreds of thousands; no EMA.
+  at this size). Steps are a few hundred, not hundreds of thousands; no EMA; the
+  classifier trains at the same lr and weight decay as the columns (released: 3e-4).
+* Class rule: ``psnr_class`` puts a PSNR exactly at a cut into the upper class; the
+  released dataset (``psnr > cut``) into the lower one. Only exact ties differ.
 * Calibrated map (ours): for each PSNR class, the fewest columns whose mean PSNR on
   fixed training crops of that class is within ``--calibration-tol`` dB (0.1) of the
   best depth's; a class without crops gets K. The paper picks its map per dataset
@@ -60,7 +66,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from restorenet.data import (HELDOUT_PHOTOS, RandomCropSampler, center_crop, get_task, load_photo)
+from restorenet.data import (HELDOUT_PHOTOS, TRAIN_PHOTOS, RandomCropSampler, center_crop, get_task,
+                             load_photo)
 from restorenet.metrics import psnr
 from restorenet.models.adarevd import (DEFAULT_EXIT_IDX, NUM_CLASSES, PSNR_CUTS, AdaRevD,
                                        psnr_class, use_local_pooling)
@@ -74,7 +81,6 @@ from restorenet.training.evaluation import EvalSet
 TASK = "deblur"
 SMALL_MODEL = dict(width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1, num_decoders=4)
 PAPER_MODEL = dict(width=64, enc_blocks=(1, 1, 1, 28), middle_blocks=1, num_decoders=4)
-QUICK_MODEL = dict(SMALL_MODEL)
 DEC_BLOCKS = (1, 1, 1, 1)  # the temporary NAFNet head of stage 0 (NAFNet's own decoder)
 BETAS = (0.9, 0.9)  # released AdaRevD optimiser
 CALIBRATION_TOL_DB = 0.1
@@ -94,7 +100,8 @@ def add_arguments(group) -> None:
     group.add_argument("--tile", type=int, help="restore() tile and classifier crop size (default 96)")
     group.add_argument("--overlap", type=int, help="restore() tile overlap (default 16)")
     group.add_argument("--pool-window", type=int,
-                       help="encoder SCA window in px at level 0 (default 1.5x crop; 0: global)")
+                       help="encoder SCA window in px at level 0 (default: global mean; "
+                            "--paper-config: 384, as released)")
     group.add_argument("--calibration-tol", type=float, default=CALIBRATION_TOL_DB,
                        help="dB below the best depth a class may exit at (calibrated map)")
 
@@ -104,12 +111,12 @@ def _plan(s: Settings) -> dict:
     extra = s.extra
     if s.paper_config:
         base = dict(model=PAPER_MODEL, steps=2000, batch=8, crop=256, tile=384, overlap=32,
-                    eval_size=None, calib=256, heldout=256, levels=None)
+                    eval_size=None, calib=256, heldout=256, levels=None, pool_window=384)
     else:
-        base = dict(model=s.choose(SMALL_MODEL, QUICK_MODEL), steps=s.choose(500, 3),
+        base = dict(model=SMALL_MODEL, steps=s.choose(500, 3),
                     batch=s.choose(8, 2), crop=s.choose(64, 32), tile=s.choose(96, 32),
                     overlap=16, eval_size=s.choose(None, 64), calib=s.choose(192, 8),
-                    heldout=s.choose(256, 8), levels=s.choose(None, (7, 19)))
+                    heldout=s.choose(256, 8), levels=s.choose(None, (7, 19)), pool_window=0)
     steps = s.given("steps", base["steps"])
     crop = s.given("crop", base["crop"])
     plan = dict(
@@ -122,7 +129,7 @@ def _plan(s: Settings) -> dict:
         tile=extra.get("tile") or base["tile"],
         overlap=extra.get("overlap") if extra.get("overlap") is not None else base["overlap"],
         pool_window=extra.get("pool_window") if extra.get("pool_window") is not None
-        else (crop * 3) // 2,
+        else base["pool_window"],
         eval_size=s.given("eval_size", base["eval_size"]), levels=base["levels"],
         calibration_crops=base["calib"], heldout_crops=base["heldout"],
         calibration_tol=extra.get("calibration_tol", CALIBRATION_TOL_DB))
@@ -132,9 +139,8 @@ def _plan(s: Settings) -> dict:
 # ----------------------------------------------------------------------------- stages
 
 
-def _crops(crop: int, seed: int, names: Sequence[str] | None = None) -> RandomCropSampler:
-    return RandomCropSampler(crop=crop, seed=seed) if names is None else \
-        RandomCropSampler(crop=crop, names=names, seed=seed)
+def _crops(crop: int, seed: int, names: Sequence[str] = TRAIN_PHOTOS) -> RandomCropSampler:
+    return RandomCropSampler(crop=crop, names=names, seed=seed)
 
 
 def _fit_logged(name: str, params, step_loss, steps: int, plan: dict, s: Settings) -> list[float]:
@@ -214,7 +220,7 @@ def stage_decoder(model: AdaRevD, plan: dict, s: Settings) -> list[float]:
     return losses
 
 
-def blurred_crops(crop: int, n: int, seed: int, names: Sequence[str] | None = None):
+def blurred_crops(crop: int, n: int, seed: int, names: Sequence[str] = TRAIN_PHOTOS):
     """``n`` crops blurred at random task levels, their sharp crops and PSNR classes
     (the released rule: PSNR of the blurry crop against the sharp one, whole crop)."""
     task = get_task(TASK)
