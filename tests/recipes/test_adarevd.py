@@ -96,3 +96,22 @@ def test_exit_map_from_scores_picks_fewest_columns_within_tolerance():
     assert exit_map == (2, 3, 1, 3, 3, 3)
     assert per_class[0] == [21.0, 24.975, 25.0] and per_class[1] is None
     assert exit_map_from_scores(scores, labels, tol=0.0)[0][0] == 3
+
+
+def test_encoder_weights_file_is_inherited_and_frozen(tmp_path):
+    from restorenet.models.nafnet import NAFNet
+    from restorenet.recipes.adarevd import SMALL_MODEL, build_model, stage_encoder
+    from restorenet.recipes.common import Report, Settings
+    from restorenet.training.checkpoint import save_model
+
+    nafnet_cfg = dict(width=8, enc_blocks=(1, 1, 1, 1), middle_blocks=1, dec_blocks=(1, 1, 1, 1))
+    nafnet = NAFNet(**nafnet_cfg)
+    path = save_model(tmp_path / "nafnet.pt", "nafnet", nafnet_cfg, nafnet.state_dict())
+    settings = Settings("adarevd", out=str(tmp_path / "out"), extra={"encoder_weights": str(path)})
+    model = build_model({"model": SMALL_MODEL, "pool_window": 0}, "cpu")
+    report = Report(settings, "test")
+    assert stage_encoder(model, {"model": SMALL_MODEL}, settings, report) is None  # nothing trained
+    for name, value in nafnet.encoder.state_dict().items():
+        assert torch.equal(model.encoder.state_dict()[name], value), name
+    assert not any(p.requires_grad for p in model.encoder.parameters())
+    assert report.results["encoder"] == {"source": str(path)}
