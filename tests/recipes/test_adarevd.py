@@ -46,9 +46,9 @@ def test_every_stage_trained_its_steps(quick_run):
     assert sum(classifier["train_class_counts"]) == plan["classifier_steps"] * plan["batch"]
     for losses in (results["encoder"]["losses"], results["decoder"]["losses"], classifier["losses"]):
         assert all(math.isfinite(v) and v >= 0 for v in losses)
-    heldout = classifier["heldout"]
-    assert 0 <= heldout["accuracy"] <= heldout["within_one_class"] <= 1
-    assert sum(map(sum, heldout["confusion"])) == heldout["crops"] == plan["heldout_crops"]
+    for crops in (classifier["heldout"], classifier["train_photos"]):
+        assert 0 <= crops["accuracy"] <= crops["within_one_class"] <= 1
+        assert sum(map(sum, crops["confusion"])) == crops["crops"] == plan["heldout_crops"]
 
 
 def test_exit_maps_and_columns_are_consistent(quick_run):
@@ -68,6 +68,9 @@ def test_exit_maps_and_columns_are_consistent(quick_run):
         assert min(maps[key]) <= overall[name]["mean_columns"] <= max(maps[key])
     for r in overall.values():
         assert r["time_s"] > 0
+    picture = results["evaluation"]["exit_map_picture"]
+    assert picture["setting"] == "classifier, paper map"
+    assert {d for row in picture["exits"] for d in row} <= set(maps["paper"])
 
 
 def test_psnr_finite_and_plausible_per_level(quick_run):
