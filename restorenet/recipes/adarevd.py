@@ -42,10 +42,12 @@ Where this differs from the paper (named choices, not silent ones):
 * Encoder pooling: the released evaluation encoders average each SCA over a window
   of 1.5x the training crop (384 px for 256 px crops, NAFNet's TLC). Here the SCA
   takes the global mean by default (``--pool-window PX`` sets a window, e.g. 96 =
-  1.5x our crop): ``LocalChannelAttention``'s stride-1 ``avg_pool2d`` costs O(window^2)
-  per pixel -- measured: encoding the 400x600 coffee photo (width 8, one thread,
-  loaded 2-core machine) takes 48 s with a 96 px window against 0.6 s with the global
-  mean, which would dwarf the decoder columns whose cost the exits are meant to save.
+  1.5x our crop). Why: when this recipe was written, ``LocalChannelAttention`` pooled
+  with a stride-1 ``avg_pool2d``, O(window^2) per pixel -- measured: encoding the
+  400x600 coffee photo (width 8, one thread, loaded 2-core machine) took 48 s with a
+  96 px window against 0.6 s with the global mean. It now uses a summed-area table
+  (``box_mean``, as the released code does), O(1) per pixel, so a window costs about
+  what the global mean does; the committed run still used the global mean.
   ``--paper-config`` keeps the released 384 px window.
 * Training: the reversible columns train with ``memory_efficient=False`` (plain
   autograd: identical gradients to rounding and faster on a CPU; memory is no issue
