@@ -58,6 +58,19 @@ def test_quick_run_measures_every_level_of_each_kind(quick_run, task):
     assert inputs == sorted(inputs, reverse=True)
 
 
+@pytest.mark.parametrize("task", TASKS)
+def test_quick_run_level_sensitivity_feeds_every_trained_level(quick_run, task):
+    sens = quick_run[0]["tasks"][task]["level_sensitivity"]
+    levels = list(get_task(task).levels)
+    assert sens["fed_levels"] == levels and [r["true_level"] for r in sens["rows"]] == levels
+    for r in sens["rows"]:
+        values = list(r["psnr_by_fed_level"].values())
+        assert list(r["psnr_by_fed_level"]) == [str(lv) for lv in levels]
+        assert all(math.isfinite(v) for v in values)
+        assert r["spread_db"] == pytest.approx(max(values) - min(values))
+        assert r["true_minus_best_db"] <= 0
+
+
 def test_quick_run_blind_stage_covers_every_sigma(quick_run):
     results, _ = quick_run
     blind, rows = results["blind"], results["tasks"]["denoise"]["levels"]
