@@ -230,11 +230,12 @@ class Report:
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
     from restorenet import recipes
 
     p = argparse.ArgumentParser(prog="python -m restorenet.recipes", description=recipes.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+                                formatter_class=argparse.RawDescriptionHelpFormatter,
+                                add_help=add_help)
     p.add_argument("system", choices=sorted(RECIPES), help="the recipe to run")
     p.add_argument("--quick", action="store_true", help="smoke run of every stage (< 2 min)")
     p.add_argument("--paper-config", action="store_true", help="paper-size models")
@@ -266,8 +267,12 @@ def _recipe_parser(system: str) -> tuple[argparse.ArgumentParser, Any]:
 
 def main(argv: Sequence[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
-    first = build_parser().parse_known_args(argv)[0]  # which recipe's flags to add
-    parser, recipe = _recipe_parser(first.system)
+    # Which recipe's flags to add: the first word naming one (--help must list them too).
+    system = next((word for word in argv if word in RECIPES), None)
+    if system is None:
+        build_parser().parse_args(argv)  # prints the help, or the error naming what is wrong
+        raise SystemExit(2)
+    parser, recipe = _recipe_parser(system)
     args = vars(parser.parse_args(argv))
     common = {f for f in Settings.__dataclass_fields__}
     settings = Settings(**{k: v for k, v in args.items() if k in common and k != "model_kwargs"},

@@ -89,3 +89,10 @@ def test_unknown_system_is_an_argparse_error(capsys):
 
 def test_md_table_formats_floats_and_escapes_pipes():
     assert md_table(["x", "y"], [[1.0, "a|b"]]).splitlines() == ["| x | y |", "|---|---|", "| 1.00 | a\\|b |"]
+
+
+def test_help_lists_the_recipes_own_flags(monkeypatch, capsys):
+    fake_recipe(monkeypatch, lambda settings, report: None)
+    with pytest.raises(SystemExit) as exit_info:
+        main(["fake", "--help"])
+    assert exit_info.value.code == 0 and "--depth" in capsys.readouterr().out
