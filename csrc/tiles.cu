@@ -161,6 +161,10 @@ __global__ void __launch_bounds__(kThreads) tile_blend_kernel(BlendArgs<scalar_t
   // for every thread of the block, so leaving here skips no one's barrier.
   if (pix0 >= cell_pixels) return;
   const int64_t y0 = me[kTileY], x0 = me[kTileX], r = me[kTileRow], col = me[kTileCol], grid_w = me[kTileGridW];
+  // The output geometry is read here, not after the staging loop: keeping the
+  // layout row pointer `me` live across that loop cost an 8 B spill (double, sm_80).
+  const int64_t height = me[kTileHeight], width = me[kTileWidth];
+  scalar_t* image = a.out + a.channels * me[kTilePixBase];
 
   const bool channel_fast = channels_are_fast(a.ts.c, a.channels);
   for (int n = 0; n < kPerThread; ++n) {
@@ -171,8 +175,6 @@ __global__ void __launch_bounds__(kThreads) tile_blend_kernel(BlendArgs<scalar_t
     }
   }
   __syncthreads();
-  const int64_t height = me[kTileHeight], width = me[kTileWidth];
-  scalar_t* image = a.out + a.channels * me[kTilePixBase];
   for (int n = 0; n < kPerThread; ++n) {
     const Local l = split(n * kThreads + int(threadIdx.x), k, false);
     const int c = c0 + l.c, p = pix0 + l.p;

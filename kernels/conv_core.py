@@ -363,10 +363,17 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
     granularity: channel tiles of exactly this size (slim_conv2d: 16, so that work
     follows the widths); None: as wide as the channels allow (64; 32 for fp64).
 
-    Forward / input gradient: a pixel tile of 256 (128 for fp64) against at
-    most 64 channels, so for ``hyper_conv2d`` the generated weight tile (2 loads
-    per element, W and B) costs fewer loads than the activation tile:
-    loads per MAC = 1/BLOCK_CO + 2/BLOCK_P (see ``hyper_conv2d_fwd_kernel``).
+    Every config here compiles without spills for sm_90a and sm_80 at every spec
+    the ops launch (docs/kernel_report.md); the ones that spilled were pruned:
+    256-pixel tiles of the input gradient (its per-tap hit masks and addresses),
+    fp32 256 x 64 tiles, 4-stage fp32 pipelines of wide tiles, 64-pixel steps of the
+    64 x 64 weight-gradient tile, fp64 weight-gradient steps of 32 pixels.
+
+    Forward / input gradient: for ``hyper_conv2d`` the generated weight tile costs
+    2 loads per element (W and B): loads per MAC = 1/BLOCK_CO + 2/BLOCK_P (see
+    ``hyper_conv2d_fwd_kernel``). 16-bit forward tiles are 256 x 64 (weight loads
+    half the activation loads); fp32 offers 128 x 64 (fewest loads per MAC) and
+    256 x 32 (weight loads a quarter of the activation loads).
     The reduction step is 32 channels for 16-bit data and 16 for fp32 / fp64,
     which keeps 3-4 pipeline stages within sm_80's shared memory.
     """
@@ -379,19 +386,25 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
         # 8 warps: the gathered [64 rows, BLOCK_P] activation tile needs an address per
         # element where it cannot vectorise (NCHW, odd channel counts), per stage.
         if bits == 64:
-            return [_config(8, 2, BLOCK_P=32, **tile)]
-        return [_config(8, 3, BLOCK_P=64, **tile), _config(8, 4, BLOCK_P=32, **tile)]
+            steps = [(16, 8, 2)]
+        elif n_out > 32:  # a 64 x 64 accumulator: 64-pixel steps spill
+            steps = [(32, 8, 3), (16, 8, 4)] if bits == 16 else [(32, 8, 2), (16, 8, 3)]
+        else:
+            steps = [(64, 8, 3), (32, 8, 4)]
+        return [_config(w, st, BLOCK_P=p, **tile) for p, w, st in steps]
     out_name, red_name = ("BLOCK_CO", "BLOCK_CI") if kind == "fwd" else ("BLOCK_CI", "BLOCK_CO")
     red = min(n_red, 32 if bits == 16 else 16)
     if bits == 64:  # (64 pixels at 4 warps leaves one 4-byte spill with Triton 3.6's slim fp64)
-        sizes = [(128, 8, 2)]
+        sizes = [(128, n_out, 8, 2)]
+    elif n_out > 32 and bits == 16:
+        sizes = [(256 if kind == "fwd" else 128, n_out, 8, stages) for stages in (3, 4)]
     elif n_out > 32:
-        sizes = [(256, 8, 3), (256, 8, 4)]
+        sizes = [(128, n_out, 8, 3), (256, 32, 8, 3)]
     elif bits == 16:  # narrow tiles at 4 warps: the weight tile still spreads in cp.async-sized
-        sizes = [(128, 4, 3), (128, 4, 4)]  # pieces (256 pixels at 4 warps spill at odd channel counts)
+        sizes = [(128, n_out, 4, 3), (128, n_out, 4, 4)]  # pieces (256 pixels at 4 warps spill at odd channel counts)
     else:
-        sizes = [(256, 8, 3), (128, 4, 3)]
-    return [_config(w, st, BLOCK_P=p, **{out_name: n_out, red_name: red}) for p, w, st in sizes]
+        sizes = [(256, n_out, 8, 3), (128 if kind == "fwd" else 64, n_out, 4, 3)]
+    return [_config(w, st, BLOCK_P=p, **{out_name: out, red_name: red}) for p, out, w, st in sizes]
 
 
 def interpreter_config(kind: str, c_in: int, c_out: int, granularity: int | None = None) -> dict:

@@ -49,9 +49,12 @@ def hyper_conv2d_fwd_kernel(
         loads / FLOP = 1 / (2 BLOCK_CO) + 1 / BLOCK_P
 
     the weight share (2 BLOCK_CO / BLOCK_P of the activation loads) falls below the
-    activation loads once BLOCK_P > 2 BLOCK_CO: the GPU tiles are 256 x 64
+    activation loads once BLOCK_P > 2 BLOCK_CO: the 16-bit GPU tiles are 256 x 64
     (weights 1/2 of the activation loads, 1/3 of all loads; 0.0117 loads per
-    FLOP, against 0.0234 for the 64 x 64 tile that generated 2 of every 3 loads)."""
+    FLOP, against 0.0234 for the 64 x 64 tile that generated 2 of every 3 loads);
+    fp32 autotunes between 256 x 32 (weights 1/4 of the activation loads, 0.0195
+    loads per FLOP) and 128 x 64 (weights equal to them, 0.0156) -- its 256 x 64
+    tile spills (``conv_core.gpu_configs``)."""
     pid_p, pid_co, n = tl.program_id(0), tl.program_id(1), tl.program_id(2).to(tl.int64)
     offs_p = pid_p * BLOCK_P + tl.arange(0, BLOCK_P)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)

@@ -42,13 +42,6 @@ def _ci_archs() -> str:
 # rewrite (branch tconv) merged: every kernel of the CI selection compiles clean with
 # 3.8 and 3.6. Add an entry (strict xfail) only for a failure being worked on.
 KNOWN_FAILURES: dict[str, tuple[str, ...]] = {}
-# The full spec list (docs/kernel_report.md, every autotune config of every shape)
-# still has spills in these conv kernels, all in autotune candidates (mostly the
-# 8-warp configs) that the CI selection does not compile: prune them, then empty this.
-NOT_CLEAN_IN_COMMITTED_REPORT = {"hyper_conv2d_fwd_kernel", "hyper_conv2d_dgrad_kernel", "hyper_conv2d_wgrad_kernel",
-                                 "slim_conv2d_dgrad_kernel", "slim_conv2d_wgrad_kernel"}
-CONV_SPILLS = "a known failure being worked on"
-REPORT_GAP = "spills in some autotune candidates of the full list (docs/kernel_report.md)"
 
 
 def _triton_minor() -> str:
@@ -56,9 +49,9 @@ def _triton_minor() -> str:
     return ".".join(triton.__version__.split(".")[:2])
 
 
-def _kernel_params(versions_of=lambda kernel: KNOWN_FAILURES.get(kernel, ()), reason=CONV_SPILLS):
-    return [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason=reason))
-            if _triton_minor() in versions_of(k) else k for k in KERNELS]
+def _kernel_params():
+    return [pytest.param(k, marks=pytest.mark.xfail(strict=True, reason="a known failure being worked on"))
+            if _triton_minor() in KNOWN_FAILURES.get(k, ()) else k for k in KERNELS]
 
 
 def _has_nvidia_backend() -> bool:
@@ -138,10 +131,10 @@ def test_report_matches_the_code(ci_compile):
         "docs/kernel_report.md is stale: run `python -m restorenet.aot --write docs/kernel_report.md`")
 
 
-@pytest.mark.parametrize("kernel", _kernel_params(lambda k: ("3.6", "3.8") if k in NOT_CLEAN_IN_COMMITTED_REPORT else (),
-                                                  REPORT_GAP))
+@pytest.mark.parametrize("kernel", KERNELS)
 def test_committed_report_is_clean(kernel):
-    """The full spec list, both archs, as compiled when the report was generated."""
+    """The full spec list (every autotune config of every shape), both archs, as
+    compiled when the report was generated: no finding for any kernel."""
     found = json.loads(_committed("findings"))
     scope = json.loads(_committed("scope"))
     assert not scope["kernels"] and not scope["ci"], f"the committed report is partial: {scope}"
