@@ -73,7 +73,7 @@ def add_arguments(group) -> None:
     group.add_argument("--budgets", default="1,0.75,0.5,0.35,0.25",
                        help="stage 2: FLOP budgets (fractions of the widest) of the sub-networks kept")
     group.add_argument("--val-crops", type=int, help="stage 2: validation crops (from the training photos)")
-    group.add_argument("--gate-steps", type=int, help="stage 3 steps (default: a third of --steps)")
+    group.add_argument("--gate-steps", type=int, help="stage 3 steps (default: a quarter of --steps)")
     group.add_argument("--gate-tau", type=float, default=0.1,
                        help="stage 3: an image's target is the cheapest sub-network within this many dB of the best")
     group.add_argument("--cost-weight", type=float, default=0.1, help="stage 3: complexity penalty lambda")
@@ -92,7 +92,7 @@ def _plan(settings: Settings) -> dict:
         "ddsnet", None, {**(quick_model if settings.quick else {}), **settings.model_kwargs},
         small=not settings.paper_config, batch=settings.given("batch", settings.choose(8, 2)),
         crop=settings.given("crop", settings.choose(48, 24)), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = settings.given("steps", settings.choose(600, 4))
+    steps = settings.given("steps", settings.choose(800, 4))
     lo, hi = (float(v) for v in extra["sigma_range"].split(","))
     budgets = sorted({float(b) for b in extra["budgets"].split(",")}, reverse=True)
     if not (0 <= lo <= hi) or not budgets or not all(0 < b <= 1 for b in budgets):
@@ -100,8 +100,8 @@ def _plan(settings: Settings) -> dict:
                          f"got {extra['sigma_range']!r} and {extra['budgets']!r}")
     return dict(model_kwargs=model_kwargs, batch=train["batch"], crop=train["crop"], lr=train["lr"],
                 weight_decay=train["weight_decay"], steps=steps, sigma=(lo, hi), budgets=budgets,
-                gate_steps=extra["gate_steps"] or max(2, steps // 3),
-                gate_batch=2 * train["batch"], gate_lr=3e-3,
+                gate_steps=extra["gate_steps"] or max(2, steps // 4),
+                gate_batch=2 * train["batch"], gate_lr=1e-2,
                 val_crops=extra["val_crops"] or settings.choose(24, 4), val_size=settings.choose(64, 32),
                 eval_crops=extra["eval_crops"] or settings.choose(6, 2),
                 eval_size=settings.given("eval_size", settings.choose(96, 32)))
