@@ -92,7 +92,7 @@ def _plan(settings: Settings) -> dict:
         "ddsnet", None, {**(quick_model if settings.quick else {}), **settings.model_kwargs},
         small=not settings.paper_config, batch=settings.given("batch", settings.choose(8, 2)),
         crop=settings.given("crop", settings.choose(48, 24)), lr=settings.lr, weight_decay=settings.weight_decay)
-    steps = settings.given("steps", settings.choose(800, 4))
+    steps = settings.given("steps", settings.choose(600, 4))
     lo, hi = (float(v) for v in extra["sigma_range"].split(","))
     budgets = sorted({float(b) for b in extra["budgets"].split(",")}, reverse=True)
     if not (0 <= lo <= hi) or not budgets or not all(0 < b <= 1 for b in budgets):
@@ -349,6 +349,7 @@ def _compare(r: dict, fixed, fixed_rel, gate_rel, widest: int, kept_index, tau: 
                                                    psnr=fixed_psnr[best]),
         oracle_psnr=_mean([r["fixed"][kept_index[k]][j] for j, k in enumerate(oracle)]),
         oracle_rel_flops=_mean([fixed_rel[kept_index[k]] for k in oracle]),
+        gate_hits_target=_mean([float(p == k) for p, k in zip(r["picks"], oracle)]),
         fixed_psnr=fixed_psnr)
 
 
@@ -432,19 +433,21 @@ def _write_tables(report: Report, path, kept, uniform, summary, plan, model) -> 
                          "(held-out PSNR: mean over all sigmas and crops)")
     rows = summary["rows"] + [summary["overall"]]
     report.table(["sigma", "noisy", "widest", "gate", "gate FLOPs", "gate mix (FLOPs: share)",
-                  "best fixed <= gate FLOPs", "its PSNR", "oracle", "oracle FLOPs"],
+                  "best fixed <= gate FLOPs", "its PSNR", "oracle", "oracle FLOPs", "gate = target"],
                  [[r["sigma"], r["noisy_psnr"], r["widest_psnr"], r["gate_psnr"], f"{r['gate_rel_flops']:.3f}",
                    _fmt_mix(r["mix"], kept),
                    "none" if r["best_fixed"] is None else
                    f"{config_name(r['best_fixed']['config'])} ({r['best_fixed']['rel_flops']:.3f})",
                    "-" if r["best_fixed"] is None else f"{r['best_fixed']['psnr']:.2f}",
-                   r["oracle_psnr"], f"{r['oracle_rel_flops']:.3f}"] for r in rows],
+                   r["oracle_psnr"], f"{r['oracle_rel_flops']:.3f}", f"{r['gate_hits_target']:.0%}"]
+                  for r in rows],
                  caption=f"**The gate on held-out photos** ({summary['images']} crops of "
                          f"{plan['eval_size']}x{plan['eval_size']} per sigma; PSNR in dB, FLOPs as a "
                          f"fraction of the widest, the gate's own included; 'best fixed': the best of every "
                          f"kept and uniform sub-network whose FLOPs do not exceed the gate's mean at that "
                          f"sigma; 'oracle': per crop the cheapest kept sub-network within tau dB of the best "
-                         f"kept one, which needs the clean image)")
+                         f"kept one, which needs the clean image; 'gate = target': the share of crops where the gate picks "
+                         f"the oracle's sub-network)")
 
 
 def _conclusion(summary, kept, plan, quick: bool) -> str:
