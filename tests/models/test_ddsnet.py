@@ -312,6 +312,7 @@ def test_uniform_config_is_the_uniform_width():
     x = torch.randn(2, 3, 7, 6)
     for k in model.choices:
         torch.testing.assert_close(model(x, config=(k,) * 3), model(x, width=k), rtol=0, atol=0)
+        torch.testing.assert_close(model(x, config=torch.tensor((k,) * 3)), model(x, width=k), rtol=0, atol=0)
         assert model.flops((7, 6), config=(k,) * 3) == model.flops((7, 6), k)
 
 
