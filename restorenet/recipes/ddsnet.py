@@ -29,7 +29,10 @@ sub-networks: each step draws a fresh noisy batch, labels each image with the
 cheapest kept sub-network within ``--gate-tau`` dB of the best one on it
 (online easy/hard targets, ``DDSNet.gate_targets``) and trains the gate with
 cross-entropy plus ``--cost-weight`` x its expected relative FLOPs
-(``DDSNet.gate_loss``).
+(``DDSNet.gate_loss``). Labelling costs a forward of every kept sub-network,
+the gate's own step almost nothing: after the online pass, the labelled images
+are replayed for ``--gate-replay`` epochs (our addition: with the online pass
+alone the gate learned only the label prior, "always the widest").
 
 Measured: validation PSNR vs FLOPs along the tailoring path, of the kept and of
 the uniform-width sub-networks; on crops of the held-out photos at sigma 5, 15,
@@ -74,9 +77,11 @@ def add_arguments(group) -> None:
                        help="stage 2: FLOP budgets (fractions of the widest) of the sub-networks kept")
     group.add_argument("--val-crops", type=int, help="stage 2: validation crops (from the training photos)")
     group.add_argument("--gate-steps", type=int, help="stage 3 steps (default: a quarter of --steps)")
+    group.add_argument("--gate-replay", type=int, default=12,
+                       help="stage 3: epochs of replay of the online-labelled images after the online pass")
     group.add_argument("--gate-tau", type=float, default=0.1,
                        help="stage 3: an image's target is the cheapest sub-network within this many dB of the best")
-    group.add_argument("--cost-weight", type=float, default=0.1, help="stage 3: complexity penalty lambda")
+    group.add_argument("--cost-weight", type=float, default=0.5, help="stage 3: complexity penalty lambda")
     group.add_argument("--sigma-range", default="5,75", help="training noise levels: sigma drawn uniformly per image")
     group.add_argument("--eval-crops", type=int, help="crops per held-out photo")
 
@@ -101,7 +106,7 @@ def _plan(settings: Settings) -> dict:
     return dict(model_kwargs=model_kwargs, batch=train["batch"], crop=train["crop"], lr=train["lr"],
                 weight_decay=train["weight_decay"], steps=steps, sigma=(lo, hi), budgets=budgets,
                 gate_steps=extra["gate_steps"] or max(2, steps // 4),
-                gate_batch=2 * train["batch"], gate_lr=1e-2,
+                gate_batch=2 * train["batch"], gate_lr=1e-2, gate_replay=extra["gate_replay"],
                 val_crops=extra["val_crops"] or settings.choose(24, 4), val_size=settings.choose(64, 32),
                 eval_crops=extra["eval_crops"] or settings.choose(6, 2),
                 eval_size=settings.given("eval_size", settings.choose(96, 32)))
@@ -243,6 +248,8 @@ def keep_at_budgets(path: list[dict], budgets: Sequence[float]) -> list[dict]:
 
 
 def train_gate(model: DDSNet, plan: dict, settings: Settings) -> dict:
+    """The online pass (fresh batches, labelled as they come, one gate step each),
+    then the replay of every labelled image for ``--gate-replay`` epochs."""
     for p in model.parameters():
         p.requires_grad_(False)
     for p in model.gate.parameters():
@@ -250,18 +257,32 @@ def train_gate(model: DDSNet, plan: dict, settings: Settings) -> dict:
     model.eval()  # the backbone is fixed; gate_logits is the same in both modes
     sampler = RandomCropSampler(plan["crop"], seed=settings.seed + 1)
     generator = torch.Generator().manual_seed(settings.seed + 1)
-    counts = torch.zeros(len(model.configs), dtype=torch.int64)
     tau, weight = settings.extra["gate_tau"], settings.extra["cost_weight"]
+    seen_noisy, seen_targets = [], []
 
-    def step_loss(step: int) -> torch.Tensor:
+    def online_step(step: int) -> torch.Tensor:
         noisy, clean = _noisy_batch(sampler, plan["gate_batch"], plan["sigma"], generator, settings.device)
         targets = model.gate_targets(noisy, clean, tau_db=tau)  # online easy/hard labels
-        counts.add_(torch.bincount(targets.cpu(), minlength=len(counts)))
+        seen_noisy.append(noisy)
+        seen_targets.append(targets)
         return model.gate_loss(model.gate_logits(noisy), targets, cost_weight=weight)
 
-    losses = fit(model.gate.parameters(), step_loss, plan["gate_steps"], plan["gate_lr"], device=settings.device,
-                 log=lambda s, loss: print(f"  gate step {s}: loss {loss:.4f}", flush=True))
-    return dict(losses=losses, target_share=(counts.double() / counts.sum()).tolist())
+    log = lambda s, loss: print(f"  gate step {s}: loss {loss:.4f}", flush=True)  # noqa: E731
+    losses = fit(model.gate.parameters(), online_step, plan["gate_steps"], plan["gate_lr"],
+                 device=settings.device, log=log)
+    noisy, targets = torch.cat(seen_noisy), torch.cat(seen_targets)
+    order = torch.Generator().manual_seed(settings.seed + 2)
+
+    def replay_step(step: int) -> torch.Tensor:
+        pick = torch.randint(len(noisy), (plan["gate_batch"],), generator=order).to(noisy.device)
+        return model.gate_loss(model.gate_logits(noisy[pick]), targets[pick], cost_weight=weight)
+
+    replay_steps = plan["gate_replay"] * plan["gate_steps"]
+    if replay_steps:
+        losses += fit(model.gate.parameters(), replay_step, replay_steps, plan["gate_lr"],
+                      device=settings.device, log=log)
+    counts = torch.bincount(targets.cpu(), minlength=len(model.configs)).double()
+    return dict(losses=losses, target_share=(counts / counts.sum()).tolist(), replay_steps=replay_steps)
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -402,7 +423,7 @@ def _plot_mix(report: Report, summary, kept) -> None:
 
 def _plot_losses(report: Report, supernet_losses, gate_losses) -> None:
     with report.figure("losses.png", "Training losses: stage 1 (sum of the sandwich's L1), stage 3 "
-                       "(gate CE + cost)", ncols=2, figsize=(9, 3)) as (_, axes):
+                       "(gate CE + cost: the online pass, then the replay)", ncols=2, figsize=(9, 3)) as (_, axes):
         for ax, losses, title in ((axes[0], supernet_losses, "supernet"), (axes[1], gate_losses, "gate")):
             ax.plot(losses, lw=0.8)
             ax.set_title(title)
@@ -519,9 +540,15 @@ def run(settings: Settings, report: Report) -> None:
     with report.stage("stage 3: gate"):
         model.set_gate_configs([p["config"] for p in kept])
         gate = train_gate(model, plan, settings)
-    report.results["stage3"] = dict(steps=plan["gate_steps"], final_loss=_mean(gate["losses"][-10:]),
+    report.results["stage3"] = dict(steps=plan["gate_steps"], replay_steps=gate["replay_steps"], final_loss=_mean(gate["losses"][-10:]),
                                     train_target_share=gate["target_share"], configs=model.configs,
                                     tau_db=settings.extra["gate_tau"], cost_weight=settings.extra["cost_weight"])
+
+    report.text(f"Gate: {len(kept)} candidates (the kept sub-networks), targets within "
+                f"{settings.extra['gate_tau']:g} dB of the best, cost weight {settings.extra['cost_weight']:g}; "
+                f"{plan['gate_steps']} online steps of {plan['gate_batch']} crops, then {gate['replay_steps']} "
+                f"replay steps. Training targets per candidate (cheapest first): "
+                + ", ".join(f"{share:.0%}" for share in gate["target_share"]) + ".")
 
     with report.stage("evaluation: held-out photos"):
         fixed = list(dict.fromkeys([tuple(p["config"]) for p in kept] + [tuple(u["config"]) for u in uniform]))
