@@ -81,7 +81,7 @@ def add_arguments(group) -> None:
                        help="stage 3: epochs of replay of the online-labelled images after the online pass")
     group.add_argument("--gate-tau", type=float, default=0.1,
                        help="stage 3: an image's target is the cheapest sub-network within this many dB of the best")
-    group.add_argument("--cost-weight", type=float, default=0.5, help="stage 3: complexity penalty lambda")
+    group.add_argument("--cost-weight", type=float, default=1.0, help="stage 3: complexity penalty lambda")
     group.add_argument("--sigma-range", default="5,75", help="training noise levels: sigma drawn uniformly per image")
     group.add_argument("--eval-crops", type=int, help="crops per held-out photo")
 
