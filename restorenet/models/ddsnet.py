@@ -54,7 +54,9 @@ where ``g = ReLU(conv3x3(x))`` is the head's first ``min(choices)`` channels --
 features every uniform sub-network computes (the gate keeps this stem when it
 is given other configurations, whose FLOPs count it separately anyway). (The nonlinearity before the pooling is
 what makes noise visible: the mean of a linear filter of the image ignores
-zero-mean noise.) Training: hard Gumbel-softmax with a straight-through
+zero-mean noise.) ``gate_pool="mean_sq"`` (our option, not the default) pools
+the mean square of ``g`` beside its mean: a second moment that grows with the
+noise level. Training: hard Gumbel-softmax with a straight-through
 gradient -- the one-hot choice ``z`` (value exactly one-hot, gradient of the
 softmax) turns into channel masks ``m_g[c] = sum_i z_i [c < config_i[g]]``,
 one per layer group, that multiply the head and every block output (stream)
@@ -75,6 +77,9 @@ whose quality is within ``tau`` dB of the best::
 with ``p = softmax(logits)`` and ``c_i = FLOPs_i / FLOPs_max`` the relative
 backbone cost (``FLOPs_max``: the full-width supernet), a complexity penalty that pushes ambiguous images to narrower
 sub-networks (``lambda = 0``: plain classification of easy/hard images).
+Optional class weights on the CE (:func:`balanced_class_weights` of the target
+counts, our addition) keep a majority target (e.g. "the widest") from being
+learned as the answer for every image.
 
 Width checks: a forward validates its widths once (one host read for a forced
 width or configuration tensor, none for ints, host sequences or the gate's
@@ -164,21 +169,49 @@ class LayerWidths(NamedTuple):
     inner: tuple[SlimWidths, ...]
 
 
-class WidthGate(nn.Module):
-    """avgpool -> conv1x1 -> ReLU -> conv1x1: one logit per candidate sub-network."""
+GATE_POOLS = ("mean", "mean_sq")
 
-    def __init__(self, in_channels: int, num_choices: int, hidden: int = 16):
+
+class WidthGate(nn.Module):
+    """avgpool -> conv1x1 -> ReLU -> conv1x1: one logit per candidate sub-network.
+
+    ``pool="mean"`` pools each feature's spatial mean; ``"mean_sq"`` (our option)
+    also its mean square, a second moment that tracks the noise level, which a
+    plain mean of ReLU features hardly sees."""
+
+    def __init__(self, in_channels: int, num_choices: int, hidden: int = 16, pool: str = "mean"):
         super().__init__()
-        self.reduce = nn.Conv2d(in_channels, hidden, 1)
+        if pool not in GATE_POOLS:
+            raise ValueError(f"pool must be one of {GATE_POOLS}, got {pool!r}")
+        self.pool = pool
+        moments = 2 if pool == "mean_sq" else 1
+        self.reduce = nn.Conv2d(moments * in_channels, hidden, 1)
         self.to_logits = nn.Conv2d(hidden, num_choices, 1)
 
     def forward(self, features: Tensor) -> Tensor:
         pooled = F.adaptive_avg_pool2d(features, 1)
+        if self.pool == "mean_sq":
+            pooled = torch.cat([pooled, F.adaptive_avg_pool2d(features.square(), 1)], 1)
         return self.to_logits(F.relu(self.reduce(pooled))).flatten(1)
 
     def flops(self) -> int:
         return 2 * (self.reduce.in_channels * self.reduce.out_channels
                     + self.to_logits.in_channels * self.to_logits.out_channels)
+
+
+def balanced_class_weights(counts: Tensor) -> Tensor:
+    """Class-balanced cross-entropy weights from target counts [K]:
+    ``w_k = n / (K_present * n_k)`` for classes seen (scikit-learn's "balanced"),
+    0 for classes never seen (no target carries them). A class seen as often as
+    the average weighs 1; a rare one weighs more."""
+    if counts.dim() != 1 or counts.is_complex() or (counts < 0).any():
+        raise ValueError(f"counts must be a 1-D tensor of counts >= 0, got {counts.dtype} {tuple(counts.shape)}")
+    counts = counts.double()
+    present = counts > 0
+    if not present.any():
+        raise ValueError("counts must hold at least one seen class")
+    weights = counts.sum() / (present.sum() * counts.clamp_min(1))
+    return torch.where(present, weights, torch.zeros_like(weights))
 
 
 def hard_gumbel_straight_through(logits: Tensor, tau: float = 1.0) -> Tensor:
@@ -215,7 +248,8 @@ class DDSNet(nn.Module):
     """
 
     def __init__(self, in_channels: int = 3, width: int = 64, depth: int = 8,
-                 num_choices: int = 4, gate_hidden: int = 16, gate_tau: float = 1.0):
+                 num_choices: int = 4, gate_hidden: int = 16, gate_tau: float = 1.0,
+                 gate_pool: str = "mean"):
         super().__init__()
         check_int("in_channels", in_channels, 1)
         check_int("depth", depth, 0)
@@ -228,7 +262,7 @@ class DDSNet(nn.Module):
         self.head = SlimConv2d(in_channels, width, 3, padding=1)
         self.blocks = nn.ModuleList([SlimResBlock(width) for _ in range(depth)])
         self.tail = SlimConv2d(width, in_channels, 3, padding=1)
-        self.gate = WidthGate(self.choices[0], num_choices, gate_hidden)
+        self.gate = WidthGate(self.choices[0], num_choices, gate_hidden, gate_pool)
         self._set_candidates([self.uniform_config(k) for k in self.choices])
 
     # -- configurations -----------------------------------------------------
@@ -470,8 +504,13 @@ class DDSNet(nn.Module):
         return torch.tensor([self.flops((1, 1), config=c, include_gate=False) / full
                              for c in self._configs])
 
-    def gate_loss(self, logits: Tensor, targets: Tensor, cost_weight: float = 0.0) -> Tensor:
-        """``mean_n CE(logits[n], t[n]) + cost_weight * mean_n sum_i p_i[n] c_i``."""
+    def gate_loss(self, logits: Tensor, targets: Tensor, cost_weight: float = 0.0,
+                  class_weights: Optional[Tensor] = None) -> Tensor:
+        """``mean_n CE(logits[n], t[n]) + cost_weight * mean_n sum_i p_i[n] c_i``.
+
+        ``class_weights`` [K] (e.g. :func:`balanced_class_weights` of the target
+        counts) weighs each image's CE by its target's weight, normalised by the
+        batch's total weight (``F.cross_entropy``'s ``weight``)."""
         k = len(self._configs)
         if logits.dim() != 2 or logits.shape[1] != k:
             raise ValueError(f"logits must have shape [N, {k}], got {tuple(logits.shape)}")
@@ -480,7 +519,11 @@ class DDSNet(nn.Module):
                              f"[{logits.shape[0]}], got {targets.dtype} {tuple(targets.shape)}")
         costs = self.relative_costs().to(device=logits.device, dtype=logits.dtype)
         expected_cost = (logits.softmax(-1) * costs).sum(-1).mean()
-        return F.cross_entropy(logits, targets.long()) + cost_weight * expected_cost
+        if class_weights is not None:
+            if class_weights.shape != (k,):
+                raise ValueError(f"class_weights must have shape [{k}], got {tuple(class_weights.shape)}")
+            class_weights = class_weights.to(device=logits.device, dtype=logits.dtype)
+        return F.cross_entropy(logits, targets.long(), weight=class_weights) + cost_weight * expected_cost
 
     # -- cost ---------------------------------------------------------------
     def gate_flops(self, image_size) -> int:

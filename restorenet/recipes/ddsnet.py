@@ -59,6 +59,7 @@ study on crops of the TRAINING photos (the supernet of 250 steps) saved 4%,
 """
 from __future__ import annotations
 
+import argparse
 import random
 from typing import Sequence
 
@@ -66,7 +67,7 @@ import torch
 
 from restorenet.data import HELDOUT_PHOTOS, RandomCropSampler, get_task, load_photo
 from restorenet.metrics import psnr
-from restorenet.models.ddsnet import DDSNet
+from restorenet.models.ddsnet import GATE_POOLS, DDSNet, balanced_class_weights
 from restorenet.recipes.common import Report, Settings, fit
 from restorenet.registry import create_model
 from restorenet.train import resolve_config
@@ -90,6 +91,14 @@ def add_arguments(group) -> None:
     group.add_argument("--gate-tau", type=float, default=0.1,
                        help="stage 3: an image's target is the cheapest sub-network within this many dB of the best")
     group.add_argument("--cost-weight", type=float, default=1.0, help="stage 3: complexity penalty lambda")
+    group.add_argument("--gate-balance", action=argparse.BooleanOptionalAction, default=True,
+                       help="stage 3: class-balanced CE, weights from the counts of the targets seen so far")
+    group.add_argument("--gate-pool", choices=GATE_POOLS, default="mean_sq",
+                       help="the gate pools its features' mean, or their mean and mean square")
+    group.add_argument("--save-supernet", metavar="PATH",
+                       help="save the stage-1/2 result (supernet weights, tailoring path, kept sub-networks)")
+    group.add_argument("--supernet", metavar="PATH",
+                       help="load a --save-supernet file and skip stages 1 and 2 (for gate experiments)")
     group.add_argument("--sigma-range", default="5,75", help="training noise levels: sigma drawn uniformly per image")
     group.add_argument("--eval-crops", type=int, help="crops per held-out photo")
 
@@ -102,7 +111,7 @@ def _plan(settings: Settings) -> dict:
     extra = settings.extra
     quick_model = dict(width=16, depth=2, num_choices=2)
     model_kwargs, train = resolve_config(
-        "ddsnet", None, {**(quick_model if settings.quick else {}), **settings.model_kwargs},
+        "ddsnet", None, {**(quick_model if settings.quick else {}), "gate_pool": extra["gate_pool"], **settings.model_kwargs},
         small=not settings.paper_config, batch=settings.given("batch", settings.choose(8, 2)),
         crop=settings.given("crop", settings.choose(48, 24)), lr=settings.lr, weight_decay=settings.weight_decay)
     steps = settings.given("steps", settings.choose(600, 4))
@@ -252,6 +261,22 @@ def keep_at_budgets(path: list[dict], budgets: Sequence[float]) -> list[dict]:
     return sorted(kept.values(), key=lambda p: p["rel_flops"])
 
 
+def save_supernet(model: DDSNet, file, plan, losses, path, kept, uniform) -> None:
+    """The stage-1/2 result, so gate experiments (``--supernet``) can skip them."""
+    torch.save(dict(model_kwargs=plan["model_kwargs"], state_dict=model.state_dict(), losses=losses,
+                    path=path, kept=kept, uniform=uniform), file)
+
+
+def load_supernet(model: DDSNet, file, plan):
+    saved = torch.load(file, map_location="cpu", weights_only=True)
+    if saved["model_kwargs"] != plan["model_kwargs"]:
+        raise ValueError(f"supernet: {file} holds a model {saved['model_kwargs']}, this run builds "
+                         f"{plan['model_kwargs']}")
+    model.load_state_dict(saved["state_dict"])
+    fix = lambda entries: [dict(e, config=tuple(e["config"])) for e in entries]  # noqa: E731
+    return saved["losses"], fix(saved["path"]), fix(saved["kept"]), fix(saved["uniform"])
+
+
 # ----------------------------------------------------------------------------- stage 3
 
 
@@ -266,14 +291,20 @@ def train_gate(model: DDSNet, plan: dict, settings: Settings) -> dict:
     sampler = RandomCropSampler(plan["crop"], seed=settings.seed + 1)
     generator = torch.Generator().manual_seed(settings.seed + 1)
     tau, weight = settings.extra["gate_tau"], settings.extra["cost_weight"]
+    balance = settings.extra["gate_balance"]
     seen_noisy, seen_targets = [], []
+    counts = torch.zeros(len(model.configs), dtype=torch.float64)
+
+    def weights():  # class-balanced CE from the targets seen so far (the imbalance: mostly "widest")
+        return balanced_class_weights(counts) if balance else None
 
     def online_step(step: int) -> torch.Tensor:
         noisy, clean = _noisy_batch(sampler, plan["gate_batch"], plan["sigma"], generator, settings.device)
         targets = model.gate_targets(noisy, clean, tau_db=tau)  # online easy/hard labels
         seen_noisy.append(noisy)
         seen_targets.append(targets)
-        return model.gate_loss(model.gate_logits(noisy), targets, cost_weight=weight)
+        counts.add_(torch.bincount(targets.cpu(), minlength=len(counts)).double())
+        return model.gate_loss(model.gate_logits(noisy), targets, cost_weight=weight, class_weights=weights())
 
     log = lambda s, loss: print(f"  gate step {s}: loss {loss:.4f}", flush=True)  # noqa: E731
     losses = fit(model.gate.parameters(), online_step, plan["gate_steps"], plan["gate_lr"],
@@ -283,14 +314,36 @@ def train_gate(model: DDSNet, plan: dict, settings: Settings) -> dict:
 
     def replay_step(step: int) -> torch.Tensor:
         pick = torch.randint(len(noisy), (plan["gate_batch"],), generator=order).to(noisy.device)
-        return model.gate_loss(model.gate_logits(noisy[pick]), targets[pick], cost_weight=weight)
+        return model.gate_loss(model.gate_logits(noisy[pick]), targets[pick], cost_weight=weight,
+                               class_weights=weights())
 
     replay_steps = plan["gate_replay"] * plan["gate_steps"]
     if replay_steps:
         losses += fit(model.gate.parameters(), replay_step, replay_steps, plan["gate_lr"],
                       device=settings.device, log=log)
-    counts = torch.bincount(targets.cpu(), minlength=len(model.configs)).double()
-    return dict(losses=losses, target_share=(counts / counts.sum()).tolist(), replay_steps=replay_steps)
+    return dict(losses=losses, target_share=(counts / counts.sum()).tolist(), replay_steps=replay_steps,
+                class_weights=None if weights() is None else weights().tolist())
+
+
+@torch.no_grad()
+def gate_on(model: DDSNet, noisy, clean, size: int) -> dict:
+    """The trained gate on a set of crops: its pick shares, mean FLOPs (its own
+    included) and mean PSNR against the widest, and its logit margins (best minus
+    second-best logit: how sure it is)."""
+    model.eval()
+    logits = model.gate_logits(noisy)
+    picks = logits.argmax(-1).cpu()
+    full = model.flops(size, config=model.uniform_config(model.width), include_gate=False)
+    rel = [model.flops(size, config=c) / full for c in model.configs]
+    top2 = logits.topk(min(2, logits.shape[1]), -1).values.cpu()
+    margin = top2[:, 0] - top2[:, -1]
+    gated = psnr(model(noisy).clamp(0, 1).cpu(), clean)
+    widest = psnr(model(noisy, config=model.uniform_config(model.width)).clamp(0, 1).cpu(), clean)
+    return dict(mix=[float((picks == i).double().mean()) for i in range(len(rel))],
+                rel_flops=_mean([rel[p] for p in picks.tolist()]),
+                psnr=float(gated.mean()), widest_psnr=float(widest.mean()),
+                margin_mean=float(margin.mean()), margin_median=float(margin.median()),
+                mean_logits=logits.mean(0).cpu().tolist())
 
 
 # ----------------------------------------------------------------------------- evaluation
@@ -322,14 +375,17 @@ def evaluate_heldout(model: DDSNet, fixed: list[tuple[int, ...]], plan: dict, se
     per_sigma = {}
     for sigma in EVAL_SIGMAS:
         noisy = get_task("denoise").degrade(clean, sigma, generator).to(settings.device)
-        picks = model.gate_pick(noisy)
+        logits = model.gate_logits(noisy)
+        picks = logits.argmax(-1)
+        top2 = logits.topk(min(2, logits.shape[1]), -1).values
         gated = model(noisy).clamp(0, 1).cpu()
         per_sigma[sigma] = dict(
             noisy=psnr(noisy.clamp(0, 1).cpu(), clean).tolist(),
             fixed=[psnr(out.clamp(0, 1).cpu(), clean).tolist()
                    for start in range(0, len(fixed), 4)
                    for out in model.all_configs(noisy, fixed[start:start + 4])],
-            gate=psnr(gated, clean).tolist(), picks=picks.cpu().tolist())
+            gate=psnr(gated, clean).tolist(), picks=picks.cpu().tolist(),
+            margins=(top2[:, 0] - top2[:, -1]).cpu().tolist())
     return dict(images=clean.shape[0], per_sigma=per_sigma)
 
 
@@ -347,11 +403,12 @@ def summarise(model: DDSNet, kept: list[dict], fixed: list[tuple[int, ...]], hel
     gate_rel = [model.flops(size, config=c["config"]) / full for c in kept]  # gate's own FLOPs in
     widest = fixed.index(model.uniform_config(model.width))
     kept_index = [fixed.index(c["config"]) for c in kept]
-    rows, pooled = [], dict(picks=[], gate=[], fixed=[[] for _ in fixed], noisy=[])
+    rows, pooled = [], dict(picks=[], gate=[], fixed=[[] for _ in fixed], noisy=[], margins=[])
     for sigma, r in heldout["per_sigma"].items():
         pooled["picks"] += r["picks"]
         pooled["gate"] += r["gate"]
         pooled["noisy"] += r["noisy"]
+        pooled["margins"] += r["margins"]
         for i, values in enumerate(r["fixed"]):
             pooled["fixed"][i] += values
         rows.append(dict(sigma=sigma, **_compare(r, fixed, fixed_rel, gate_rel, widest, kept_index, tau)))
@@ -379,6 +436,7 @@ def _compare(r: dict, fixed, fixed_rel, gate_rel, widest: int, kept_index, tau: 
         oracle_psnr=_mean([r["fixed"][kept_index[k]][j] for j, k in enumerate(oracle)]),
         oracle_rel_flops=_mean([fixed_rel[kept_index[k]] for k in oracle]),
         gate_hits_target=_mean([float(p == k) for p, k in zip(r["picks"], oracle)]),
+        gate_margin_mean=_mean(r["margins"]), oracle_mix=[oracle.count(i) / n for i in range(len(gate_rel))],
         fixed_psnr=fixed_psnr)
 
 
@@ -530,33 +588,47 @@ def run(settings: Settings, report: Report) -> None:
                 f"crops {plan['crop']}, batch {plan['batch']}; distillation "
                 f"{'on' if settings.extra['distill'] else 'off'}.")
 
-    with report.stage("stage 1: supernet (sandwich rule)"):
-        supernet_losses = train_supernet(model, plan, settings)
+    val_noisy, val_clean = validation_set(plan, settings)
+    if settings.extra["supernet"]:
+        supernet_losses, path, kept, uniform = load_supernet(model, settings.extra["supernet"], plan)
+        report.text(f"Stages 1 and 2 loaded from `{settings.extra['supernet']}` (not run here).")
+    else:
+        with report.stage("stage 1: supernet (sandwich rule)"):
+            supernet_losses = train_supernet(model, plan, settings)
+        with report.stage("stage 2: greedy per-layer tailoring"):
+            path = tailor(model, val_noisy, val_clean, step, min(plan["budgets"]))
+            kept = keep_at_budgets(path, plan["budgets"])
+            uniform = [dict(config=c, rel_flops=_relative(model, c)) for c in
+                       (model.uniform_config(k) for k in range(step, model.width + 1, step))]
+            for u, score in zip(uniform, mean_psnr_of(model, [u["config"] for u in uniform], val_noisy, val_clean)):
+                u["val_psnr"] = score
+        if settings.extra["save_supernet"]:
+            save_supernet(model, settings.extra["save_supernet"], plan, supernet_losses, path, kept, uniform)
     report.results["stage1"] = dict(steps=plan["steps"], final_loss=_mean(supernet_losses[-10:]),
-                                    distill=settings.extra["distill"])
-
-    with report.stage("stage 2: greedy per-layer tailoring"):
-        val_noisy, val_clean = validation_set(plan, settings)
-        path = tailor(model, val_noisy, val_clean, step, min(plan["budgets"]))
-        kept = keep_at_budgets(path, plan["budgets"])
-        uniform = [dict(config=c, rel_flops=_relative(model, c)) for c in
-                   (model.uniform_config(k) for k in range(step, model.width + 1, step))]
-        for u, score in zip(uniform, mean_psnr_of(model, [u["config"] for u in uniform], val_noisy, val_clean)):
-            u["val_psnr"] = score
+                                    distill=settings.extra["distill"], loaded_from=settings.extra["supernet"])
     report.results["stage2"] = dict(path=path, kept=kept, uniform=uniform)
 
     with report.stage("stage 3: gate"):
         model.set_gate_configs([p["config"] for p in kept])
         gate = train_gate(model, plan, settings)
+    val_gate = gate_on(model, val_noisy, val_clean, plan["val_size"])
     report.results["stage3"] = dict(steps=plan["gate_steps"], replay_steps=gate["replay_steps"], final_loss=_mean(gate["losses"][-10:]),
                                     train_target_share=gate["target_share"], configs=model.configs,
-                                    tau_db=settings.extra["gate_tau"], cost_weight=settings.extra["cost_weight"])
+                                    tau_db=settings.extra["gate_tau"], cost_weight=settings.extra["cost_weight"],
+                                    balanced=settings.extra["gate_balance"], class_weights=gate["class_weights"],
+                                    pool=settings.extra["gate_pool"], on_validation=val_gate)
 
     report.text(f"Gate: {len(kept)} candidates (the kept sub-networks), targets within "
                 f"{settings.extra['gate_tau']:g} dB of the best, cost weight {settings.extra['cost_weight']:g}; "
                 f"{plan['gate_steps']} online steps of {plan['gate_batch']} crops, then {gate['replay_steps']} "
-                f"replay steps. Training targets per candidate (cheapest first): "
-                + ", ".join(f"{share:.0%}" for share in gate["target_share"]) + ".")
+                f"replay steps; CE {'class-balanced' if settings.extra['gate_balance'] else 'unweighted'}, "
+                f"gate pooling '{settings.extra['gate_pool']}'. Training targets per candidate (cheapest first): "
+                + ", ".join(f"{share:.0%}" for share in gate["target_share"])
+                + f". On the stage-2 validation crops (training photos, where the stage-3 settings were chosen) "
+                f"the gate runs {val_gate['rel_flops']:.1%} of the widest's FLOPs at {val_gate['psnr']:.2f} dB "
+                f"(widest {val_gate['widest_psnr']:.2f} dB); mix "
+                + ", ".join(f"{share:.0%}" for share in val_gate["mix"])
+                + f"; mean logit margin {val_gate['margin_mean']:.2f}.")
 
     with report.stage("evaluation: held-out photos"):
         fixed = list(dict.fromkeys([tuple(p["config"]) for p in kept] + [tuple(u["config"]) for u in uniform]))

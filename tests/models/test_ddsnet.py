@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from restorenet.models.ddsnet import DDSNet, SlimConv2d, hard_gumbel_straight_through, width_choices
+from restorenet.models.ddsnet import (DDSNet, SlimConv2d, WidthGate, balanced_class_weights,
+                                      hard_gumbel_straight_through, width_choices)
 from restorenet.ops import use_backend
 from restorenet.registry import count_parameters, create_model
 
@@ -287,6 +288,46 @@ def test_gate_loss_is_cross_entropy_plus_expected_relative_cost():
         model.gate_loss(logits[:, :2], targets)
     with pytest.raises(ValueError, match="^targets"):
         model.gate_loss(logits, targets.float())
+
+
+def test_balanced_class_weights_are_n_over_classes_seen_times_count():
+    counts = torch.tensor([1, 0, 9, 19, 71])
+    # n = 100 targets over 4 classes seen: w_k = 100 / (4 n_k); the unseen class weighs 0.
+    want = torch.tensor([100 / 4, 0, 100 / 36, 100 / 76, 100 / 284], dtype=torch.float64)
+    torch.testing.assert_close(balanced_class_weights(counts), want)
+    # Balanced: every seen class carries the same total weight n / K_present.
+    assert torch.allclose(balanced_class_weights(counts) * counts, torch.tensor([25., 0, 25, 25, 25]).double())
+    with pytest.raises(ValueError, match="^counts"):
+        balanced_class_weights(torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match="^counts"):
+        balanced_class_weights(torch.zeros(3))
+
+
+def test_gate_loss_with_class_weights_is_the_weighted_mean_of_cross_entropies():
+    model = small_model()
+    logits = torch.randn(5, len(model.choices))
+    targets = torch.tensor([0, 3, 3, 2, 3])
+    weights = balanced_class_weights(torch.bincount(targets, minlength=4))
+    per_image = -logits.log_softmax(-1)[torch.arange(5), targets]
+    w = weights.float()[targets]
+    want = (w * per_image).sum() / w.sum() + 0.3 * (logits.softmax(-1) * model.relative_costs()).sum(-1).mean()
+    torch.testing.assert_close(model.gate_loss(logits, targets, cost_weight=0.3, class_weights=weights), want)
+    with pytest.raises(ValueError, match="^class_weights"):
+        model.gate_loss(logits, targets, class_weights=weights[:2])
+
+
+def test_gate_pool_mean_sq_feeds_the_mean_and_the_mean_square():
+    torch.manual_seed(0)
+    gate = WidthGate(3, 4, hidden=5, pool="mean_sq")
+    g = torch.rand(2, 3, 4, 6)
+    pooled = torch.cat([g.mean((2, 3)), g.square().mean((2, 3))], 1)
+    hidden = F.relu(pooled @ gate.reduce.weight.flatten(1).t() + gate.reduce.bias)
+    want = hidden @ gate.to_logits.weight.flatten(1).t() + gate.to_logits.bias
+    torch.testing.assert_close(gate(g), want)
+    model = DDSNet(width=16, depth=1, num_choices=2, gate_pool="mean_sq").eval()
+    assert model.gate_logits(torch.rand(2, 3, 8, 8)).shape == (2, 2)
+    with pytest.raises(ValueError, match="^pool"):
+        WidthGate(3, 4, pool="max")
 
 
 def test_gate_learns_targets_from_gate_loss():

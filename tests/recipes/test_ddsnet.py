@@ -14,7 +14,8 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
     out = tmp_path_factory.mktemp("ddsnet")
-    results = common.main(["ddsnet", "--quick", "--threads", "1", "--out", str(out)])
+    results = common.main(["ddsnet", "--quick", "--threads", "1", "--out", str(out),
+                           "--save-supernet", str(out / "supernet.pt")])
     return out, results
 
 
@@ -67,6 +68,30 @@ def test_heldout_table_is_consistent(quick_run):
     # Noisier inputs score lower.
     noisy = [r["noisy_psnr"] for r in held["rows"]]
     assert noisy == sorted(noisy, reverse=True)
+
+
+def test_gate_diagnostics_are_recorded(quick_run):
+    _, results = quick_run
+    stage3, k = results["stage3"], len(results["stage2"]["kept"])
+    assert stage3["balanced"] is True and len(stage3["class_weights"]) == k
+    # Balanced: each target class seen carries the same total weight.
+    shares = [w * s for w, s in zip(stage3["class_weights"], stage3["train_target_share"]) if s > 0]
+    assert max(shares) == pytest.approx(min(shares))
+    val = stage3["on_validation"]
+    assert sum(val["mix"]) == pytest.approx(1) and len(val["mean_logits"]) == k
+    assert val["margin_mean"] >= 0 and math.isfinite(val["psnr"]) and math.isfinite(val["widest_psnr"])
+    for row in results["heldout"]["rows"]:
+        assert row["gate_margin_mean"] >= 0 and sum(row["oracle_mix"]) == pytest.approx(1)
+
+
+def test_a_saved_supernet_replaces_stages_1_and_2(quick_run, tmp_path):
+    out, results = quick_run
+    again = common.main(["ddsnet", "--quick", "--threads", "1", "--out", str(tmp_path),
+                         "--supernet", str(out / "supernet.pt")])
+    assert set(again["stages_s"]) == {"stage 3: gate", "evaluation: held-out photos"}
+    assert again["stage2"] == results["stage2"] and again["stage1"]["loaded_from"] == str(out / "supernet.pt")
+    # Same weights and candidates: every fixed sub-network scores the same on the held-out crops.
+    assert again["heldout"]["overall"]["fixed_psnr"] == results["heldout"]["overall"]["fixed_psnr"]
 
 
 def test_keep_at_budgets_takes_the_first_config_within_each_budget():
