@@ -29,12 +29,21 @@ sub-networks: each step draws a fresh noisy batch, labels each image with the
 cheapest kept sub-network within ``--gate-tau`` dB of the best one on it
 (online easy/hard targets, ``DDSNet.gate_targets``) and trains the gate with
 cross-entropy plus ``--cost-weight`` x its expected relative FLOPs
-(``DDSNet.gate_loss``). Labelling costs a forward of every kept sub-network,
+(``DDSNet.gate_loss``). The CE is class-balanced by default (``--gate-balance``,
+our addition): each target class weighs ``n / (K_seen * n_k)`` over the targets
+seen so far, because most targets are "the widest" and unweighted CE learned
+"always the widest". The gate pools its features' mean and mean square by
+default (``--gate-pool mean_sq``, our addition: the second moment tracks the
+noise level). Labelling costs a forward of every kept sub-network,
 the gate's own step almost nothing: after the online pass, the labelled images
 are replayed for ``--gate-replay`` epochs (our addition: with the online pass
 alone the gate learned only the label prior, "always the widest").
 
-Measured: validation PSNR vs FLOPs along the tailoring path, of the kept and of
+``--save-supernet PATH`` stores the stage-1/2 result and ``--supernet PATH``
+loads it and skips stages 1 and 2, for gate experiments.
+
+Measured: the gate on the stage-2 validation crops (mix, FLOPs, PSNR vs the
+widest, logit margins); validation PSNR vs FLOPs along the tailoring path, of the kept and of
 the uniform-width sub-networks; on crops of the held-out photos at sigma 5, 15,
 25, 35, 50, 75: the noisy input, every fixed sub-network, the gate (its mix,
 mean FLOPs including its own, PSNR), the oracle of the gate's targets (needs
@@ -520,13 +529,14 @@ def _write_tables(report: Report, path, kept, uniform, summary, plan, model) -> 
                          "(held-out PSNR: mean over all sigmas and crops)")
     rows = summary["rows"] + [summary["overall"]]
     report.table(["sigma", "noisy", "widest", "gate", "gate FLOPs", "gate mix (FLOPs: share)",
-                  "best fixed <= gate FLOPs", "its PSNR", "oracle", "oracle FLOPs", "gate = target"],
+                  "best fixed <= gate FLOPs", "its PSNR", "oracle", "oracle FLOPs", "gate = target", "logit margin"],
                  [[r["sigma"], r["noisy_psnr"], r["widest_psnr"], r["gate_psnr"], f"{r['gate_rel_flops']:.3f}",
                    _fmt_mix(r["mix"], kept),
                    "none" if r["best_fixed"] is None else
                    f"{config_name(r['best_fixed']['config'])} ({r['best_fixed']['rel_flops']:.3f})",
                    "-" if r["best_fixed"] is None else f"{r['best_fixed']['psnr']:.2f}",
-                   r["oracle_psnr"], f"{r['oracle_rel_flops']:.3f}", f"{r['gate_hits_target']:.0%}"]
+                   r["oracle_psnr"], f"{r['oracle_rel_flops']:.3f}", f"{r['gate_hits_target']:.0%}",
+                   f"{r['gate_margin_mean']:.2f}"]
                   for r in rows],
                  caption=f"**The gate on held-out photos** ({summary['images']} crops of "
                          f"{plan['eval_size']}x{plan['eval_size']} per sigma; PSNR in dB, FLOPs as a "
@@ -534,7 +544,8 @@ def _write_tables(report: Report, path, kept, uniform, summary, plan, model) -> 
                          f"kept and uniform sub-network whose FLOPs do not exceed the gate's mean at that "
                          f"sigma; 'oracle': per crop the cheapest kept sub-network within tau dB of the best "
                          f"kept one, which needs the clean image; 'gate = target': the share of crops where the gate picks "
-                         f"the oracle's sub-network)")
+                         f"the oracle's sub-network; 'logit margin': the mean gap between the gate's best and "
+                         f"second-best logit)")
 
 
 def _conclusion(summary, kept, plan, quick: bool) -> str:
