@@ -99,7 +99,7 @@ def add_arguments(group) -> None:
                        help="stage 3: epochs of replay of the online-labelled images after the online pass")
     group.add_argument("--gate-tau", type=float, default=0.1,
                        help="stage 3: an image's target is the cheapest sub-network within this many dB of the best")
-    group.add_argument("--cost-weight", type=float, default=1.0, help="stage 3: complexity penalty lambda")
+    group.add_argument("--cost-weight", type=float, default=0.0, help="stage 3: complexity penalty lambda")
     group.add_argument("--gate-balance", action=argparse.BooleanOptionalAction, default=True,
                        help="stage 3: class-balanced CE, weights from the counts of the targets seen so far")
     group.add_argument("--gate-pool", choices=GATE_POOLS, default="mean_sq",
@@ -277,11 +277,18 @@ def save_supernet(model: DDSNet, file, plan, losses, path, kept, uniform) -> Non
 
 
 def load_supernet(model: DDSNet, file, plan):
+    """Loads the backbone; the gate keeps its fresh initialisation (stages 1-2 never
+    train it; stage 3 does), so the gate's own options may differ from the saved run's."""
     saved = torch.load(file, map_location="cpu", weights_only=True)
-    if saved["model_kwargs"] != plan["model_kwargs"]:
+    backbone = lambda kwargs: {k: v for k, v in kwargs.items() if not k.startswith("gate")}  # noqa: E731
+    if backbone(saved["model_kwargs"]) != backbone(plan["model_kwargs"]):
         raise ValueError(f"supernet: {file} holds a model {saved['model_kwargs']}, this run builds "
                          f"{plan['model_kwargs']}")
-    model.load_state_dict(saved["state_dict"])
+    missing, unexpected = model.load_state_dict(
+        {k: v for k, v in saved["state_dict"].items() if not k.startswith("gate.")}, strict=False)
+    if unexpected or any(not k.startswith("gate.") for k in missing):
+        raise ValueError(f"supernet: {file} does not match the backbone (missing "
+                         f"{[k for k in missing if not k.startswith('gate.')]}, unexpected {unexpected})")
     fix = lambda entries: [dict(e, config=tuple(e["config"])) for e in entries]  # noqa: E731
     return saved["losses"], fix(saved["path"]), fix(saved["kept"]), fix(saved["uniform"])
 
