@@ -87,7 +87,9 @@ def test_gate_diagnostics_are_recorded(quick_run):
 def test_a_saved_supernet_replaces_stages_1_and_2(quick_run, tmp_path):
     out, results = quick_run
     again = common.main(["ddsnet", "--quick", "--threads", "1", "--out", str(tmp_path),
-                         "--supernet", str(out / "supernet.pt")])
+                         "--supernet", str(out / "supernet.pt"), "--gate-pool", "mean"])
+    # The backbone is loaded; the gate (never trained by stages 1-2) may take other options.
+    assert again["stage3"]["pool"] == "mean" and again["plan"]["model_kwargs"]["gate_pool"] == "mean"
     assert set(again["stages_s"]) == {"stage 3: gate", "evaluation: held-out photos"}
     assert again["stage2"] == results["stage2"] and again["stage1"]["loaded_from"] == str(out / "supernet.pt")
     # Same weights and candidates: every fixed sub-network scores the same on the held-out crops.
