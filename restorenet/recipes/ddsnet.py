@@ -457,7 +457,9 @@ def _compare(r: dict, fixed, fixed_rel, gate_rel, widest: int, kept_index, tau: 
         oracle_psnr=_mean([r["fixed"][kept_index[k]][j] for j, k in enumerate(oracle)]),
         oracle_rel_flops=_mean([fixed_rel[kept_index[k]] for k in oracle]),
         gate_hits_target=_mean([float(p == k) for p, k in zip(r["picks"], oracle)]),
-        gate_margin_mean=_mean(r["margins"]), oracle_mix=[oracle.count(i) / n for i in range(len(gate_rel))],
+        gate_margin_mean=_mean(r["margins"]),
+        # The same shares of kept sub-networks drawn blind (not per image): what the gate's choice adds.
+        blind_mix_psnr=sum(share * fixed_psnr[kept_index[i]] for i, share in enumerate(mix)), oracle_mix=[oracle.count(i) / n for i in range(len(gate_rel))],
         fixed_psnr=fixed_psnr)
 
 
@@ -581,6 +583,11 @@ def _conclusion(summary, kept, plan, quick: bool) -> str:
         lines.append(f"The best fixed sub-network within the gate's mean FLOPs "
                      f"({config_name(o['best_fixed']['config'])}, {o['best_fixed']['rel_flops']:.1%}) scores "
                      f"{o['best_fixed']['psnr']:.2f} dB: the gate {verdict}.")
+    blind = o["gate_psnr"] - o["blind_mix_psnr"]
+    lines.append(f"Running the kept sub-networks in the gate's shares but blind to the image scores "
+                 f"{o['blind_mix_psnr']:.2f} dB at the same FLOPs: the gate's per-image choice adds {blind:+.2f} dB "
+                 "over that" + (" (nothing beyond the spread of this small evaluation)." if abs(blind) < 0.02
+                                else "."))
     lines.append(f"The oracle of the gate's own targets reaches {o['oracle_psnr']:.2f} dB at "
                  f"{o['oracle_rel_flops']:.1%} FLOPs: the room a better gate would have.")
     lines.append("**What it does not show.** This is a small CPU-sized run (width "

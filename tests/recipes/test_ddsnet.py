@@ -82,6 +82,9 @@ def test_gate_diagnostics_are_recorded(quick_run):
     assert val["margin_mean"] >= 0 and math.isfinite(val["psnr"]) and math.isfinite(val["widest_psnr"])
     for row in results["heldout"]["rows"]:
         assert row["gate_margin_mean"] >= 0 and sum(row["oracle_mix"]) == pytest.approx(1)
+        kept_psnr = [row["fixed_psnr"][results["heldout"]["fixed_configs"].index(k["config"])]
+                     for k in results["stage2"]["kept"]]
+        assert row["blind_mix_psnr"] == pytest.approx(sum(m * p for m, p in zip(row["mix"], kept_psnr)))
 
 
 def test_a_saved_supernet_replaces_stages_1_and_2(quick_run, tmp_path):
