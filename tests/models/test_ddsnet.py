@@ -6,7 +6,8 @@ import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode
 
-from restorenet.models.ddsnet import DDSNet, SlimConv2d, hard_gumbel_straight_through, width_choices
+from restorenet.models.ddsnet import (DDSNet, SlimConv2d, WidthGate, balanced_class_weights,
+                                      hard_gumbel_straight_through, width_choices)
 from restorenet.ops import use_backend
 from restorenet.registry import count_parameters, create_model
 
@@ -289,6 +290,46 @@ def test_gate_loss_is_cross_entropy_plus_expected_relative_cost():
         model.gate_loss(logits, targets.float())
 
 
+def test_balanced_class_weights_are_n_over_classes_seen_times_count():
+    counts = torch.tensor([1, 0, 9, 19, 71])
+    # n = 100 targets over 4 classes seen: w_k = 100 / (4 n_k); the unseen class weighs 0.
+    want = torch.tensor([100 / 4, 0, 100 / 36, 100 / 76, 100 / 284], dtype=torch.float64)
+    torch.testing.assert_close(balanced_class_weights(counts), want)
+    # Balanced: every seen class carries the same total weight n / K_present.
+    assert torch.allclose(balanced_class_weights(counts) * counts, torch.tensor([25., 0, 25, 25, 25]).double())
+    with pytest.raises(ValueError, match="^counts"):
+        balanced_class_weights(torch.tensor([3, -1]))
+    with pytest.raises(ValueError, match="^counts"):
+        balanced_class_weights(torch.zeros(3))
+
+
+def test_gate_loss_with_class_weights_is_the_weighted_mean_of_cross_entropies():
+    model = small_model()
+    logits = torch.randn(5, len(model.choices))
+    targets = torch.tensor([0, 3, 3, 2, 3])
+    weights = balanced_class_weights(torch.bincount(targets, minlength=4))
+    per_image = -logits.log_softmax(-1)[torch.arange(5), targets]
+    w = weights.float()[targets]
+    want = (w * per_image).sum() / w.sum() + 0.3 * (logits.softmax(-1) * model.relative_costs()).sum(-1).mean()
+    torch.testing.assert_close(model.gate_loss(logits, targets, cost_weight=0.3, class_weights=weights), want)
+    with pytest.raises(ValueError, match="^class_weights"):
+        model.gate_loss(logits, targets, class_weights=weights[:2])
+
+
+def test_gate_pool_mean_sq_feeds_the_mean_and_the_mean_square():
+    torch.manual_seed(0)
+    gate = WidthGate(3, 4, hidden=5, pool="mean_sq")
+    g = torch.rand(2, 3, 4, 6)
+    pooled = torch.cat([g.mean((2, 3)), g.square().mean((2, 3))], 1)
+    hidden = F.relu(pooled @ gate.reduce.weight.flatten(1).t() + gate.reduce.bias)
+    want = hidden @ gate.to_logits.weight.flatten(1).t() + gate.to_logits.bias
+    torch.testing.assert_close(gate(g), want)
+    model = DDSNet(width=16, depth=1, num_choices=2, gate_pool="mean_sq").eval()
+    assert model.gate_logits(torch.rand(2, 3, 8, 8)).shape == (2, 2)
+    with pytest.raises(ValueError, match="^pool"):
+        WidthGate(3, 4, pool="max")
+
+
 def test_gate_learns_targets_from_gate_loss():
     """A few steps of the stage-3 objective move the gate's picks to the targets."""
     model = small_model().eval()
@@ -302,3 +343,171 @@ def test_gate_learns_targets_from_gate_loss():
         opt.step()
     _, picked = model(x, return_widths=True)
     assert picked.tolist() == [model.choices[i] for i in targets.tolist()]
+
+
+# ------------------------------------------------- per-layer width configurations
+def test_uniform_config_is_the_uniform_width():
+    model = small_model().eval()  # width 32, depth 2: configurations (stream, inner_1, inner_2)
+    assert model.num_groups == 3 and model.uniform_config(16) == (16, 16, 16)
+    assert model.configs == [model.uniform_config(k) for k in model.choices]  # the gate's default
+    x = torch.randn(2, 3, 7, 6)
+    for k in model.choices:
+        torch.testing.assert_close(model(x, config=(k,) * 3), model(x, width=k), rtol=0, atol=0)
+        torch.testing.assert_close(model(x, config=torch.tensor((k,) * 3)), model(x, width=k), rtol=0, atol=0)
+        assert model.flops((7, 6), config=(k,) * 3) == model.flops((7, 6), k)
+
+
+def test_mixed_configuration_batch_equals_each_image_alone():
+    """Exact (atol 0): every backend computes a sample's output from its own active
+    channels only, in an order that does not depend on the rest of the batch."""
+    model = small_model().eval()
+    x = torch.randn(4, 3, 9, 11)
+    configs = [(32, 8, 24), (8, 32, 16), (24, 24, 8), (16, 16, 16)]
+    batched = model(x, config=configs)
+    as_tensor = model(x, config=torch.tensor(configs))
+    torch.testing.assert_close(as_tensor, batched, rtol=0, atol=0)
+    for n, c in enumerate(configs):
+        torch.testing.assert_close(batched[n:n + 1], model(x[n:n + 1], config=c), rtol=0, atol=0)
+    # Inner widths matter: same stream, different inner widths, different outputs.
+    assert (model(x[:1], config=(32, 8, 24)) - model(x[:1], config=(32, 32, 32))).abs().max() > 1e-6
+
+
+def test_mixed_configuration_batch_runs_one_slim_launch_per_layer(monkeypatch):
+    import restorenet.models.ddsnet as ddsnet_module
+
+    calls = []
+    real = ddsnet_module.slim_conv2d
+    monkeypatch.setattr(ddsnet_module, "slim_conv2d", lambda *a, **k: calls.append(1) or real(*a, **k))
+    model = small_model()
+    model(torch.randn(3, 3, 5, 5), config=[(32, 8, 24), (8, 32, 16), (24, 24, 8)])
+    assert len(calls) == 1 + 2 * 2 + 1  # head, two convs per block, tail
+
+
+def test_inactive_channels_of_a_configuration_stay_zero():
+    model = small_model()
+    config = (16, 8, 24)
+    feats = {}
+    hooks = [m.register_forward_hook(lambda m, i, o, name=name: feats.__setitem__(name, o))
+             for name, m in model.named_modules() if isinstance(m, SlimConv2d)]
+    model(torch.randn(2, 3, 6, 6), config=config)
+    for h in hooks:
+        h.remove()
+    assert torch.all(feats["head"][:, 16:] == 0) and feats["head"][:, :16].abs().sum() > 0
+    for b, inner in enumerate(config[1:]):
+        conv1, conv2 = feats[f"blocks.{b}.conv1"], feats[f"blocks.{b}.conv2"]
+        assert torch.all(conv1[:, inner:] == 0) and conv1[:, :inner].abs().sum() > 0
+        assert torch.all(conv2[:, 16:] == 0)
+
+
+def test_flops_of_a_configuration_match_the_hand_formula_and_the_counter():
+    model = small_model().eval()
+    h, w = 12, 10
+    for s, i1, i2 in [(16, 8, 24), (8, 32, 32), (32, 32, 32), (24, 8, 8)]:
+        hand = 2 * 9 * h * w * (3 * s + 2 * s * i1 + 2 * s * i2 + s * 3)
+        assert model.flops((h, w), config=(s, i1, i2), include_gate=False) == hand
+        assert model.flops((h, w), config=(s, i1, i2)) == hand + model.gate_flops((h, w))
+        x = torch.randn(1, 3, h, w)
+        assert counted_flops(lambda: model(x, config=(s, i1, i2))) == hand
+
+
+@pytest.mark.parametrize("config,exc,name", [
+    ((32, 8), ValueError, "config"),                            # depth + 1 = 3 widths
+    ((32, 8, 0), ValueError, "config"),
+    ((32, 8, 33), ValueError, "config"),
+    ((32, 8.0, 8), TypeError, "config"),
+    ([(32, 8, 8)] * 3, ValueError, "config"),                   # N = 2
+    ([(32, 8, 8), (8, 8)], ValueError, r"config\[1\]"),
+    (torch.tensor([32, 8]), ValueError, "config"),
+    (torch.tensor([[32, 8, 8]] * 3), ValueError, "config"),
+    (torch.tensor([[32, 8, 8], [40, 8, 8]]), ValueError, "config"),
+    (torch.tensor([32.0, 8.0, 8.0]), TypeError, "config"),
+    ("wide", TypeError, "config"),
+])
+def test_bad_configurations_name_the_argument(config, exc, name):
+    model = small_model()
+    with pytest.raises(exc, match=f"^{name}"):
+        model(torch.randn(2, 3, 6, 6), config=config)
+
+
+def test_configuration_api_errors_name_the_argument():
+    model = small_model()
+    with pytest.raises(ValueError, match="^config"):
+        model(torch.randn(2, 3, 6, 6), width=8, config=(8, 8, 8))
+    with pytest.raises(ValueError, match="^config"):
+        model.flops(8, config=(8, 8, 64))
+    with pytest.raises(ValueError, match=r"^configs\[1\]"):
+        model.set_gate_configs([(8, 8, 8), (8, 8)])
+    with pytest.raises(ValueError, match="^configs must be in strictly increasing FLOPs"):
+        model.set_gate_configs([(16, 16, 16), (8, 8, 8)])
+    with pytest.raises(ValueError, match="^configs"):
+        model.set_gate_configs([])
+    with pytest.raises(ValueError, match=r"^configs\[0\]"):
+        model.all_configs(torch.randn(1, 3, 4, 4), [(8,)])
+
+
+def test_tensor_configuration_is_validated_with_one_host_read(monkeypatch):
+    model = small_model(depth=3)
+    x = torch.randn(2, 3, 6, 6)
+    configs = torch.tensor([[32, 8, 16, 24], [8, 8, 32, 16]])
+
+    def forward(config):
+        with use_backend("reference"):
+            return model(x, config=config)
+
+    with monkeypatch.context() as m:
+        sync_free_slim_reference(m)
+        _, reads = count_host_reads(m, lambda: forward(configs))
+        as_list = configs.tolist()
+        _, host_reads = count_host_reads(m, lambda: forward(as_list))
+    assert reads <= 1 and host_reads == 0
+
+
+def test_gate_chooses_among_given_configurations():
+    model = small_model()
+    configs = [(8, 8, 16), (16, 24, 8), (32, 32, 32)]
+    model.set_gate_configs(configs)
+    assert model.configs == configs and model.gate_logits(torch.randn(2, 3, 4, 4)).shape == (2, 3)
+    costs = model.relative_costs()
+    flops = [model.flops(7, config=c, include_gate=False) for c in configs]
+    torch.testing.assert_close(costs, torch.tensor([f / flops[-1] for f in flops]))
+    x = torch.randn(6, 3, 8, 8)
+    for train in (False, True):
+        model.train(train)
+        torch.manual_seed(3)
+        out, stream = model(x, return_widths=True)
+        torch.manual_seed(3)
+        picks = model.gate_logits(x)
+        picks = (hard_gumbel_straight_through(picks, model.gate_tau) if train else picks).argmax(-1)
+        rows = [configs[i] for i in picks.tolist()]
+        assert stream.tolist() == [r[0] for r in rows]
+        # The straight-through masks change no value: the gate's run is the forced one.
+        torch.testing.assert_close(out, model(x, config=rows), rtol=0, atol=0)
+    assert torch.equal(model.eval().gate_pick(x), model.gate_logits(x).argmax(-1))
+    outs = model.all_widths(x[:2])
+    assert outs.shape == (3, 2, 3, 8, 8)
+    for i, c in enumerate(configs):
+        torch.testing.assert_close(outs[i], model(x[:2], config=c), rtol=0, atol=0)
+
+
+def test_straight_through_gradient_reaches_gate_through_inner_widths():
+    """Candidates that differ only in an inner width: the gate's gradient comes
+    through the inner masks alone."""
+    model = small_model().train()
+    model.set_gate_configs([(32, 8, 32), (32, 32, 32)])
+    torch.manual_seed(2)
+    model(torch.randn(4, 3, 8, 8)).square().mean().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.gate.parameters())
+
+
+def test_gate_learns_targets_among_configurations():
+    model = small_model().eval()
+    model.set_gate_configs([(8, 8, 8), (16, 32, 8), (32, 32, 32)])
+    x = torch.randn(6, 3, 6, 6) * torch.linspace(0.1, 2, 6).view(-1, 1, 1, 1)
+    targets = torch.tensor([0, 0, 1, 1, 2, 2])
+    opt = torch.optim.Adam(model.gate.parameters(), lr=0.05)
+    for _ in range(80):
+        loss = model.gate_loss(model.gate_logits(x), targets, cost_weight=0.01)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert model.gate_pick(x).tolist() == targets.tolist()
