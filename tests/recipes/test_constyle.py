@@ -1,6 +1,5 @@
 """The ConStyle recipe: one --quick run checked for structure and sanity (not quality),
 the mixed degradations, the zeroed style input and the stage-2 freeze."""
-import json
 import math
 
 import pytest
@@ -8,8 +7,10 @@ import torch
 
 from restorenet.data import get_task
 from restorenet.recipes import constyle
-from restorenet.recipes.common import Settings, main
+from restorenet.recipes.common import Settings
 from restorenet.registry import create_model
+
+from . import run_quick
 
 PNG = b"\x89PNG\r\n\x1a\n"
 TINY = dict(width=8, enc_blocks=(1, 1, 1), middle_blocks=0, dec_blocks=(1, 1, 1))
@@ -17,14 +18,12 @@ TINY = dict(width=8, enc_blocks=(1, 1, 1), middle_blocks=0, dec_blocks=(1, 1, 1)
 
 @pytest.fixture(scope="module")
 def quick_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("constyle")
-    return main(["constyle", "--quick", "--threads", "1", "--out", str(out)]), out
+    out, results = run_quick("constyle", tmp_path_factory)
+    return results, out
 
 
 def test_quick_run_writes_report_json_and_png(quick_run):
     results, out = quick_run
-    assert results["status"] == "complete"
-    assert json.loads((out / "results.json").read_text()) == results
     report = (out / "report.md").read_text()
     assert "What this shows" in report and "What it does not show" in report
     assert results["plots"] == ["psnr_per_degradation.png"]
