@@ -28,7 +28,7 @@ from restorenet.recipes import RECIPES, load_recipe
 from restorenet.train import AMP_DTYPES, CosineDecay, _check_amp, _parse_kwarg
 from restorenet.training import distributed
 
-__all__ = ["Settings", "Report", "fit", "build_parser", "main", "md_table"]
+__all__ = ["Settings", "Report", "fit", "build_parser", "main", "md_table", "mean"]
 
 
 # ----------------------------------------------------------------------------- settings
@@ -111,6 +111,12 @@ def fit(params: Sequence[nn.Parameter] | Iterator[nn.Parameter], step_loss: Call
         if log is not None and (step % every == every - 1 or step == steps - 1):
             log(step + 1, sum(losses[-every:]) / len(losses[-every:]))
     return losses
+
+
+def mean(values) -> float:
+    """The arithmetic mean of an iterable of numbers (plain left-to-right sum)."""
+    values = list(values)
+    return sum(values) / len(values)
 
 
 # ----------------------------------------------------------------------------- report

@@ -57,7 +57,7 @@ import torch.nn as nn
 from restorenet.data import RandomCropSampler, get_task
 from restorenet.metrics import psnr
 from restorenet.models.constyle_nafnet import ConStyleMoCoLoss, StyleCode
-from restorenet.recipes.common import Report, Settings, fit
+from restorenet.recipes.common import Report, Settings, fit, mean
 from restorenet.registry import count_parameters, create_model
 from restorenet.train import SMALL_CONFIGS
 from restorenet.training.adapters import ModelAdapter, l1_loss
@@ -208,13 +208,8 @@ def psnr_per_level(model, sets: dict[str, EvalSet], device) -> dict[str, dict[st
     return {name: evaluate(model, PsnrAdapter(), evalset, device)["psnr"] for name, evalset in sets.items()}
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def _tail_mean(values: list[float]) -> float | None:
-    return _mean(values[-max(1, len(values) // 10):]) if values else None
+    return mean(values[-max(1, len(values) // 10):]) if values else None
 
 
 # ----------------------------------------------------------------------------- report
@@ -243,7 +238,7 @@ def plot_results(report: Report, per_task: dict, curves: dict, stage1_steps: int
         bars.legend(fontsize=7)
         for name, values in curves.items():
             k = max(1, len(values) // 50)
-            smooth = [_mean(values[j:j + k]) for j in range(0, len(values), k)]
+            smooth = [mean(values[j:j + k]) for j in range(0, len(values), k)]
             loss.plot([j + k / 2 for j in range(0, len(values), k)], smooth, label=name)
         loss.axvline(stage1_steps, ls=":", color="grey")
         loss.set_xlabel("step")
@@ -265,16 +260,16 @@ def write_report(report: Report, results: dict) -> None:
         f"{results['parameters']['style_encoder']:,}), NAFNet {results['parameters']['nafnet']:,}.")
     report.table(["degradation", *VARIANTS.values()],
                  [[t, *(per_task[k][t] for k in VARIANTS)] for t in MIXED_TASKS]
-                 + [["mean", *(_mean(per_task[k].values()) for k in VARIANTS)]],
+                 + [["mean", *(mean(per_task[k].values()) for k in VARIANTS)]],
                  caption="Held-out PSNR (dB, RGB) per degradation, mean over its four levels:")
     report.text("Per level: `results.json` (`psnr_per_level`). Training: final L1 (mean of the "
                 f"last 10% of steps) ConStyle {train['final_l1']['constyle']:.4f}, NAFNet "
                 f"{train['final_l1']['nafnet']:.4f}; end of stage 1 MoCo parts "
                 + ", ".join(f"{k} {v:.3f}" for k, v in train["stage1_moco"].items() if v is not None) + ".")
     plot_results(report, per_task, results["curves"], train["stage1_steps"])
-    style_gain = _mean(per_task["constyle"][t] - per_task["constyle_style_zero"][t] for t in MIXED_TASKS)
-    latent_gain = _mean(per_task["constyle"][t] - per_task["constyle_latent_zero"][t] for t in MIXED_TASKS)
-    vs_naf = _mean(per_task["constyle"][t] - per_task["nafnet"][t] for t in MIXED_TASKS)
+    style_gain = mean(per_task["constyle"][t] - per_task["constyle_style_zero"][t] for t in MIXED_TASKS)
+    latent_gain = mean(per_task["constyle"][t] - per_task["constyle_latent_zero"][t] for t in MIXED_TASKS)
+    vs_naf = mean(per_task["constyle"][t] - per_task["nafnet"][t] for t in MIXED_TASKS)
     params = results["parameters"]
     above_input = [t for t in MIXED_TASKS if per_task["constyle"][t] > per_task["input"][t]]
     infonce, chance = train["stage1_moco"]["infonce"], math.log(1 + train["queue_size"])
@@ -336,7 +331,7 @@ def run(settings: Settings, report: Report) -> None:
                           ("constyle_style_zero", "all")):
             with style_zeroed(constyle, what):
                 per_level[key] = psnr_per_level(constyle, sets, settings.device)
-    per_task = {k: {t: _mean(v[t].values()) for t in MIXED_TASKS} for k, v in per_level.items()}
+    per_task = {k: {t: mean(v[t].values()) for t in MIXED_TASKS} for k, v in per_level.items()}
     results = {
         "model_kwargs": kwargs, "eval_size": eval_size,
         "parameters": {"constyle": count_parameters(constyle),

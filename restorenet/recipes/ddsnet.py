@@ -82,7 +82,7 @@ import torch
 from restorenet.data import HELDOUT_PHOTOS, RandomCropSampler, get_task, load_photo
 from restorenet.metrics import psnr
 from restorenet.models.ddsnet import GATE_POOLS, DDSNet, balanced_class_weights
-from restorenet.recipes.common import Report, Settings, fit
+from restorenet.recipes.common import Report, Settings, fit, mean
 from restorenet.registry import create_model
 from restorenet.train import resolve_config
 
@@ -361,7 +361,7 @@ def gate_on(model: DDSNet, noisy, clean, size: int) -> dict:
     gated = psnr(model(noisy).clamp(0, 1).cpu(), clean)
     widest = psnr(model(noisy, config=model.uniform_config(model.width)).clamp(0, 1).cpu(), clean)
     return dict(mix=[float((picks == i).double().mean()) for i in range(len(rel))],
-                rel_flops=_mean([rel[p] for p in picks.tolist()]),
+                rel_flops=mean([rel[p] for p in picks.tolist()]),
                 psnr=float(gated.mean()), widest_psnr=float(widest.mean()),
                 margin_mean=float(margin.mean()), margin_median=float(margin.median()),
                 mean_logits=logits.mean(0).cpu().tolist())
@@ -410,10 +410,6 @@ def evaluate_heldout(model: DDSNet, fixed: list[tuple[int, ...]], plan: dict, se
     return dict(images=clean.shape[0], per_sigma=per_sigma)
 
 
-def _mean(values) -> float:
-    return sum(values) / len(values)
-
-
 def summarise(model: DDSNet, kept: list[dict], fixed: list[tuple[int, ...]], heldout: dict, size: int,
               tau: float) -> dict:
     """Per sigma and over all sigmas: the gate (mix, mean FLOPs with its own, PSNR)
@@ -440,8 +436,8 @@ def summarise(model: DDSNet, kept: list[dict], fixed: list[tuple[int, ...]], hel
 def _compare(r: dict, fixed, fixed_rel, gate_rel, widest: int, kept_index, tau: float) -> dict:
     n = len(r["picks"])
     mix = [sum(p == i for p in r["picks"]) / n for i in range(len(gate_rel))]
-    gate_flops = _mean([gate_rel[p] for p in r["picks"]])
-    fixed_psnr = [_mean(v) for v in r["fixed"]]
+    gate_flops = mean([gate_rel[p] for p in r["picks"]])
+    fixed_psnr = [mean(v) for v in r["fixed"]]
     affordable = [i for i, f in enumerate(fixed_rel) if f <= gate_flops + 1e-12]
     best = max(affordable, key=lambda i: fixed_psnr[i]) if affordable else None
     # The oracle: per image, the cheapest kept sub-network within tau dB of the best kept one.
@@ -450,14 +446,14 @@ def _compare(r: dict, fixed, fixed_rel, gate_rel, widest: int, kept_index, tau: 
         scores = [r["fixed"][i][j] for i in kept_index]
         oracle.append(next(k for k, s in enumerate(scores) if s >= max(scores) - tau))
     return dict(
-        noisy_psnr=_mean(r["noisy"]), widest_psnr=fixed_psnr[widest], gate_psnr=_mean(r["gate"]),
+        noisy_psnr=mean(r["noisy"]), widest_psnr=fixed_psnr[widest], gate_psnr=mean(r["gate"]),
         gate_rel_flops=gate_flops, mix=mix,
         best_fixed=None if best is None else dict(config=list(fixed[best]), rel_flops=fixed_rel[best],
                                                    psnr=fixed_psnr[best]),
-        oracle_psnr=_mean([r["fixed"][kept_index[k]][j] for j, k in enumerate(oracle)]),
-        oracle_rel_flops=_mean([fixed_rel[kept_index[k]] for k in oracle]),
-        gate_hits_target=_mean([float(p == k) for p, k in zip(r["picks"], oracle)]),
-        gate_margin_mean=_mean(r["margins"]),
+        oracle_psnr=mean([r["fixed"][kept_index[k]][j] for j, k in enumerate(oracle)]),
+        oracle_rel_flops=mean([fixed_rel[kept_index[k]] for k in oracle]),
+        gate_hits_target=mean([float(p == k) for p, k in zip(r["picks"], oracle)]),
+        gate_margin_mean=mean(r["margins"]),
         # The same shares of kept sub-networks drawn blind (not per image): what the gate's choice adds.
         blind_mix_psnr=sum(share * fixed_psnr[kept_index[i]] for i, share in enumerate(mix)), oracle_mix=[oracle.count(i) / n for i in range(len(gate_rel))],
         fixed_psnr=fixed_psnr)
@@ -634,7 +630,7 @@ def run(settings: Settings, report: Report) -> None:
                 u["val_psnr"] = score
         if settings.extra["save_supernet"]:
             save_supernet(model, settings.extra["save_supernet"], plan, supernet_losses, path, kept, uniform)
-    report.results["stage1"] = dict(steps=plan["steps"], final_loss=_mean(supernet_losses[-10:]),
+    report.results["stage1"] = dict(steps=plan["steps"], final_loss=mean(supernet_losses[-10:]),
                                     distill=settings.extra["distill"], loaded_from=settings.extra["supernet"])
     report.results["stage2"] = dict(path=path, kept=kept, uniform=uniform)
 
@@ -642,7 +638,7 @@ def run(settings: Settings, report: Report) -> None:
         model.set_gate_configs([p["config"] for p in kept])
         gate = train_gate(model, plan, settings)
     val_gate = gate_on(model, val_noisy, val_clean, plan["val_size"])
-    report.results["stage3"] = dict(steps=plan["gate_steps"], replay_steps=gate["replay_steps"], final_loss=_mean(gate["losses"][-10:]),
+    report.results["stage3"] = dict(steps=plan["gate_steps"], replay_steps=gate["replay_steps"], final_loss=mean(gate["losses"][-10:]),
                                     train_target_share=gate["target_share"], configs=model.configs,
                                     tau_db=settings.extra["gate_tau"], cost_weight=settings.extra["cost_weight"],
                                     balanced=settings.extra["gate_balance"], class_weights=gate["class_weights"],

@@ -46,7 +46,7 @@ from pathlib import Path
 import torch
 
 from restorenet.data import RandomCropSampler, get_task, heldout_images
-from restorenet.recipes.common import Report, Settings, fit
+from restorenet.recipes.common import Report, Settings, fit, mean
 from restorenet.registry import count_parameters, create_model
 from restorenet.train import train
 from restorenet.training.adapters import HyperResAdapter, l1_loss
@@ -276,14 +276,9 @@ def plot_blind(report: Report, blind: list[dict]) -> None:
             ax.grid(alpha=0.3)
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values)
-
-
 def summarise(rows: list[dict]) -> dict[str, float]:
     """Mean PSNR gain over the input per kind of level."""
-    return {kind: _mean(r["gain_db"] for r in rows if r["kind"] == kind) for kind in MARKERS}
+    return {kind: mean(r["gain_db"] for r in rows if r["kind"] == kind) for kind in MARKERS}
 
 
 def write_report(report: Report, tasks: dict, blind: list[dict] | None, estimator: dict | None) -> None:
@@ -318,7 +313,7 @@ def write_report(report: Report, tasks: dict, blind: list[dict] | None, estimato
     if blind is not None:
         report.table(["sigma", "kind", "mean estimate", "level error", "PSNR true sigma",
                       "PSNR estimated sigma", "difference (dB)"],
-                     [[b["level"], b["kind"], _mean(b["estimates"]), b["level_error"],
+                     [[b["level"], b["kind"], mean(b["estimates"]), b["level_error"],
                        b["psnr_true_level"], b["psnr_estimated_level"],
                        b["psnr_estimated_level"] - b["psnr_true_level"]] for b in blind],
                      caption=f"**Blind setting**: NoiseNet (width {estimator['width']}, "
@@ -344,9 +339,9 @@ def _conclusions(tasks: dict, blind: list[dict] | None) -> str:
                      f"say about the hyper network's conditioning (a level-blind network would "
                      f"score the same).")
     if blind is not None:
-        lines.append(f"- blind denoising: mean level error {_mean(b['level_error'] for b in blind):.2f} "
+        lines.append(f"- blind denoising: mean level error {mean(b['level_error'] for b in blind):.2f} "
                      f"(sigma units); PSNR with the estimated sigma differs from the true-sigma PSNR by "
-                     f"{_mean(b['psnr_estimated_level'] - b['psnr_true_level'] for b in blind):+.2f} dB "
+                     f"{mean(b['psnr_estimated_level'] - b['psnr_true_level'] for b in blind):+.2f} dB "
                      f"on average.")
     lines.append("\n**What it does not show.** Two held-out photos (centre crops) and a CPU-sized "
                  "model trained for minutes: the absolute PSNRs are far below the paper's, and "
