@@ -36,7 +36,6 @@ import gc
 import importlib.metadata
 import math
 import os
-import platform
 import shutil
 import subprocess
 import time
@@ -45,6 +44,8 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import pytest
 import torch
+
+from restorenet.training.distributed import cpu_name
 
 DEVICE = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
 ON_GPU = DEVICE.type == "cuda"
@@ -170,14 +171,7 @@ def input_sets_needed(bytes_per_set: float, device: torch.device = DEVICE, limit
 def device_name(device: torch.device = DEVICE) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return f"CPU: {line.split(':', 1)[1].strip()}"
-    except OSError:
-        pass
-    return f"CPU: {platform.processor() or platform.machine() or 'unknown'}"
+    return f"CPU: {cpu_name()}"
 
 
 class skip_on_oom:

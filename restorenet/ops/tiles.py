@@ -741,7 +741,7 @@ def tile_blend(tiles: Tensor, plan: TilePlan, order: Optional[Indices] = None, *
     rows = layout if order is None else layout.index_select(0, order)  # row p: tile order[p]
     w = (row_weight[rows[:, _COLUMN["row_id"]]][:, :, None]
          * col_weight[rows[:, _COLUMN["col_id"]]][:, None, :])
-    unit_rows, unit_cols = (torch.ones_like(t) for t in plan.weights(acc, device))
+    unit_rows, unit_cols = torch.ones_like(row_weight), torch.ones_like(col_weight)
     flat = torch.ops.restorenet.tile_blend(tiles.to(acc) * w[:, None], slots, layout, unit_rows,
                                            unit_cols, plan.num_pixels, cover_h, cover_w, name)
     flat = flat * plan.cover_counts(tiles.shape[1], acc, device)

@@ -144,19 +144,9 @@ def _commit() -> str:
         return "unknown"
 
 
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
-
-
 def machine() -> dict[str, str]:
     """Where the run ran: the numbers of a recipe mean little without it."""
-    info = {"cpu": f"{_cpu_name()} ({distributed.available_cpus()} CPUs usable, "
+    info = {"cpu": f"{distributed.cpu_name()} ({distributed.available_cpus()} CPUs usable, "
                    f"{torch.get_num_threads()} torch threads)",
             "torch": torch.__version__, "python": platform.python_version(), "commit": _commit()}
     if torch.cuda.is_available():
