@@ -30,8 +30,11 @@ The mainloops are shaped for the tensor cores and the copy engines:
   loop of ``TAIL``-channel chunks (so channel work follows the bound at
   16-channel granularity). In NCHW the activation tile is contiguous along
   pixels, but each tap shifts it by one element, so 16-bit activations there
-  load 2 bytes at a time, synchronously (cp.async moves 4-16 aligned bytes;
-  fp32 gets 4-byte cp.async): channels_last is the layout for 16-bit convs.
+  would load 2 bytes at a time, synchronously (cp.async moves 4-16 aligned
+  bytes; fp32 gets 4-byte cp.async): the launchers hand 16-bit activations to
+  the kernels channels-innermost in 16-channel rows (``vector_layout``: in place
+  for channels_last with C % 16 == 0, else one zero-padded copy), so every
+  16-bit mainloop, masked tails included, loads whole vectors with cp.async.
 * weight gradient: the GEMM's M side is ``BLOCK_M = 64`` (tap, input channel)
   rows, ``64 // BLOCK_CI`` taps of ``BLOCK_CI`` channels, so even 16-channel
   tiles fill wgmma's M = 64 (a 3x3 conv at 16 channels: three programs of 4, 4
@@ -84,21 +87,26 @@ def weight_tile(w_ptr, wb_ptr, offs, mask, c, OUT_DTYPE: tl.constexpr, ACC_DTYPE
 
 
 @triton.jit
-def _gemm_step(acc, a_n, pix, pix_ok, s_ac, k0, k_end, w_ptr, wb_ptr, c, offs_n, n_mask, s_wk, s_wn, w_tap,
+def _gemm_step(acc, a_n, pix, pix_ok, s_ac, k0, k_end, k_alloc, w_ptr, wb_ptr, c, offs_n, n_mask, s_wk, s_wn, w_tap,
                GENERATED: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                BLOCK_K: tl.constexpr, MASKED: tl.constexpr, INDEX64: tl.constexpr):
     """acc += A[pixels, k0 + (0..BLOCK_K)] @ K[k0 + .., n]: the activation tile at
     pixel offsets ``pix`` (read where ``pix_ok``) with channels ``s_ac`` apart, the
     weight tile at ``w_tap + k * s_wk + n * s_wn``. MASKED: channels from ``k_end`` on
-    are not read (a whole block is not masked, so its loads can vectorise)."""
+    count as zero (a whole block is not masked, so its loads can vectorise). The
+    activation is read up to ``k_alloc``, the channels its buffer holds (a multiple of
+    16 in the 16-bit layout, see ``vector_layout``), so the masked loads still move
+    whole vectors; what lies from ``k_end`` on is zeroed in registers. The weights are
+    masked exactly."""
     offs_k = k0 + tl.arange(0, BLOCK_K)
     a_mask = pix_ok[:, None]
     w_mask = n_mask[None, :]
     if MASKED:
-        k_mask = offs_k < k_end
-        a_mask = a_mask & k_mask[None, :]
-        w_mask = w_mask & k_mask[:, None]
+        a_mask = a_mask & (offs_k < k_alloc)[None, :]
+        w_mask = w_mask & (offs_k < k_end)[:, None]
     at = tl.load(a_n + pix[:, None] + offset(offs_k, INDEX64)[None, :] * s_ac, mask=a_mask, other=0.0)
+    if MASKED:
+        at = tl.where((offs_k < k_end)[None, :], at, 0.0)
     w_offs = offs_k[:, None] * s_wk + offs_n[None, :] * s_wn + w_tap
     kt = weight_tile(w_ptr, wb_ptr, w_offs, w_mask, c, at.dtype, ACC_DTYPE, GENERATED)
     return tl.dot(at, kt, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -113,7 +121,7 @@ def _tap(k, KH: tl.constexpr, KW: tl.constexpr):
 
 
 @triton.jit
-def _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask, ci0, ci_end, k,
+def _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask, ci0, ci_end, ci_alloc, k,
               H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
               KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr, ACC_DTYPE: tl.constexpr,
               DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
@@ -123,37 +131,38 @@ def _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask, ci
     ih, iw = ih0 + r, iw0 + s
     x_ok = p_mask & (ih >= 0) & (ih < H) & (iw >= 0) & (iw < W)
     pix = offset(ih, INDEX64) * s_xh + offset(iw, INDEX64) * s_xw
-    return _gemm_step(acc, x_n, pix, x_ok, s_xc, ci0, ci_end, w_ptr, wb_ptr, c, offs_co, co_mask, s_wi, s_wo,
+    return _gemm_step(acc, x_n, pix, x_ok, s_xc, ci0, ci_end, ci_alloc, w_ptr, wb_ptr, c, offs_co, co_mask, s_wi, s_wo,
                       r * s_wh + s * s_ww, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_K, MASKED, INDEX64)
 
 
 @triton.jit
-def conv_fwd_tile(x_n, w_ptr, wb_ptr, c, oh, ow, p_mask, offs_co, co_mask, ci_end,
+def conv_fwd_tile(x_n, w_ptr, wb_ptr, c, oh, ow, p_mask, offs_co, co_mask, ci_end, ci_alloc,
                   H, W, stride, padding, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
                   KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr,
                   ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                   BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
                   INDEX64: tl.constexpr):
     """[BLOCK_P, BLOCK_CO] output tile of sample ``x_n``, reducing input channels
-    ``0 .. ci_end`` (and every tap). Output channels outside ``co_mask`` get 0."""
+    ``0 .. ci_end`` (and every tap); x's buffer holds ``ci_alloc`` channels. Output
+    channels outside ``co_mask`` get 0."""
     acc = tl.zeros((BLOCK_P, BLOCK_CO), dtype=ACC_DTYPE)
     ih0, iw0 = oh * stride - padding, ow * stride - padding
     taps: tl.constexpr = KH * KW
     full = ci_end // BLOCK_CI
     for k in range(0, full * taps):  # whole channel blocks: no channel mask
         acc = _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask,
-                        (k // taps) * BLOCK_CI, ci_end, k, H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
+                        (k // taps) * BLOCK_CI, ci_end, ci_alloc, k, H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
                         KH, KW, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_CI, False, INDEX64)
     tail0 = full * BLOCK_CI
     for k in range(0, tl.cdiv(ci_end - tail0, TAIL) * taps):  # the rest, in masked 16-chunks
         acc = _fwd_step(acc, x_n, w_ptr, wb_ptr, c, ih0, iw0, p_mask, offs_co, co_mask,
-                        tail0 + (k // taps) * TAIL, ci_end, k, H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
+                        tail0 + (k // taps) * TAIL, ci_end, ci_alloc, k, H, W, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
                         KH, KW, GENERATED, ACC_DTYPE, DOT_PRECISION, TAIL, True, INDEX64)
     return acc
 
 
 @triton.jit
-def _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, co0, co_end, k,
+def _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, co0, co_end, co_alloc, k,
                 H_out, W_out, stride, padding, s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
                 KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr, ACC_DTYPE: tl.constexpr,
                 DOT_PRECISION: tl.constexpr, BLOCK_K: tl.constexpr, MASKED: tl.constexpr,
@@ -169,31 +178,32 @@ def _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, c
     hit = (p_mask & (th >= 0) & (tw >= 0) & (th_c % stride == 0) & (tw_c % stride == 0)
            & (oh < H_out) & (ow < W_out))
     pix = offset(oh, INDEX64) * s_dyh + offset(ow, INDEX64) * s_dyw
-    return _gemm_step(acc, dy_n, pix, hit, s_dyc, co0, co_end, w_ptr, wb_ptr, c, offs_ci, ci_mask, s_wo, s_wi,
+    return _gemm_step(acc, dy_n, pix, hit, s_dyc, co0, co_end, co_alloc, w_ptr, wb_ptr, c, offs_ci, ci_mask, s_wo, s_wi,
                       r * s_wh + s * s_ww, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_K, MASKED, INDEX64)
 
 
 @triton.jit
-def conv_dgrad_tile(dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, co_end,
+def conv_dgrad_tile(dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, co_end, co_alloc,
                     H_out, W_out, stride, padding, s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
                     KH: tl.constexpr, KW: tl.constexpr, GENERATED: tl.constexpr,
                     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
                     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
                     INDEX64: tl.constexpr):
     """[BLOCK_P, BLOCK_CI] input-gradient tile at input pixels (ih, iw), reducing
-    output channels ``0 .. co_end``. Input channels outside ``ci_mask`` get 0."""
+    output channels ``0 .. co_end``; dy's buffer holds ``co_alloc`` channels. Input
+    channels outside ``ci_mask`` get 0."""
     acc = tl.zeros((BLOCK_P, BLOCK_CI), dtype=ACC_DTYPE)
     taps: tl.constexpr = KH * KW
     full = co_end // BLOCK_CO
     for k in range(0, full * taps):  # whole channel blocks: no channel mask
         acc = _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask,
-                          (k // taps) * BLOCK_CO, co_end, k, H_out, W_out, stride, padding,
+                          (k // taps) * BLOCK_CO, co_end, co_alloc, k, H_out, W_out, stride, padding,
                           s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
                           KH, KW, GENERATED, ACC_DTYPE, DOT_PRECISION, BLOCK_CO, False, INDEX64)
     tail0 = full * BLOCK_CO
     for k in range(0, tl.cdiv(co_end - tail0, TAIL) * taps):  # the rest, in masked 16-chunks
         acc = _dgrad_step(acc, dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask,
-                          tail0 + (k // taps) * TAIL, co_end, k, H_out, W_out, stride, padding,
+                          tail0 + (k // taps) * TAIL, co_end, co_alloc, k, H_out, W_out, stride, padding,
                           s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
                           KH, KW, GENERATED, ACC_DTYPE, DOT_PRECISION, TAIL, True, INDEX64)
     return acc
@@ -222,8 +232,10 @@ def conv_wgrad_tile(dy_n, x_n, offs_co, co_mask, ci_row, r_row, s_row, row_mask,
                     INDEX64: tl.constexpr):
     """One sample's share (pixel blocks ``pb_begin, pb_begin + n_split, .. < pb_end``) of
     ``g[m, co] = sum_p x[ci_m, p*stride + (r_m, s_m) - pad] dy[co, p]`` and ``db[co] = sum_p dy[co, p]``.
-    x is read only where ``row_mask`` holds and dy only where ``co_mask`` holds.
-    dy is dense (NCHW or channels_last), so pixel p is at ``p * s_dyp``."""
+    x is read only where ``row_mask`` holds and dy only where ``co_mask`` holds: the
+    callers pass the channels the buffers hold (``vector_layout``: whole vectors in
+    16-bit) and drop the rows and columns beyond their own channel bounds.
+    dy is dense (NCHW or channels-innermost), so pixel p is at ``p * s_dyp``."""
     g = tl.zeros((BLOCK_M, BLOCK_CO), dtype=ACC_DTYPE)
     # db accumulates per pixel lane and is reduced once after the loop: a row sum
     # inside the loop (used again after it) trips Triton 3.6's
@@ -312,16 +324,70 @@ def dense(x: torch.Tensor) -> torch.Tensor:
 
 
 def pixel_strides(t: torch.Tensor) -> tuple[int, int, int]:
-    """(sample, channel, pixel) element strides of a dense NCHW / channels_last tensor."""
-    return canonical_strides(t.shape, is_channels_last(t))
+    """(sample, channel, pixel) element strides of a dense NCHW / channels_last tensor,
+    or of a ``vector_layout`` one (channels innermost, pixels ``c_alloc`` apart)."""
+    if t.is_contiguous() or is_channels_last(t):
+        return canonical_strides(t.shape, is_channels_last(t))
+    return t.stride(0), t.stride(1), t.stride(3)
+
+
+# Channels per pixel row in the 16-bit layout: Triton proves a vector's alignment
+# only from integer arguments divisible by 16 (its specialisation), so the row
+# length is a multiple of 16 elements (32 bytes).
+VECTOR_CHANNELS = 16
+
+
+def _padded_channels(c: int) -> int:
+    return triton.cdiv(c, VECTOR_CHANNELS) * VECTOR_CHANNELS
+
+
+def _vector_rows(t: torch.Tensor) -> bool:
+    """Whether each pixel's channels of ``t`` are contiguous, start 32-byte aligned and
+    lie a multiple of 16 elements from the next pixel's (a channels_last tensor
+    with C % 16 == 0, or a ``vector_layout`` copy)."""
+    _, c, h, w = t.shape
+    row = t.stride(3)
+    return (t.stride(1) == 1 and row >= c and row % VECTOR_CHANNELS == 0 and t.stride(2) == w * row
+            and t.stride(0) == h * w * row and t.data_ptr() % 32 == 0)
+
+
+def vector_layout(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """A dense [N, C, H, W] activation as the conv kernels read it, and the channels
+    per pixel its buffer holds (``c_alloc``: the masked channel tails read up to there).
+
+    16-bit data is read channels-innermost in rows of a multiple of 16 elements:
+    cp.async (and TMA) move 4-16 aligned bytes, so a 2-byte element read alone --
+    NCHW, where each tap shifts the pixel tile by one element, or channels_last
+    with a channel count that leaves the rows unaligned -- is a synchronous load
+    and the mainloop does not pipeline. Such a tensor is copied once into a
+    channels_last buffer whose rows are padded with zeros to 16 channels (cuDNN
+    likewise transforms NCHW to NHWC before its tensor-core kernels); one already
+    laid out so is used in place. fp32 / fp64 are used as they are: cp.async moves
+    their elements one at a time, in any layout."""
+    c = t.shape[1]
+    if t.element_size() != 2:
+        return t, c
+    if _vector_rows(t):
+        return t, t.stride(3)
+    n, _, h, w = t.shape
+    c_alloc = _padded_channels(c)
+    rows = t.new_empty((n, h, w, c_alloc))
+    rows[..., c:].zero_()
+    staged = rows.permute(0, 3, 1, 2)[:, :c]
+    staged.copy_(t)
+    return staged, c_alloc
 
 
 def pack_weight(weight: torch.Tensor, contiguous_dim: int) -> torch.Tensor:
     """``weight`` [C_out, C_in, KH, KW] viewed in the same index order but stored
-    with ``contiguous_dim`` (0: C_out, 1: C_in) innermost, so that tiles along
-    the GEMM's reduction dimension load as 16-byte vectors. A few KB per call."""
+    with ``contiguous_dim`` (0: C_out, 1: C_in) innermost, in rows padded to 16
+    elements, so that tiles along the GEMM's reduction dimension load as aligned
+    16-byte vectors whatever the channel count. A few KB per call."""
     inner_last = (2, 3, 1 - contiguous_dim, contiguous_dim)  # taps, other channel dim, contiguous dim
-    packed = weight.permute(*inner_last).contiguous()
+    shape = [weight.shape[d] for d in inner_last]
+    rows = weight.new_zeros(shape[:3] + [_padded_channels(shape[3])])
+    packed = rows[..., :shape[3]]
+    packed.copy_(weight.permute(*inner_last))
     return packed.permute(*[inner_last.index(d) for d in range(4)])
 
 
@@ -400,8 +466,9 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
         sizes = [(256 if kind == "fwd" else 128, n_out, 8, stages) for stages in (3, 4)]
     elif n_out > 32:
         sizes = [(128, n_out, 8, 3), (256, 32, 8, 3)]
-    elif bits == 16:  # narrow tiles at 4 warps: the weight tile still spreads in cp.async-sized
-        sizes = [(128, n_out, 4, 3), (128, n_out, 4, 4)]  # pieces (256 pixels at 4 warps spill at odd channel counts)
+    elif bits == 16:  # narrow tiles: the weight tile still spreads in cp.async-sized pieces at 4 warps
+        # (256 pixels at 4 warps spill at odd channel counts; a 4th stage at 4 warps spills on sm_80)
+        sizes = [(128, n_out, 4, 3), (128, n_out, 8, 4)]
     else:
         sizes = [(256, n_out, 8, 3), (128 if kind == "fwd" else 64, n_out, 4, 3)]
     return [_config(w, st, BLOCK_P=p, **{out_name: out, red_name: red}) for p, out, w, st in sizes]
@@ -455,12 +522,13 @@ def launch_forward(kernel, x, weight, op_args, stride, padding, granularity=None
     y = empty_like_layout((n, c_out, h_out, w_out), x)
     if y.numel() == 0:
         return y
+    xv, c_in_alloc = vector_layout(x)
 
     def grid(meta):
         return triton.cdiv(h_out * w_out, meta["BLOCK_P"]), triton.cdiv(c_out, meta["BLOCK_CO"]), n
 
-    args = (x, *op_args, y, c_in, h, w, c_out, h_out, w_out, stride, padding,
-            *x.stride(), *y.stride(), *weight.stride())
+    args = (xv, *op_args, y, c_in, h, w, c_out, h_out, w_out, stride, padding, c_in_alloc,
+            *xv.stride(), *y.stride(), *weight.stride())
     launch(kernel, grid, args, dict(KH=kh, KW=kw, INDEX64=index64(x, y), **numerics(x.dtype), **constexprs),
            gpu_configs("fwd", x.dtype, c_in, c_out, granularity),
            interpreter_config("fwd", c_in, c_out, granularity))
@@ -474,12 +542,13 @@ def launch_grad_input(kernel, grad_out, x, weight, op_args, stride, padding, gra
     dx = empty_like_layout(x.shape, x)
     if dx.numel() == 0:
         return dx
+    dy, c_out_alloc = vector_layout(grad_out)
 
     def grid(meta):
         return triton.cdiv(h * w, meta["BLOCK_P"]), triton.cdiv(c_in, meta["BLOCK_CI"]), n
 
-    args = (grad_out, *op_args, dx, c_in, h, w, c_out, grad_out.shape[2], grad_out.shape[3], stride, padding,
-            *grad_out.stride(), *dx.stride(), *weight.stride())
+    args = (dy, *op_args, dx, c_in, h, w, c_out, dy.shape[2], dy.shape[3], stride, padding, c_out_alloc,
+            *dy.stride(), *dx.stride(), *weight.stride())
     launch(kernel, grid, args, dict(KH=kh, KW=kw, INDEX64=index64(grad_out, dx), **numerics(x.dtype)),
            gpu_configs("dgrad", x.dtype, c_in, c_out, granularity),
            interpreter_config("dgrad", c_in, c_out, granularity))

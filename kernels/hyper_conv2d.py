@@ -24,7 +24,7 @@ import triton.language as tl
 from restorenet_kernels.conv_core import (
     accumulator_dtype, conv_dgrad_tile, conv_fwd_tile, conv_wgrad_tile, dense, gpu_configs, index64, launch,
     launch_forward, launch_grad_input, numerics, pack_weight, pixel_strides, split_count, store_output_tile,
-    store_weight_partials, wgrad_rows, wgrad_tile,
+    store_weight_partials, vector_layout, wgrad_rows, wgrad_tile,
 )
 
 
@@ -34,7 +34,7 @@ from restorenet_kernels.conv_core import (
 @triton.jit
 def hyper_conv2d_fwd_kernel(
     x_ptr, level_ptr, w_ptr, wb_ptr, bias_ptr, bias_base_ptr, y_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, C_in_alloc,
     s_xn, s_xc, s_xh, s_xw, s_yn, s_yc, s_yh, s_yw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_BIAS_BASE: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -62,7 +62,7 @@ def hyper_conv2d_fwd_kernel(
     oh, ow = offs_p // W_out, offs_p % W_out
     c = tl.load(level_ptr + n).to(ACC_DTYPE)
 
-    acc = conv_fwd_tile(x_ptr + n * s_xn, w_ptr, wb_ptr, c, oh, ow, p_mask, offs_co, co_mask, C_in,
+    acc = conv_fwd_tile(x_ptr + n * s_xn, w_ptr, wb_ptr, c, oh, ow, p_mask, offs_co, co_mask, C_in, C_in_alloc,
                         H, W, stride, padding, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
                         KH, KW, True, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_CI, INDEX64)
     if HAS_BIAS:
@@ -76,7 +76,7 @@ def hyper_conv2d_fwd_kernel(
 @triton.jit
 def hyper_conv2d_dgrad_kernel(
     dy_ptr, level_ptr, w_ptr, wb_ptr, dx_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, C_out_alloc,
     s_dyn, s_dyc, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INDEX64: tl.constexpr,
@@ -88,7 +88,7 @@ def hyper_conv2d_dgrad_kernel(
     ih, iw = offs_p // W, offs_p % W
     c = tl.load(level_ptr + n).to(ACC_DTYPE)
 
-    acc = conv_dgrad_tile(dy_ptr + n * s_dyn, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, C_out,
+    acc = conv_dgrad_tile(dy_ptr + n * s_dyn, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, C_out, C_out_alloc,
                           H_out, W_out, stride, padding, s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
                           KH, KW, True, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_CI, INDEX64)
     store_output_tile(dx_ptr, acc, n, offs_ci, ih, iw, p_mask[:, None] & ci_mask[None, :],
@@ -99,7 +99,7 @@ def hyper_conv2d_dgrad_kernel(
 def hyper_conv2d_wgrad_kernel(
     dy_ptr, x_ptr, level_ptr, w_ptr, bias_ptr,
     dw_part_ptr, dwb_part_ptr, dlevel_part_ptr, dbias_part_ptr, dbias_base_part_ptr,
-    N, C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, n_split,
+    N, C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, n_split, C_in_alloc, C_out_alloc,
     s_dyn, s_dyc, s_dyp, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -114,6 +114,9 @@ def hyper_conv2d_wgrad_kernel(
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < C_out
     ci_row, tap_row, r_row, s_row, row_mask = wgrad_rows(pid_m, C_in, KH, KW, BLOCK_M, BLOCK_CI)
+    # Read x and dy up to the channels their buffers hold (whole vectors): the
+    # 16-bit layout's extra channels are zeros, so they add nothing to G_n.
+    row_read, co_read = (ci_row < C_in_alloc) & (tap_row < KH * KW), offs_co < C_out_alloc
     w_mask = row_mask[:, None] & co_mask[None, :]
     w_offs = offs_co[None, :] * s_wo + (ci_row * s_wi + r_row * s_wh + s_row * s_ww)[:, None]
     w_tile = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0).to(ACC_DTYPE)
@@ -130,8 +133,8 @@ def hyper_conv2d_wgrad_kernel(
     for n in range(N):
         n64 = tl.cast(n, tl.int64)
         c = tl.load(level_ptr + n).to(ACC_DTYPE)
-        g, db = conv_wgrad_tile(dy_ptr + n64 * s_dyn, x_ptr + n64 * s_xn, offs_co, co_mask, ci_row, r_row, s_row,
-                                row_mask, pid_s, n_pix_blocks, n_split, H, W, W_out, H_out * W_out, stride, padding,
+        g, db = conv_wgrad_tile(dy_ptr + n64 * s_dyn, x_ptr + n64 * s_xn, offs_co, co_read, ci_row, r_row, s_row,
+                                row_read, pid_s, n_pix_blocks, n_split, H, W, W_out, H_out * W_out, stride, padding,
                                 s_dyc, s_dyp, s_xc, s_xh, s_xw,
                                 ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_M, BLOCK_CO, INDEX64)
         dw += c * g
@@ -170,7 +173,8 @@ def forward(x, level, weight, weight_base, bias, bias_base, stride, padding):
 
 def backward(grad_out, x, level, weight, weight_base, bias, bias_base, stride, padding, needs):
     """Gradients for (x, level, weight, weight_base, bias, bias_base); None where not needed."""
-    x, grad_out = dense(x), dense(grad_out)
+    # dy in the layout the kernels read (``vector_layout``) once, for both gradients.
+    x, grad_out = dense(x), vector_layout(dense(grad_out))[0]
     weight, weight_base, level = weight.contiguous(), weight_base.contiguous(), level.contiguous()
     grads = [None] * 6
     if needs[0]:
@@ -204,10 +208,11 @@ def _grad_params(grad_out, x, level, weight, bias, stride, padding):
     dbias_part = torch.zeros((split, c_out), **zeros)
     dbias_base_part = torch.zeros((split, c_out), **zeros)
     if n > 0:
-        args = (grad_out, x, level, weight, bias if bias is not None else weight,
+        (dy, c_out_alloc), (xv, c_in_alloc) = vector_layout(grad_out), vector_layout(x)
+        args = (dy, xv, level, weight, bias if bias is not None else weight,
                 dw_part, dwb_part, dlevel_part, dbias_part, dbias_base_part,
-                n, c_in, h, w, c_out, h_out, w_out, stride, padding, split,
-                *pixel_strides(grad_out), *x.stride(), *weight.stride())
+                n, c_in, h, w, c_out, h_out, w_out, stride, padding, split, c_in_alloc, c_out_alloc,
+                *pixel_strides(dy), *xv.stride(), *weight.stride())
         launch(hyper_conv2d_wgrad_kernel, lambda meta: (grid_co, grid_m, split), args,
                dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, INDEX64=index64(grad_out, x), **numerics(x.dtype)),
                gpu_configs("wgrad", x.dtype, c_in, c_out), tile)

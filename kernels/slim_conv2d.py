@@ -31,7 +31,7 @@ import triton.language as tl
 from restorenet_kernels.conv_core import (
     accumulator_dtype, conv_dgrad_tile, conv_fwd_tile, conv_wgrad_tile, dense, gpu_configs, index64, launch,
     launch_forward, launch_grad_input, numerics, pack_weight, pixel_strides, split_count, store_output_tile,
-    store_weight_partials, wgrad_rows, wgrad_tile,
+    store_weight_partials, vector_layout, wgrad_rows, wgrad_tile,
 )
 
 # Channel tiles of 16 (the smallest tl.dot accepts), so that widths that differ
@@ -43,7 +43,7 @@ GRANULARITY = 16
 @triton.jit
 def slim_conv2d_fwd_kernel(
     x_ptr, w_ptr, bias_ptr, in_width_ptr, out_width_ptr, y_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, C_in_alloc,
     s_xn, s_xc, s_xh, s_xw, s_yn, s_yc, s_yh, s_yw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, HAS_BIAS: tl.constexpr,
     ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -59,7 +59,7 @@ def slim_conv2d_fwd_kernel(
     # A tile wholly beyond out_width reduces over zero input channels: no GEMM.
     ci_end = tl.where(pid_co * BLOCK_CO < k_out, k_in, 0)
 
-    acc = conv_fwd_tile(x_ptr + n * s_xn, w_ptr, w_ptr, 1.0, oh, ow, p_mask, offs_co, co_active, ci_end,
+    acc = conv_fwd_tile(x_ptr + n * s_xn, w_ptr, w_ptr, 1.0, oh, ow, p_mask, offs_co, co_active, ci_end, C_in_alloc,
                         H, W, stride, padding, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
                         KH, KW, False, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_CI, INDEX64)
     if HAS_BIAS:
@@ -72,7 +72,7 @@ def slim_conv2d_fwd_kernel(
 @triton.jit
 def slim_conv2d_dgrad_kernel(
     dy_ptr, w_ptr, in_width_ptr, out_width_ptr, dx_ptr,
-    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding,
+    C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, C_out_alloc,
     s_dyn, s_dyc, s_dyh, s_dyw, s_xn, s_xc, s_xh, s_xw, s_wo, s_wi, s_wh, s_ww,
     KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr, INDEX64: tl.constexpr,
@@ -86,7 +86,7 @@ def slim_conv2d_dgrad_kernel(
     ih, iw = offs_p // W, offs_p % W
     co_end = tl.where(pid_ci * BLOCK_CI < k_in, k_out, 0)
 
-    acc = conv_dgrad_tile(dy_ptr + n * s_dyn, w_ptr, w_ptr, 1.0, ih, iw, p_mask, offs_ci, ci_active, co_end,
+    acc = conv_dgrad_tile(dy_ptr + n * s_dyn, w_ptr, w_ptr, 1.0, ih, iw, p_mask, offs_ci, ci_active, co_end, C_out_alloc,
                           H_out, W_out, stride, padding, s_dyc, s_dyh, s_dyw, s_wo, s_wi, s_wh, s_ww,
                           KH, KW, False, ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_CO, BLOCK_CI, INDEX64)
     store_output_tile(dx_ptr, acc, n, offs_ci, ih, iw, p_mask[:, None] & (offs_ci < C_in)[None, :],
@@ -96,7 +96,7 @@ def slim_conv2d_dgrad_kernel(
 @triton.jit
 def slim_conv2d_wgrad_kernel(
     dy_ptr, x_ptr, in_width_ptr, out_width_ptr, dw_part_ptr, dbias_part_ptr,
-    N, C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, n_split,
+    N, C_in, H, W, C_out, H_out, W_out, stride: tl.constexpr, padding, n_split, C_in_alloc, C_out_alloc,
     s_dyn, s_dyc, s_dyp, s_xn, s_xc, s_xh, s_xw,
     KH: tl.constexpr, KW: tl.constexpr, ACC_DTYPE: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_CI: tl.constexpr,
@@ -111,6 +111,9 @@ def slim_conv2d_wgrad_kernel(
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < C_out
     ci_row, tap_row, r_row, s_row, row_mask = wgrad_rows(pid_m, C_in, KH, KW, BLOCK_M, BLOCK_CI)
+    # x and dy are read up to the channels their buffers hold (whole vectors); each
+    # sample's product is masked to its active rows and columns below.
+    row_read, co_read = (ci_row < C_in_alloc) & (tap_row < KH * KW), offs_co < C_out_alloc
     ci_begin = tl.min(ci_row, axis=0)
     owns_bias = pid_m == 0  # one program per co block reduces the bias gradient
 
@@ -126,8 +129,8 @@ def slim_conv2d_wgrad_kernel(
         # its dy; the masks below keep its x out of dW.
         live = (pid_co * BLOCK_CO < k_out) & ((ci_begin < k_in) | owns_bias)
         pb_end = tl.where(live, n_pix_blocks, 0)
-        g, db = conv_wgrad_tile(dy_ptr + n64 * s_dyn, x_ptr + n64 * s_xn, offs_co, co_mask, ci_row, r_row, s_row,
-                                row_mask, pid_s, pb_end, n_split, H, W, W_out, H_out * W_out, stride, padding,
+        g, db = conv_wgrad_tile(dy_ptr + n64 * s_dyn, x_ptr + n64 * s_xn, offs_co, co_read, ci_row, r_row, s_row,
+                                row_read, pid_s, pb_end, n_split, H, W, W_out, H_out * W_out, stride, padding,
                                 s_dyc, s_dyp, s_xc, s_xh, s_xw,
                                 ACC_DTYPE, DOT_PRECISION, BLOCK_P, BLOCK_M, BLOCK_CO, INDEX64)
         co_active = offs_co < k_out
@@ -153,7 +156,8 @@ def forward(x, weight, bias, in_width, out_width, stride, padding):
 
 def backward(grad_out, x, weight, bias, in_width, out_width, stride, padding, needs):
     """Gradients for (x, weight, bias); None where not needed (or bias is None)."""
-    x, grad_out = dense(x), dense(grad_out)
+    # dy in the layout the kernels read (``vector_layout``) once, for both gradients.
+    x, grad_out = dense(x), vector_layout(dense(grad_out))[0]
     in_width, out_width = in_width.contiguous(), out_width.contiguous()
     grads = [None, None, None]
     if needs[0]:
@@ -183,9 +187,10 @@ def _grad_params(grad_out, x, weight, in_width, out_width, stride, padding):
     dw_part = torch.zeros((split, c_out, c_in, kh, kw), **zeros)
     dbias_part = torch.zeros((split, c_out), **zeros)
     if n > 0:
-        args = (grad_out, x, in_width, out_width, dw_part, dbias_part,
-                n, c_in, h, w, c_out, h_out, w_out, stride, padding, split,
-                *pixel_strides(grad_out), *x.stride())
+        (dy, c_out_alloc), (xv, c_in_alloc) = vector_layout(grad_out), vector_layout(x)
+        args = (dy, xv, in_width, out_width, dw_part, dbias_part,
+                n, c_in, h, w, c_out, h_out, w_out, stride, padding, split, c_in_alloc, c_out_alloc,
+                *pixel_strides(dy), *xv.stride())
         launch(slim_conv2d_wgrad_kernel, lambda meta: (grid_co, grid_m, split), args,
                dict(KH=kh, KW=kw, INDEX64=index64(grad_out, x), **numerics(x.dtype)),
                gpu_configs("wgrad", x.dtype, c_in, c_out, GRANULARITY), tile)

@@ -29,7 +29,9 @@ metadata gives the dynamic shared memory; the PTX shows tensor-core instructions
 
 **Findings** (``--check`` exits 1 on any): a compile error; spill stores or
 loads (at the launch configuration the op uses); a 16-bit or tf32 ``tt.dot``
-without tensor-core instructions; shared memory over the per-block limit.
+without tensor-core instructions; a kernel with a 16-bit ``tt.dot`` (the conv
+GEMMs) whose PTX issues no async copy (its mainloop loads synchronously and does
+not pipeline); shared memory over the per-block limit.
 
 The CUDA kernels (``csrc/*.cu``) are compiled with nvcc for the same archs and
 read the same way (``--no-cuda`` skips them).
@@ -489,6 +491,10 @@ def _cpu_seconds() -> float:
     return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
+def sixteen_bit_gemm(row: dict) -> bool:
+    return any(t.split("/")[0] in ("bf16", "f16") for t in row["dot_types"])
+
+
 def findings(row: dict) -> list[str]:
     """What --check and the CI tests refuse."""
     if not row["ok"]:
@@ -498,6 +504,8 @@ def findings(row: dict) -> list[str]:
         out.append(f"spill ({row['spill_stores']} B stores, {row['spill_loads']} B loads)")
     if row["needs_tensor_cores"] and not (row["wgmma"] or row["mma"]):
         out.append("16-bit/tf32 dot without tensor cores")
+    if sixteen_bit_gemm(row) and not (row["cp_async"] or row["tma"]):
+        out.append("16-bit GEMM without async copies")
     if row["smem"] > SM_LIMITS[row["arch"]]["smem_block"]:
         out.append(f"shared memory {row['smem']} B over the block limit")
     return out
@@ -849,7 +857,8 @@ def main(argv=None) -> int:
     parser.add_argument("--write", type=Path, help="write the markdown report there")
     parser.add_argument("--json", type=Path, help="write every row as JSON there")
     parser.add_argument("--check", action="store_true", help="exit 1 on any compile failure, spill, "
-                        "16-bit/tf32 dot without tensor cores, shared memory over the limit")
+                        "16-bit/tf32 dot without tensor cores, 16-bit GEMM without async copies, "
+                        "shared memory over the limit")
     parser.add_argument("--cached-only", action="store_true", help="compile nothing: report what --cache holds "
                         "and name the kernels with specs left uncompiled")
     parser.add_argument("--discover-only", action="store_true", help=argparse.SUPPRESS)

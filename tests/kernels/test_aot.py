@@ -118,6 +118,17 @@ def test_gemm_kernels_are_on_tensor_cores(ci_compile):
     assert any(r["ok"] and r["needs_tensor_cores"] for r in ci_compile["rows"]), "no GEMM kernel was compiled"
 
 
+def test_16bit_gemm_mainloops_copy_asynchronously(ci_compile):
+    """Every kernel with a 16-bit dot (the conv GEMMs) issues cp.async or TMA copies:
+    its loads are whole aligned vectors, so the mainloop pipelines (also part of
+    the findings above; this one names the kernels)."""
+    from restorenet.aot import sixteen_bit_gemm
+    rows = [r for r in ci_compile["rows"] if r["ok"] and sixteen_bit_gemm(r)]
+    assert rows, "no 16-bit GEMM kernel was compiled"
+    synchronous = [(r["kernel"], r["arch"], r["dot_types"]) for r in rows if not (r["cp_async"] or r["tma"])]
+    assert not synchronous, synchronous
+
+
 def _committed(field: str):
     match = re.search(rf"<!-- {field}: (.*?) -->", REPORT.read_text())
     assert match, f"docs/kernel_report.md has no {field} line: regenerate it"
