@@ -38,6 +38,9 @@ MAX_PROGRAMS = 1024  # pixel programs of the scaled-residual backward (GPU): at 
 # at 4 warps ptxas spilled 4-20 B in them (fp64 reduce, small fp16/fp32 input gradients;
 # docs/kernel_report.md), at 8 warps each thread holds half as many elements.
 WIDE_WARPS = 8
+# The fp64 gated gradient reduce still spilled 4 B at 8 warps on sm_80 with Triton 3.6
+# (48 registers, channels_last 64 x 16 tile); at 16 warps each thread holds 2 elements.
+REDUCE_FP64_WARPS = 16
 
 
 # ----------------------------------------------------------------------- kernels
@@ -196,7 +199,8 @@ def channel_attention_reduce(x: torch.Tensor, du, gated: bool, channels_last: bo
     partial = torch.empty((splits, n, c), dtype=torch_dtype, device=x.device)
     channel_attention_reduce_kernel[grid](x, x if du is None else du, partial, n, c, h * w, *canonical_strides(x.shape, channels_last),
                            *canonical_strides((n, c, h, w), channels_last), iters, WITH_GRAD=du is not None,
-                           GATED=gated, COMPUTE=tl_dtype, **blocks, **launch_options(WIDE_WARPS))
+                           GATED=gated, COMPUTE=tl_dtype, **blocks,
+                           **launch_options(REDUCE_FP64_WARPS if x.dtype == torch.float64 else WIDE_WARPS))
     return partial.sum(0)  # split rows added in order: a fixed reduction order
 
 

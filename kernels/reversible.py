@@ -28,6 +28,10 @@ from restorenet_kernels._addressing import channel_pixel_tile, pixel_block
 from restorenet_kernels._launch import canonical_strides, compute_dtypes, interpreting, launch_options, layout_format
 from restorenet_kernels._numerics import div_rn
 
+# fp64 forward: 8 elements per thread of the 2 x 512 NCHW tile at 4 warps spilled 4 B
+# on sm_90a with Triton 3.6 (72 registers); at 8 warps each thread holds 4.
+FORWARD_FP64_WARPS = 8
+
 
 # ----------------------------------------------------------------------- kernels
 @triton.jit
@@ -99,7 +103,8 @@ def forward(x: torch.Tensor, f: torch.Tensor, alpha: torch.Tensor, channels_last
     tl_dtype, torch_dtype = compute_dtypes(x.dtype)
     c, hw, m, (s_n, s_c, s_p), grid, blocks = _geometry(x, channels_last)
     rev_coupling_forward_kernel[grid](x, f, alpha.to(torch_dtype).contiguous(), out, c, hw, m,
-                                      s_n, s_c, s_p, COMPUTE=tl_dtype, **blocks, **launch_options())
+                                      s_n, s_c, s_p, COMPUTE=tl_dtype, **blocks,
+                                      **launch_options(FORWARD_FP64_WARPS if x.dtype == torch.float64 else 4))
     return out
 
 

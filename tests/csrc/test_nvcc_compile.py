@@ -126,31 +126,14 @@ _ENTRY = re.compile(r"Compiling entry function '([^']+)'")
 _SPILLS = re.compile(r"(\d+) bytes spill stores, (\d+) bytes spill loads")
 
 
-# Spills allowed by name and size: (source, arch) -> {mangled kernel name
-# fragment: spill-store bytes at most}. Any other spill, or a larger one, fails;
-# a fix that removes one should remove its entry. The one left (nvcc 13.0): the
-# LayerNorm2d backward for float on sm_80, where ptxas keeps 3 loop-invariant
-# 4-byte offsets of the unrolled dx loop in local memory (stored once at entry,
-# loaded once per tile) and stays at 64 registers.
-# (Its double twin on sm_90a and the tile blend's were removed without changing a
-# result: one division site instead of two, and the output geometry read before
-# the staging loop.)
-KNOWN_SPILLS = {
-    ("naf_elementwise.cu", "sm_80"): {"layer_norm2d_backward_kernelIf": 12},
-}
-
-
-def spilling_kernels(ptxas_output: str, known: dict[str, int] | None = None) -> list[str]:
-    """Entry functions for which ptxas -v reports spill stores or loads, less
-    those in ``known`` (name fragment -> bytes) that spill no more than listed."""
+def spilling_kernels(ptxas_output: str) -> list[str]:
+    """Entry functions for which ptxas -v reports spill stores or loads."""
     spilled, entry = [], None
     for line in ptxas_output.splitlines():
         if m := _ENTRY.search(line):
             entry = m.group(1)
         elif (m := _SPILLS.search(line)) and (int(m.group(1)) or int(m.group(2))):
-            allowed = [b for fragment, b in (known or {}).items() if fragment in (entry or "")]
-            if not (allowed and int(m.group(1)) <= allowed[0] and int(m.group(2)) <= allowed[0]):
-                spilled.append(f"{entry}: {m.group(0)}")
+            spilled.append(f"{entry}: {m.group(0)}")
     return spilled
 
 
@@ -160,21 +143,15 @@ def test_spill_parser_finds_spills():
            "ptxas info    : Compiling entry function '_Z1gv' for 'sm_90a'\n"
            "    16 bytes stack frame, 8 bytes spill stores, 8 bytes spill loads\n")
     assert spilling_kernels(log) == ["_Z1gv: 8 bytes spill stores, 8 bytes spill loads"]
-    assert spilling_kernels(log, {"_Z1g": 8}) == []
-    assert len(spilling_kernels(log, {"_Z1g": 4})) == 1  # a listed spill that grew
-
-
-def test_conv_core_has_no_known_spills():
-    assert not any(source in ("hyper_conv2d.cu", "slim_conv2d.cu") for source, _ in KNOWN_SPILLS)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("source", [p.name for p in KERNEL_FILES])
 def test_kernel_compiles(builds, source, arch):
-    """Compiles, and no kernel spills registers to local memory (but KNOWN_SPILLS)."""
+    """Compiles, and no kernel spills registers to local memory."""
     output = _wait(builds[f"{source}:{arch}"])
     assert "Compiling entry function" in output, "ptxas -v reported no kernel"
-    spills = spilling_kernels(output, KNOWN_SPILLS.get((source, arch), {}))
+    spills = spilling_kernels(output)
     assert not spills, "\n".join(spills)
 
 
