@@ -430,10 +430,12 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
     follows the widths); None: as wide as the channels allow (64; 32 for fp64).
 
     Every config here compiles without spills for sm_90a and sm_80 at every spec
-    the ops launch (docs/kernel_report.md); the ones that spilled were pruned:
-    256-pixel tiles of the input gradient (its per-tap hit masks and addresses),
-    fp32 256 x 64 tiles, 4-stage fp32 pipelines of wide tiles, 64-pixel steps of the
-    64 x 64 weight-gradient tile, fp64 weight-gradient steps of 32 pixels.
+    the ops launch, with Triton 3.8 and 3.6 (docs/kernel_report.md,
+    docs/kernel_report_triton36.md); the ones that spilled were pruned: 256-pixel
+    tiles of the input gradient (its per-tap hit masks and addresses; 128 in fp64),
+    fp32 256 x 64 tiles, 4-stage fp32 pipelines of wide tiles, fp32 32-pixel
+    weight-gradient steps at 8 warps, 4-stage narrow 16-bit tiles at 4 warps, 64-pixel steps of
+    the 64 x 64 weight-gradient tile, fp64 weight-gradient steps of 32 pixels.
 
     Forward / input gradient: for ``hyper_conv2d`` the generated weight tile costs
     2 loads per element (W and B): loads per MAC = 1/BLOCK_CO + 2/BLOCK_P (see
@@ -455,13 +457,16 @@ def gpu_configs(kind: str, dtype: torch.dtype, c_in: int, c_out: int, granularit
             steps = [(16, 8, 2)]
         elif n_out > 32:  # a 64 x 64 accumulator: 64-pixel steps spill
             steps = [(32, 8, 3), (16, 8, 4)] if bits == 16 else [(32, 8, 2), (16, 8, 3)]
-        else:
+        elif bits == 16:
             steps = [(64, 8, 3), (32, 8, 4)]
+        else:  # fp32's 32-pixel step at 8 warps stops at 128 registers on sm_80 and spills
+            steps = [(64, 8, 3), (32, 4, 3)]  # (4 stages with Triton 3.6, 3 or 2 with 3.8)
         return [_config(w, st, BLOCK_P=p, **tile) for p, w, st in steps]
     out_name, red_name = ("BLOCK_CO", "BLOCK_CI") if kind == "fwd" else ("BLOCK_CI", "BLOCK_CO")
     red = min(n_red, 32 if bits == 16 else 16)
-    if bits == 64:  # (64 pixels at 4 warps leaves one 4-byte spill with Triton 3.6's slim fp64)
-        sizes = [(128, n_out, 8, 2)]
+    if bits == 64:  # (64 pixels at 4 warps leaves one 4-byte spill with Triton 3.6's slim fp64, and
+        # so does a 128-pixel input gradient at 8 warps on sm_80: its hit masks and addresses)
+        sizes = [(128 if kind == "fwd" else 64, n_out, 8, 2)]
     elif n_out > 32 and bits == 16:
         sizes = [(256 if kind == "fwd" else 128, n_out, 8, stages) for stages in (3, 4)]
     elif n_out > 32:
