@@ -392,8 +392,10 @@ def pack_weight(weight: torch.Tensor, contiguous_dim: int) -> torch.Tensor:
 
 
 def index64(*tensors: torch.Tensor) -> bool:
-    """Whether offsets inside one sample can reach 2**31 (the sample offset is always int64)."""
-    return any(t.numel() // max(t.shape[0], 1) >= 2 ** 31 for t in tensors)
+    """Whether offsets inside one sample can reach 2**31 (the sample offset is always int64).
+    Measured on the strides, so a ``vector_layout`` copy counts its padded rows."""
+    return any(t.numel() > 0 and sum((size - 1) * st for size, st in zip(t.shape[1:], t.stride()[1:])) >= 2 ** 31 - 1
+               for t in tensors)
 
 
 def split_count(tiles_in_grid: int, pixel_blocks: int, device: torch.device) -> int:
@@ -534,7 +536,7 @@ def launch_forward(kernel, x, weight, op_args, stride, padding, granularity=None
 
     args = (xv, *op_args, y, c_in, h, w, c_out, h_out, w_out, stride, padding, c_in_alloc,
             *xv.stride(), *y.stride(), *weight.stride())
-    launch(kernel, grid, args, dict(KH=kh, KW=kw, INDEX64=index64(x, y), **numerics(x.dtype), **constexprs),
+    launch(kernel, grid, args, dict(KH=kh, KW=kw, INDEX64=index64(xv, y), **numerics(x.dtype), **constexprs),
            gpu_configs("fwd", x.dtype, c_in, c_out, granularity),
            interpreter_config("fwd", c_in, c_out, granularity))
     return y
@@ -554,7 +556,7 @@ def launch_grad_input(kernel, grad_out, x, weight, op_args, stride, padding, gra
 
     args = (dy, *op_args, dx, c_in, h, w, c_out, dy.shape[2], dy.shape[3], stride, padding, c_out_alloc,
             *dy.stride(), *dx.stride(), *weight.stride())
-    launch(kernel, grid, args, dict(KH=kh, KW=kw, INDEX64=index64(grad_out, dx), **numerics(x.dtype)),
+    launch(kernel, grid, args, dict(KH=kh, KW=kw, INDEX64=index64(dy, dx), **numerics(x.dtype)),
            gpu_configs("dgrad", x.dtype, c_in, c_out, granularity),
            interpreter_config("dgrad", c_in, c_out, granularity))
     return dx

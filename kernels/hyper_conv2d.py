@@ -214,7 +214,7 @@ def _grad_params(grad_out, x, level, weight, bias, stride, padding):
                 n, c_in, h, w, c_out, h_out, w_out, stride, padding, split, c_in_alloc, c_out_alloc,
                 *pixel_strides(dy), *xv.stride(), *weight.stride())
         launch(hyper_conv2d_wgrad_kernel, lambda meta: (grid_co, grid_m, split), args,
-               dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, INDEX64=index64(grad_out, x), **numerics(x.dtype)),
+               dict(KH=kh, KW=kw, HAS_BIAS=bias is not None, INDEX64=index64(dy, xv), **numerics(x.dtype)),
                gpu_configs("wgrad", x.dtype, c_in, c_out), tile)
     return [dlevel_part.sum(0), dw_part.sum(0), dwb_part.sum(0),
             dbias_part.sum(0) if bias is not None else None, dbias_base_part.sum(0)]

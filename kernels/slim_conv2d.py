@@ -192,6 +192,6 @@ def _grad_params(grad_out, x, weight, in_width, out_width, stride, padding):
                 n, c_in, h, w, c_out, h_out, w_out, stride, padding, split, c_in_alloc, c_out_alloc,
                 *pixel_strides(dy), *xv.stride())
         launch(slim_conv2d_wgrad_kernel, lambda meta: (grid_co, grid_m, split), args,
-               dict(KH=kh, KW=kw, INDEX64=index64(grad_out, x), **numerics(x.dtype)),
+               dict(KH=kh, KW=kw, INDEX64=index64(dy, xv), **numerics(x.dtype)),
                gpu_configs("wgrad", x.dtype, c_in, c_out, GRANULARITY), tile)
     return dw_part.sum(0), dbias_part.sum(0)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from restorenet_kernels.conv_core import pack_weight, pixel_strides, vector_layout
+from restorenet_kernels.conv_core import index64, pack_weight, pixel_strides, vector_layout
 
 
 def _nchw(dtype, c=5, n=2, h=3, w=7):
@@ -68,3 +68,15 @@ def test_packed_weights_keep_their_values_in_padded_aligned_rows(contiguous_dim)
     other = 1 - contiguous_dim
     assert packed.stride(other) == 16  # 6 or 5 channels, stored 16 apart
     assert packed.stride(3) == 16 * weight.shape[other] and packed.stride(2) == 3 * packed.stride(3)
+
+
+def test_64bit_offsets_are_chosen_on_the_padded_rows():
+    """3 channels padded to 16 make a sample's offsets 5.3x longer: a 2**27-pixel
+    image needs int64 offsets in the 16-bit layout although its NCHW copy does not
+    (meta tensors: shapes and strides only, nothing is allocated)."""
+    h, w = 2 ** 14, 2 ** 13 + 1
+    dense = torch.empty((1, 3, h, w), dtype=torch.float16, device="meta")
+    padded = torch.empty_strided((1, 3, h, w), (h * w * 16, 1, w * 16, 16), dtype=torch.float16, device="meta")
+    assert not index64(dense) and index64(padded)
+    assert index64(torch.empty((1, 2, 2 ** 15, 2 ** 15), device="meta"))  # exactly 2**31 elements a sample
+    assert not index64(torch.empty((1, 2, 2 ** 15, 2 ** 15 - 1), device="meta"))
