@@ -34,7 +34,10 @@ The mainloops are shaped for the tensor cores and the copy engines:
   bytes; fp32 gets 4-byte cp.async): the launchers hand 16-bit activations to
   the kernels channels-innermost in 16-channel rows (``vector_layout``: in place
   for channels_last with C % 16 == 0, else one zero-padded copy), so every
-  16-bit mainloop, masked tails included, loads whole vectors with cp.async.
+  16-bit mainloop loads whole vectors with cp.async. The masked tails read the
+  activation as whole vectors too (up to the buffer's channels, zeroed past the
+  bound in registers); their weight loads are masked exactly at the bound, so
+  they vectorise only where it is a multiple of 16.
 * weight gradient: the GEMM's M side is ``BLOCK_M = 64`` (tap, input channel)
   rows, ``64 // BLOCK_CI`` taps of ``BLOCK_CI`` channels, so even 16-channel
   tiles fill wgmma's M = 64 (a 3x3 conv at 16 channels: three programs of 4, 4
