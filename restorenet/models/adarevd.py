@@ -381,9 +381,11 @@ class PatchExitClassifier(nn.Module):
 def psnr_class(psnr: torch.Tensor) -> torch.Tensor:
     """Classifier label of a crop from PSNR(blurry, sharp): cut at 20/25/30/35/40 dB.
 
-    Class 0 (< 20 dB, most blurred) ... class 5 (>= 40 dB)."""
+    Class 0 (<= 20 dB, most blurred) ... class 5 (> 40 dB): the number of cuts the
+    PSNR lies strictly above, as the released dataset counts them (``psnr > cut``),
+    so a PSNR exactly on a cut goes to the lower class."""
     cuts = torch.tensor(PSNR_CUTS, dtype=psnr.dtype, device=psnr.device)
-    return torch.bucketize(psnr, cuts, right=True)
+    return torch.bucketize(psnr, cuts, right=False)
 
 
 # ------------------------------------------------------------------ the model

@@ -53,8 +53,6 @@ Where this differs from the paper (named choices, not silent ones):
   autograd: identical gradients to rounding and faster on a CPU; memory is no issue
   at this size). Steps are a few hundred, not hundreds of thousands; no EMA; the
   classifier trains at the same lr and weight decay as the columns (released: 3e-4).
-* Class rule: ``psnr_class`` puts a PSNR exactly at a cut into the upper class; the
-  released dataset (``psnr > cut``) into the lower one. Only exact ties differ.
 * Calibrated map (ours): for each PSNR class, the fewest columns whose mean PSNR on
   fixed training crops of that class is within ``--calibration-tol`` dB (0.1) of the
   best depth's; a class without crops gets K. The paper picks its map per dataset
