@@ -105,11 +105,12 @@ def _gemm_step(acc, a_n, pix, pix_ok, s_ac, k0, k_end, k_alloc, w_ptr, wb_ptr, c
     a_mask = pix_ok[:, None]
     w_mask = n_mask[None, :]
     if MASKED:
+        k_live = offs_k < k_end
         a_mask = a_mask & (offs_k < k_alloc)[None, :]
-        w_mask = w_mask & (offs_k < k_end)[:, None]
+        w_mask = w_mask & k_live[:, None]
     at = tl.load(a_n + pix[:, None] + offset(offs_k, INDEX64)[None, :] * s_ac, mask=a_mask, other=0.0)
     if MASKED:
-        at = tl.where((offs_k < k_end)[None, :], at, 0.0)
+        at = tl.where(k_live[None, :], at, 0.0)
     w_offs = offs_k[:, None] * s_wk + offs_n[None, :] * s_wn + w_tap
     kt = weight_tile(w_ptr, wb_ptr, w_offs, w_mask, c, at.dtype, ACC_DTYPE, GENERATED)
     return tl.dot(at, kt, acc, input_precision=DOT_PRECISION, out_dtype=ACC_DTYPE)
@@ -213,18 +214,21 @@ def conv_dgrad_tile(dy_n, w_ptr, wb_ptr, c, ih, iw, p_mask, offs_ci, ci_mask, co
 
 
 @triton.jit
-def wgrad_rows(pid_m, C_in, KH: tl.constexpr, KW: tl.constexpr,
+def wgrad_rows(pid_m, C_in, C_in_alloc, KH: tl.constexpr, KW: tl.constexpr,
                BLOCK_M: tl.constexpr, BLOCK_CI: tl.constexpr):
     """The (input channel, tap) pair of each of the BLOCK_M rows that program
     ``pid_m`` owns: ``BLOCK_M // BLOCK_CI`` consecutive taps of one channel block.
-    Returns (ci, tap, r, s, valid) per row."""
+    Returns (ci, tap, r, s, valid, readable) per row: ``valid`` rows are weights of
+    the op (ci < C_in); ``readable`` rows may be read from x, whose buffer holds
+    ``C_in_alloc`` channels (whole vectors in the 16-bit layout, ``vector_layout``)."""
     taps_per_tile: tl.constexpr = BLOCK_M // BLOCK_CI
     groups: tl.constexpr = (KH * KW + taps_per_tile - 1) // taps_per_tile
     rows = tl.arange(0, BLOCK_M)
     ci = (pid_m // groups) * BLOCK_CI + rows % BLOCK_CI
     tap = (pid_m % groups) * taps_per_tile + rows // BLOCK_CI
     r = tap // KW
-    return ci, tap, r, tap - r * KW, (ci < C_in) & (tap < KH * KW)
+    tap_ok = tap < KH * KW
+    return ci, tap, r, tap - r * KW, (ci < C_in) & tap_ok, (ci < C_in_alloc) & tap_ok
 
 
 @triton.jit

@@ -113,10 +113,11 @@ def hyper_conv2d_wgrad_kernel(
     pid_co, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < C_out
-    ci_row, tap_row, r_row, s_row, row_mask = wgrad_rows(pid_m, C_in, KH, KW, BLOCK_M, BLOCK_CI)
-    # Read x and dy up to the channels their buffers hold (whole vectors): the
+    # x and dy are read up to the channels their buffers hold (whole vectors): the
     # 16-bit layout's extra channels are zeros, so they add nothing to G_n.
-    row_read, co_read = (ci_row < C_in_alloc) & (tap_row < KH * KW), offs_co < C_out_alloc
+    ci_row, tap_row, r_row, s_row, row_mask, row_read = wgrad_rows(pid_m, C_in, C_in_alloc, KH, KW,
+                                                                   BLOCK_M, BLOCK_CI)
+    co_read = offs_co < C_out_alloc
     w_mask = row_mask[:, None] & co_mask[None, :]
     w_offs = offs_co[None, :] * s_wo + (ci_row * s_wi + r_row * s_wh + s_row * s_ww)[:, None]
     w_tile = tl.load(w_ptr + w_offs, mask=w_mask, other=0.0).to(ACC_DTYPE)

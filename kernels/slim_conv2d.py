@@ -110,10 +110,11 @@ def slim_conv2d_wgrad_kernel(
     pid_co, pid_m, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
     offs_co = pid_co * BLOCK_CO + tl.arange(0, BLOCK_CO)
     co_mask = offs_co < C_out
-    ci_row, tap_row, r_row, s_row, row_mask = wgrad_rows(pid_m, C_in, KH, KW, BLOCK_M, BLOCK_CI)
     # x and dy are read up to the channels their buffers hold (whole vectors); each
     # sample's product is masked to its active rows and columns below.
-    row_read, co_read = (ci_row < C_in_alloc) & (tap_row < KH * KW), offs_co < C_out_alloc
+    ci_row, tap_row, r_row, s_row, row_mask, row_read = wgrad_rows(pid_m, C_in, C_in_alloc, KH, KW,
+                                                                   BLOCK_M, BLOCK_CI)
+    co_read = offs_co < C_out_alloc
     ci_begin = tl.min(ci_row, axis=0)
     owns_bias = pid_m == 0  # one program per co block reduces the bias gradient
 
