@@ -726,8 +726,9 @@ def _blend_tiles(tiles: torch.Tensor, ys, xs, hp: int, wp: int, blend: str = "no
     """[N, n_tiles, C, th, tw] tiles on the [N, C, hp, wp] canvas: the weighted average
     (``"normalized"``) or the released weighted sum (``"released"``), see ``restore``."""
     n, _, c, th, tw = tiles.shape
+    normalized = blend == "normalized"
     acc = tiles.new_zeros(n, c, hp, wp)
-    weight_sum = tiles.new_zeros(1, 1, hp, wp)
+    weight_sum = tiles.new_zeros(1, 1, hp, wp) if normalized else None
     ry = axis_ramps(ys, th, hp, blend, overlap, tiles.dtype)
     rx = axis_ramps(xs, tw, wp, blend, overlap, tiles.dtype)
     t = 0
@@ -735,9 +736,10 @@ def _blend_tiles(tiles: torch.Tensor, ys, xs, hp: int, wp: int, blend: str = "no
         for x, wx in zip(xs, rx):
             wgt = (wy[:, None] * wx[None, :]).to(tiles.device)
             acc[:, :, y:y + th, x:x + tw] += tiles[:, t] * wgt
-            weight_sum[:, :, y:y + th, x:x + tw] += wgt
+            if normalized:
+                weight_sum[:, :, y:y + th, x:x + tw] += wgt
             t += 1
-    return acc if blend == "released" else acc / weight_sum
+    return acc / weight_sum if normalized else acc
 
 
 @register_model("adarevd")

@@ -226,12 +226,11 @@ class Report:
 # ----------------------------------------------------------------------------- command line
 
 
-def build_parser(add_help: bool = True) -> argparse.ArgumentParser:
+def build_parser() -> argparse.ArgumentParser:
     from restorenet import recipes
 
     p = argparse.ArgumentParser(prog="python -m restorenet.recipes", description=recipes.__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter,
-                                add_help=add_help)
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("system", choices=sorted(RECIPES), help="the recipe to run")
     p.add_argument("--quick", action="store_true", help="smoke run of every stage (< 2 min)")
     p.add_argument("--paper-config", action="store_true", help="paper-size models")
